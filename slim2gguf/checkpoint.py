@@ -1,0 +1,172 @@
+"""The quantized checkpoint: one safetensors file per decoder block plus a JSON manifest.
+
+A run writes into ``DIR.partial`` and renames it to ``DIR`` when every block is done,
+so ``DIR`` is never half written. Each finished block is saved (file, then manifest)
+before the next starts, which is what lets an interrupted run resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path, write_bytes_atomic
+from .qtensor import QuantizedTensor
+
+FORMAT_NAME = "slim2gguf-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or was made with other settings."""
+
+
+def partial_dir(target: Path) -> Path:
+    return target.with_name(target.name + ".partial")
+
+
+def block_file(index: int) -> str:
+    return f"blocks/block_{index:04d}.safetensors"
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    write_bytes_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{directory} is not a slim2gguf checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has version {manifest.get('version')}, this slim2gguf reads {FORMAT_VERSION}")
+    for key in ("settings", "tensors", "blocks_done", "num_blocks"):
+        if key not in manifest:
+            raise CheckpointError(f"{path} is corrupt: no '{key}'")
+    return manifest
+
+
+class CheckpointWriter:
+    """Writes blocks as they finish; resumes a ``DIR.partial`` made with equal settings."""
+
+    def __init__(self, target: str | os.PathLike, settings: dict[str, Any], num_blocks: int):
+        self.target = Path(target)
+        self.work = partial_dir(self.target)
+        self.manifest: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "settings": settings,
+            "num_blocks": num_blocks,
+            "blocks_done": 0,
+            "tensors": {},
+            "blocks": [],
+        }
+        if self.work.exists():
+            previous = read_manifest(self.work)
+            if previous["settings"] != settings or previous["num_blocks"] != num_blocks:
+                raise CheckpointError(
+                    f"{self.work} holds an interrupted run with other settings; "
+                    "delete it or rerun with the same settings to resume"
+                )
+            self.manifest = previous
+        else:
+            (self.work / "blocks").mkdir(parents=True)
+            _write_manifest(self.work, self.manifest)
+
+    @property
+    def blocks_done(self) -> int:
+        return self.manifest["blocks_done"]
+
+    def finished_tensors(self) -> Iterator[tuple[str, QuantizedTensor]]:
+        """Tensors of the blocks already saved (for a resumed run to replay)."""
+        yield from _iter_tensors(self.work, self.manifest)
+
+    def write_block(self, index: int, tensors: dict[str, QuantizedTensor], info: dict[str, Any]) -> None:
+        if index != self.blocks_done:
+            raise CheckpointError(f"block {index} written out of order (expected {self.blocks_done})")
+        flat: dict[str, Any] = {}
+        for name, qt in tensors.items():
+            flat.update(qt.tensors(name))
+        with atomic_path(self.work / block_file(index)) as tmp:
+            save_file(flat, str(tmp))
+        for name, qt in tensors.items():
+            self.manifest["tensors"][name] = {
+                "block": index,
+                "shape": list(qt.shape),
+                "bits": qt.bits,
+                "widths": qt.widths.tolist(),
+            }
+        self.manifest["blocks"].append(info)
+        self.manifest["blocks_done"] = index + 1
+        _write_manifest(self.work, self.manifest)
+
+    def finish(self, extra: dict[str, Any]) -> Path:
+        """Rename the finished work folder to the target (replacing an older one)."""
+        self.manifest.update(extra)
+        _write_manifest(self.work, self.manifest)
+        old = self.target.with_name(self.target.name + ".old")
+        if self.target.exists():
+            self.target.rename(old)
+        self.work.rename(self.target)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+
+def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, QuantizedTensor]]:
+    group_size = manifest["settings"]["group_size"]
+    by_block: dict[int, list[str]] = {}
+    for name, meta in manifest["tensors"].items():
+        by_block.setdefault(meta["block"], []).append(name)
+    for index in sorted(by_block):
+        path = directory / block_file(index)
+        try:
+            data = load_file(str(path))
+        except (FileNotFoundError, SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is missing or corrupt: {err}") from err
+        for name in by_block[index]:
+            try:
+                qt = QuantizedTensor.from_tensors(data, name, group_size)
+            except KeyError as err:
+                raise CheckpointError(f"{path} lacks {err.args[0]}") from err
+            if list(qt.shape) != manifest["tensors"][name]["shape"]:
+                raise CheckpointError(f"{name} in {path} does not have the manifest's shape")
+            yield name, qt
+
+
+class Checkpoint:
+    """A finished checkpoint, read lazily block by block."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            hint = " (an interrupted run is in .partial: rerun quantize to resume)" if partial_dir(
+                self.directory
+            ).exists() else ""
+            raise CheckpointError(f"no checkpoint at {self.directory}{hint}")
+        self.manifest = read_manifest(self.directory)
+        if self.manifest["blocks_done"] != self.manifest["num_blocks"]:
+            raise CheckpointError(f"{self.directory} is incomplete")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.manifest["settings"]
+
+    def tensors(self) -> Iterator[tuple[str, QuantizedTensor]]:
+        """(module name, quantized weight) for every quantized linear, e.g. ``model.layers.0.mlp.up_proj``."""
+        yield from _iter_tensors(self.directory, self.manifest)
+
+    def allocation(self) -> dict[str, list[int]]:
+        return {name: meta["widths"] for name, meta in self.manifest["tensors"].items()}

@@ -1,0 +1,121 @@
+"""The ``slim2gguf`` command line: quantize, eval, inspect, convert, validate, run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import llamacpp
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(llamacpp.app, name="llama-cpp", help="Build the patched llama.cpp that runs SliM files.")
+console = Console(stderr=True)
+
+ModelArg = typer.Argument(..., help="Hugging Face model directory, hub id (online), or 'smollm2-135m' (demo).")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _settings(method: str, bits: int, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool):
+    from .methods import QuantSettings
+
+    try:
+        return QuantSettings(method, bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc)
+    except ValueError as err:
+        _fail(str(err))
+
+
+def _summary_table(report, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for width in sorted(report.width_groups):
+        table.add_row(f"groups at {width} bits", str(report.width_groups[width]))
+    table.add_row("wall time", f"{report.wall_s:.1f} s")
+    table.add_row("peak host memory", f"{report.peak_rss_mib:.0f} MiB")
+    if report.peak_device_mib is not None:
+        table.add_row("peak GPU memory", f"{report.peak_device_mib:.0f} MiB")
+    return table
+
+
+# Options shared by quantize and convert.
+BITS = typer.Option(3, "--bits", help="Average bits per weight: 2, 3 or 4.")
+METHOD = typer.Option("slim", "--method", help="slim (SBA + SQC + GPTQ), gptq or rtn.")
+GROUP = typer.Option(128, "--group-size", help="Columns per group: 128, 64 or 32 (must divide every input size).")
+CALIB = typer.Option("self", "--calib", help="self (sampled from the model, no download), wikitext2, c4, or a .txt/.jsonl/.parquet file.")
+NSAMPLES = typer.Option(128, "--nsamples", help="Calibration windows.")
+SEQLEN = typer.Option(512, "--seqlen", help="Tokens per calibration window.")
+SEED = typer.Option(0, "--seed", help="Seed for calibration sampling; equal seeds give identical outputs.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
+DAMP = typer.Option(0.01, "--damp", help="Hessian damping, fraction of mean diag(H).")
+LAMBDA = typer.Option(None, "--sqc-lambda", help="SQC weight on salient elements (default chosen by measurement, see docs/BENCHMARKS.md).")
+SBA_TOKENS = typer.Option(1024, "--sba-tokens", help="Calibration tokens used to score allocations (subsample).")
+SBA = typer.Option(True, "--sba/--no-sba", help="Salience-determined bit allocation (slim only).")
+SQC = typer.Option(True, "--sqc/--no-sqc", help="Salience-weighted quantizer calibration (slim only).")
+ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths of a checkpoint manifest or {name: [widths]} JSON.")
+
+
+def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation):
+    from .checkpoint import CheckpointError
+    from .methods import DEFAULT_SQC_LAMBDA
+    from .models import ModelError
+    from .pipeline import CalibSettings, load_allocation, quantize_model
+
+    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc)
+    try:
+        alloc = load_allocation(allocation) if allocation else None
+        return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished blocks are kept in {out}.partial; rerun the same command to resume")
+        raise typer.Exit(130)
+    except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def quantize(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "-o", "--out", help="Checkpoint directory to write."),
+    bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
+    nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
+    damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
+    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION,
+) -> None:
+    """Quantize a model into a checkpoint (resumable; written atomically)."""
+    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation)
+    console.print(_summary_table(report, f"{method} {bits}-bit checkpoint: {report.path}"))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = ModelArg,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this quantized checkpoint (dequantized stored values)."),
+    text: str = typer.Option(..., "--text", help="Text file to score, or 'wikitext2' (test split, online)."),
+    ctx: int = typer.Option(512, "--ctx"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score only the first N windows."),
+    method: str = typer.Option("llama", "--method", help="llama (as llama-perplexity: second half of each window) or full."),
+    device: str = DEVICE,
+) -> None:
+    """Perplexity of the original model or of a quantized checkpoint, in PyTorch."""
+    from .checkpoint import Checkpoint, CheckpointError
+    from .models import ModelError, load_model, load_tokenizer, resolve_model, set_linear_weights
+    from .perplexity import perplexity, read_eval_text
+    from .pipeline import pick_device
+
+    try:
+        path = resolve_model(model)
+        net = load_model(path)
+        if checkpoint is not None:
+            set_linear_weights(net, {n: qt.dequantize() for n, qt in Checkpoint(checkpoint).tensors()})
+        result = perplexity(net, load_tokenizer(path), read_eval_text(text), ctx, chunks, method, device=pick_device(device))
+    except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}, method {method})")
+

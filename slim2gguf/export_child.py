@@ -1,0 +1,271 @@
+"""The conversion half of ``export_gguf``, run as ``python -m slim2gguf.export_child JOB``.
+
+It runs in its own process with the llama.cpp tree's gguf-py first on the path (see
+slim2gguf.export for why). The upstream converter (``conversion`` package) runs on
+the original float model exactly as ``convert_hf_to_gguf.py --outtype f32`` would;
+a subclass of its model class intercepts the tensor stream in three places:
+
+* ``modify_tensors``: for a SliM-quantized linear, the converter's own
+  ``modify_tensors`` gets a probe holding each element's flat index instead of the
+  weight; what comes out names the GGUF tensor and shows the converter's row
+  permutation (LLaMA's q/k head order), which is applied to whole packed rows.
+  Anything but a pure row permutation is refused. The float weight is never loaded.
+* ``tensor_force_quant``: token embedding and LM head get the requested type.
+* ``set_gguf_parameters``: ``general.file_type`` and the ``slim2gguf.*`` keys.
+
+The last stdout line is a JSON answer: ``{"report", "notes"}`` or ``{"error"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from . import format as fmt
+from .architectures import UnsupportedArchitectureError
+from .checkpoint import Checkpoint, CheckpointError
+from .export import KV_PREFIX, ExportError
+
+
+@dataclass
+class _Packed:
+    """One quantized linear, packed, waiting for the converter to reach it."""
+
+    rows: np.ndarray
+    stype: fmt.SlimType
+    shape: tuple[int, int]
+
+
+def load_converter(src: Path) -> ModuleType:
+    """llama.cpp's ``conversion`` package, on the same (the tree's) gguf-py as this process."""
+    gguf_home = (src / "gguf-py").resolve()
+    if gguf_home not in Path(gguf.__file__).resolve().parents:
+        raise ExportError(f"the export process imported gguf from {gguf.__file__}, not from {gguf_home}")
+    sys.path.insert(0, str(src))  # as when convert_hf_to_gguf.py runs from the tree
+    import conversion
+
+    if conversion.base.gguf is not gguf:
+        raise ExportError("llama.cpp's converter imported another gguf package than the export process")
+    return conversion
+
+
+def _probe_dtype(shape: tuple[int, int]) -> torch.dtype:
+    """The narrowest integer type that holds every flat index (int32 halves the work)."""
+    return torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
+
+
+def _row_source(probe_out: Any, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """Input row of each output row, from what the converter made of the index probe."""
+    rows, cols = shape
+    out = torch.as_tensor(probe_out)
+    if out.dtype != _probe_dtype(shape) or tuple(out.shape) != shape:
+        raise ExportError(
+            f"llama.cpp's converter reshapes or converts {name} (to {tuple(out.shape)} {out.dtype}); "
+            "SliM rows can only be permuted"
+        )
+    src = out[:, 0] // cols
+    if not torch.equal(out, src[:, None] * cols + torch.arange(cols, dtype=out.dtype)):
+        raise ExportError(f"llama.cpp's converter transforms the columns of {name}; SliM rows can only be permuted")
+    if not torch.equal(torch.sort(src).values, torch.arange(rows)):
+        raise ExportError(f"llama.cpp's converter duplicates or drops rows of {name}")
+    return src.numpy()
+
+
+def _slim_model_class(base: type) -> type:
+    """The converter's model class for this architecture, with SliM tensors spliced in."""
+
+    class SlimModel(base):  # type: ignore[misc, valid-type]
+        model_arch = base.model_arch
+
+        def __init__(
+            self,
+            *args: Any,
+            packed: dict[str, _Packed],
+            standard: tuple[QT, QT],
+            kvs: dict[str, Any],
+            advance: Callable[[], None],
+            **kwargs: Any,
+        ):
+            self.packed = packed
+            self.standard = standard
+            self.kvs = kvs
+            self.advance = advance
+            self.notes: list[str] = []
+            super().__init__(*args, **kwargs)
+
+        def set_gguf_parameters(self) -> None:
+            super().set_gguf_parameters()
+            # Replaced in place, so the key keeps the converter's position.
+            self.gguf_writer.kv_data[0][gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(
+                self.kvs["file_type"], gguf.GGUFValueType.UINT32
+            )
+            self.gguf_writer.add_string(KV_PREFIX + "version", __version__)
+            self.gguf_writer.add_string(KV_PREFIX + "method", str(self.kvs["method"]))
+            self.gguf_writer.add_uint32(KV_PREFIX + "bits", int(self.kvs["bits"]))
+            self.gguf_writer.add_uint32(KV_PREFIX + "group_size", int(self.kvs["group_size"]))
+
+        def modify_tensors(self, data_torch: torch.Tensor, name: str, bid: int | None) -> Iterable[tuple[str, Any]]:
+            self.advance()
+            entry = self.packed.pop(name, None)
+            if entry is None:
+                return super().modify_tensors(data_torch, name, bid)
+            if tuple(data_torch.shape) != entry.shape:
+                raise ExportError(
+                    f"{name} is {tuple(data_torch.shape)} in the model but {entry.shape} in the checkpoint"
+                )
+            rows, cols = entry.shape
+            probe = torch.arange(rows * cols, dtype=_probe_dtype(entry.shape)).reshape(rows, cols)
+            out = list(super().modify_tensors(probe, name, bid))
+            if len(out) != 1:
+                raise ExportError(
+                    f"llama.cpp's converter turns {name} into {len(out)} tensors; SliM export needs exactly one"
+                )
+            new_name, probe_out = out[0]
+            rows_out = entry.rows[_row_source(probe_out, name, entry.shape)]
+            self.gguf_writer.add_tensor(new_name, rows_out, raw_dtype=QT(entry.stype.type_id))
+            return []
+
+        def tensor_force_quant(self, name: str, new_name: str, bid: int | None, n_dims: int) -> Any:
+            # Where a row does not fit Q8_0's blocks, the converter stores F16 and logs a warning.
+            embed, output = self.standard
+            if self.match_model_tensor_name(new_name, gguf.MODEL_TENSOR.TOKEN_EMBD, None):
+                return embed
+            if self.match_model_tensor_name(new_name, gguf.MODEL_TENSOR.OUTPUT, None):
+                return output
+            if bid is not None and n_dims >= 2 and new_name.endswith(".weight"):
+                self.notes.append(f"{new_name} is not in the checkpoint; stored as F32")
+            return super().tensor_force_quant(name, new_name, bid, n_dims)
+
+    return SlimModel
+
+
+def _pack(checkpoint: Checkpoint, model_class: type, progress: Progress) -> tuple[dict[str, _Packed], Counter]:
+    """Pack every quantized linear, keyed by the converter's name for its weight."""
+    packed: dict[str, _Packed] = {}
+    widths: Counter = Counter()
+    task = progress.add_task("packing", total=len(checkpoint.manifest["tensors"]))
+    for module_name, qt in checkpoint.tensors():
+        item = model_class.filter_tensors((module_name + ".weight", lambda: None))
+        if item is None:
+            raise ExportError(f"llama.cpp's converter drops {module_name}.weight")
+        rows = qt.shape[0]
+        for width, n in zip(*np.unique(qt.widths.numpy(), return_counts=True)):
+            widths[int(width)] += int(n) * rows
+        packed[item[0]] = _Packed(qt.pack(), qt.stype, qt.shape)
+        progress.advance(task)
+    if not packed:
+        raise ExportError(f"{checkpoint.directory} holds no quantized tensors")
+    return packed, widths
+
+
+def _file_type(packed: dict[str, _Packed]) -> int:
+    """The SliM type id holding the most parameters (the only one in a one-setting run)."""
+    params: Counter = Counter()
+    for entry in packed.values():
+        params[entry.stype.type_id] += prod(entry.shape)
+    return params.most_common(1)[0][0]
+
+
+def _write(writer: gguf.GGUFWriter, path: Path, progress: Progress) -> None:
+    """ModelBase.write's file steps, one tensor at a time so the bar can follow."""
+    if len(writer.tensors) != 1:
+        raise ExportError("split GGUF output is not supported")
+    infos = writer.tensors[0]
+    task = progress.add_task("writing", total=len(infos))
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    while infos:
+        writer.write_tensor_data(next(iter(infos.values())).tensor)  # pops that tensor's info
+        progress.advance(task)
+
+
+def _report(writer: gguf.GGUFWriter, file_type: int, widths: Counter) -> dict[str, Any]:
+    infos = writer.tensors[0].values()
+    slim = [ti for ti in infos if fmt.type_from_id(ti.dtype) is not None]
+    return {
+        "n_tensors": len(infos),
+        "slim_tensors": len(slim),
+        "slim_params": sum(prod(ti.shape) for ti in slim),
+        "slim_bytes": sum(ti.nbytes for ti in slim),
+        "total_params": sum(prod(ti.shape) for ti in infos),
+        "total_bytes": sum(ti.nbytes for ti in infos),
+        "file_type": file_type,
+        "width_groups": dict(sorted(widths.items())),
+    }
+
+
+def convert(job: dict[str, Any]) -> dict[str, Any]:
+    """Write the GGUF file ``job["out"]``; the caller owns (and removes on failure) that path."""
+    ckpt = Checkpoint(job["checkpoint"])
+    settings = ckpt.settings
+    architecture = settings["architecture"]
+    model_dir = Path(settings["model_path"])
+    standard = (QT[job["embed_type"].upper()], QT[job["output_type"].upper()])
+    fmt.register_gguf_types()
+    conversion = load_converter(Path(job["src"]))
+    hparams = conversion.ModelBase.load_hparams(model_dir, False)
+    found = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+    if found != architecture:
+        raise ExportError(f"the checkpoint was made for {architecture}, but {model_dir} holds a {found}")
+    model_class = _slim_model_class(conversion.get_model_class(architecture))
+    out = Path(job["out"])
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not job["progress"]) as bar:
+        packed, widths = _pack(ckpt, model_class, bar)
+        kvs = {"file_type": _file_type(packed), **{k: settings[k] for k in ("method", "bits", "group_size")}}
+        converting = bar.add_task("converting")
+        with torch.inference_mode():
+            model = model_class(
+                model_dir,
+                gguf.LlamaFileType.ALL_F32,
+                out.parent,  # only used to make up a file name; we write to `out` ourselves
+                packed=packed,
+                standard=standard,
+                kvs=kvs,
+                advance=lambda: bar.advance(converting),
+            )
+            bar.update(converting, total=len(model.model_tensors))
+            try:
+                model.prepare_tensors()
+                if packed:
+                    missing = ", ".join(sorted(packed)[:3])
+                    raise ExportError(f"{len(packed)} checkpoint tensors are not in {model_dir}, e.g. {missing}")
+                model.prepare_metadata(vocab_only=False)
+                report = _report(model.gguf_writer, kvs["file_type"], widths)
+                _write(model.gguf_writer, out, bar)
+            finally:
+                model.gguf_writer.close()
+    return {"report": report, "notes": model.notes}
+
+
+def main() -> None:
+    try:
+        answer = convert(json.loads(sys.argv[1]))
+    except (ExportError, CheckpointError, fmt.FormatError, UnsupportedArchitectureError) as err:
+        answer = {"error": str(err)}
+    except Exception as err:  # the converter's own failure: keep its traceback for a bug report
+        traceback.print_exc()
+        answer = {"error": f"llama.cpp's converter failed: {type(err).__name__}: {err}"}
+    print(json.dumps(answer))
+    sys.exit(1 if "error" in answer else 0)
+
+
+if __name__ == "__main__":
+    main()

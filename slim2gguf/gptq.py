@@ -1,0 +1,87 @@
+"""GPTQ: quantize a weight column by column, pushing each column's error onto the
+columns not yet quantized through the upper Cholesky factor of the inverse Hessian."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .qtensor import QuantizedTensor
+from .quantizer import GroupParams
+
+GroupFitter = Callable[[torch.Tensor, int, slice], GroupParams]
+
+
+def damped_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damp H and handle dead inputs (H_jj = 0: set to 1, zero the weight column).
+
+    Returns the damped H and the weight with dead columns zeroed (copies)."""
+    h = hessian.clone()
+    w = weight.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    return h, w
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
+    """U with H⁻¹ = Uᵀ U (upper); raises a clear error if H is not positive definite."""
+    try:
+        lower = torch.linalg.cholesky(hessian)
+        inverse = torch.cholesky_inverse(lower)
+        return torch.linalg.cholesky(inverse, upper=True)
+    except torch.linalg.LinAlgError as err:
+        raise RuntimeError("Hessian is not positive definite even after damping; raise --damp") from err
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    upper: torch.Tensor,
+    widths: list[int],
+    group_size: int,
+    fit: GroupFitter,
+    block_cols: int = 128,
+) -> QuantizedTensor:
+    """Quantize ``weight`` [rows, cols] group by group; each group's quantizer is fitted
+    when GPTQ reaches the group, on the error-updated weights (no act-order)."""
+    w = weight.clone().float()
+    rows, cols = w.shape
+    block_cols = max(group_size, block_cols // group_size * group_size)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    d = torch.zeros(rows, cols // group_size, dtype=torch.float16)
+    m = torch.zeros_like(d)
+    params: GroupParams | None = None
+    for i1 in range(0, cols, block_cols):
+        i2 = min(i1 + block_cols, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                g = col // group_size
+                params = fit(w1[:, i : i + group_size], widths[g], slice(col, col + group_size))
+                d[:, g], m[:, g] = params.d.cpu(), params.m.cpu()
+            q = params.codes(w1[:, i])
+            codes[:, col] = q.to(torch.uint8).cpu()
+            err = (w1[:, i] - params.dequantize(q)) / u1[i, i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    return QuantizedTensor(codes, d, m, torch.tensor(widths, dtype=torch.uint8), group_size)
+
+
+def rtn_quantize(weight: torch.Tensor, widths: list[int], group_size: int, fit: GroupFitter) -> QuantizedTensor:
+    """Round to nearest, one fitted quantizer per (row, group), no error feedback."""
+    rows, cols = weight.shape
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    d = torch.zeros(rows, cols // group_size, dtype=torch.float16)
+    m = torch.zeros_like(d)
+    for g, width in enumerate(widths):
+        cs = slice(g * group_size, (g + 1) * group_size)
+        params = fit(weight[:, cs].float(), width, cs)
+        codes[:, cs] = params.codes(weight[:, cs].float()).to(torch.uint8).cpu()
+        d[:, g], m[:, g] = params.d.cpu(), params.m.cpu()
+    return QuantizedTensor(codes, d, m, torch.tensor(widths, dtype=torch.uint8), group_size)

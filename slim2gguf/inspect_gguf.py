@@ -1,0 +1,143 @@
+"""Read GGUF files holding SliM tensors: open with clear errors, list, dequantize.
+
+Uses PyPI ``gguf`` with our type ids registered (format.register_gguf_types), so
+files from the exporter and from stock llama.cpp tools read the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from . import format as fmt
+
+SHOWN_KEYS = ("general.architecture", "general.name", "general.file_type")
+SLIM_KEY_PREFIX = "slim2gguf."
+
+
+class GGUFFileError(ValueError):
+    """A file that is missing, not GGUF, corrupt or truncated; the message is one line."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A GGUFReader for ``path`` (memory-mapped), or a GGUFFileError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise GGUFFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise GGUFFileError(f"{path} is not a file")
+    fmt.register_gguf_types()
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as err:
+        raise GGUFFileError(f"{path} ({size} bytes) is not a valid GGUF file or is truncated: {_one_line(err)}") from err
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise GGUFFileError(f"{path} is truncated: tensor {tensor.name} ends past its {size} bytes")
+    return reader
+
+
+def _numpy_shape(tensor: Any) -> tuple[int, ...]:
+    """ggml lists dimensions innermost first; rows-first is how PyTorch shows a weight."""
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
+
+
+def _slim_rows(tensor: Any, stype: fmt.SlimType) -> np.ndarray:
+    return np.asarray(tensor.data, dtype=np.uint8).reshape(-1, stype.row_bytes(int(tensor.shape[0])))
+
+
+def _reader(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> gguf.GGUFReader:
+    return path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else open_gguf(path_or_reader)
+
+
+def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[dict[str, Any]]:
+    """One dict per tensor: name, type, shape (rows first), params, bytes, bpw, widths.
+
+    ``widths`` (SliM tensors only, else None) counts (row, column-group) quantizer
+    groups per width, read from the first row's headers (rows share one pattern).
+    """
+    reader = _reader(path_or_reader)
+    rows = []
+    for tensor in reader.tensors:
+        stype = fmt.type_from_id(tensor.tensor_type)
+        widths = None
+        if stype is not None:
+            packed = _slim_rows(tensor, stype)
+            try:
+                pattern = fmt.read_widths(packed[0], stype, int(tensor.shape[0]))
+            except fmt.FormatError as err:
+                raise GGUFFileError(f"tensor {tensor.name} is corrupt: {_one_line(err)}") from err
+            widths = {int(w): int(n) * packed.shape[0] for w, n in sorted(Counter(pattern.tolist()).items())}
+        n_params = int(tensor.n_elements)
+        rows.append(
+            {
+                "name": tensor.name,
+                "type": tensor.tensor_type.name,
+                "shape": _numpy_shape(tensor),
+                "params": n_params,
+                "bytes": int(tensor.n_bytes),
+                "bpw": 8 * int(tensor.n_bytes) / n_params,
+                "widths": widths,
+            }
+        )
+    return rows
+
+
+def print_inspect(path: str | os.PathLike, console: Console | None = None) -> None:
+    """A table of the file's tensors, the keys that say what it is, and totals."""
+    console = console or Console()
+    reader = open_gguf(path)
+    for key, field in reader.fields.items():
+        if key in SHOWN_KEYS or key.startswith(SLIM_KEY_PREFIX):
+            value = field.contents()
+            stype = fmt.type_from_id(value) if key == "general.file_type" else None
+            console.print(f"{key} = {value}" + (f" ({stype.name})" if stype else ""))
+    rows = inspect_rows(reader)
+    table = Table(title=str(path))
+    for column, justify in (("tensor", "left"), ("type", "left"), ("shape", "right"), ("bpw", "right"), ("widths", "left")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        widths = row["widths"]
+        share = ""
+        if widths:
+            total = sum(widths.values())
+            share = " ".join(f"{w}b:{100 * n / total:.0f}%" for w, n in widths.items())
+        table.add_row(row["name"], row["type"], " x ".join(map(str, row["shape"])), f"{row['bpw']:.3f}", share)
+    console.print(table)
+    slim = [r for r in rows if r["widths"] is not None]
+    params = sum(r["params"] for r in rows)
+    size = sum(r["bytes"] for r in rows)
+    console.print(f"{len(rows)} tensors, {params:,} parameters, {size:,} bytes of tensor data: {8 * size / params:.3f} bpw")
+    if slim:
+        slim_params = sum(r["params"] for r in slim)
+        slim_size = sum(r["bytes"] for r in slim)
+        console.print(
+            f"{len(slim)} SliM tensors, {slim_params:,} parameters, {slim_size:,} bytes: "
+            f"{8 * slim_size / slim_params:.3f} bpw"
+        )
+
+
+def dequantize_tensor(path_or_reader: str | os.PathLike | gguf.GGUFReader, name: str) -> np.ndarray:
+    """Tensor ``name`` as float32, rows first (SliM via format.dequantize, others via gguf.quants)."""
+    reader = _reader(path_or_reader)
+    tensor = next((t for t in reader.tensors if t.name == name), None)
+    if tensor is None:
+        raise KeyError(f"no tensor named {name!r} in this GGUF file")
+    shape = _numpy_shape(tensor)
+    stype = fmt.type_from_id(tensor.tensor_type)
+    if stype is not None:
+        return fmt.dequantize(_slim_rows(tensor, stype), stype, int(tensor.shape[0])).reshape(shape)
+    return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32).reshape(shape)

@@ -1,0 +1,479 @@
+"""Find, patch and build the pinned llama.cpp that reads SliM types.
+
+The unpatched source (``ensure_source``) comes from ``$LLAMA_CPP_DIR``, else a git
+clone of the pinned commit, else the llama.cpp tree vendored in the PyPI sdist of
+llama-cpp-python (same commit). It is never modified: the upstream converter runs
+from it. ``build`` copies it, applies ``patches/*.patch`` and builds the tools in a
+cache folder keyed on the commit, the patches and the build options.
+
+Run ``python -m slim2gguf.llamacpp build`` (or ``slim2gguf llama-cpp build``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import typer
+
+from slim2gguf.paths import cache_dir
+
+PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+GIT_URL = "https://github.com/ggml-org/llama.cpp.git"
+SDIST_PACKAGE = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"  # vendors llama.cpp at PINNED_COMMIT
+SDIST_NAME = f"llama_cpp_python-{SDIST_VERSION}"
+
+PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+DUMP_TOOL = "llama-slim-dump"
+DEFAULT_TARGETS = (
+    "llama-perplexity",
+    "llama-completion",
+    "llama-bench",
+    "llama-quantize",
+    "llama-imatrix",
+    DUMP_TOOL,
+)
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_CURL=OFF",
+)
+_X86_SIMD = ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C")
+# CPU variants: "native" uses everything this CPU has; "avx2" is a portable x86-64 AVX2 build
+# (no AVX512/VNNI: the plain AVX2 kernels run); "generic" turns every x86 SIMD extension off,
+# so the scalar kernels run. The last two exist to test those kernel paths on any x86 machine.
+CPU_VARIANTS = {
+    "native": ("-DGGML_NATIVE=ON",),
+    "avx2": ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=ON" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"),
+    "generic": ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=OFF" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"),
+}
+
+
+class LlamaCppError(RuntimeError):
+    """Getting or building llama.cpp failed; the message says why and what to do."""
+
+
+def _llama_root() -> Path:
+    root = cache_dir() / "llama.cpp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _is_llama_tree(path: Path) -> bool:
+    return (path / "CMakeLists.txt").is_file() and (path / "ggml" / "include" / "ggml.h").is_file()
+
+
+def _git_head(path: Path) -> str | None:
+    """HEAD of the git checkout at ``path`` (None when it is not one, or git is absent)."""
+    if shutil.which("git") is None:
+        return None
+    r = subprocess.run(
+        ["git", "-C", str(path), "rev-parse", "--show-toplevel", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        return None
+    top, head = r.stdout.split()
+    if Path(top).resolve() != path.resolve():
+        return None  # a plain folder inside some other repository
+    return head
+
+
+def _source_from_env(value: str) -> Path:
+    path = Path(value).expanduser().resolve()
+    if not _is_llama_tree(path):
+        raise LlamaCppError(f"LLAMA_CPP_DIR={value} is not a llama.cpp source tree (no ggml/include/ggml.h)")
+    head = _git_head(path)
+    if head is not None and head != PINNED_COMMIT:
+        raise LlamaCppError(
+            f"LLAMA_CPP_DIR={value} is checked out at {head}, but slim2gguf's patches are made for "
+            f"{PINNED_COMMIT}. Run `git -C {path} checkout {PINNED_COMMIT}` or unset LLAMA_CPP_DIR."
+        )
+    return path
+
+
+def _git_host_reachable(host: str = "github.com", timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _run_quiet(cmd: list[str], cwd: Path | None = None, timeout: float | None = None) -> None:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        raise LlamaCppError(f"`{' '.join(cmd)}` failed:\n{r.stderr.strip()[-2000:]}")
+
+
+def _clone_into(tmp: Path) -> None:
+    """Fetch only the pinned commit (GitHub serves single commits by id)."""
+    tmp.mkdir()
+    _run_quiet(["git", "init", "-q"], cwd=tmp)
+    _run_quiet(["git", "remote", "add", "origin", GIT_URL], cwd=tmp)
+    _run_quiet(["git", "fetch", "-q", "--depth", "1", "origin", PINNED_COMMIT], cwd=tmp, timeout=900)
+    _run_quiet(["git", "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"], cwd=tmp)
+
+
+def sdist_path() -> Path:
+    """The llama-cpp-python sdist, downloaded with pip unless it is already cached."""
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    tarball = downloads / f"{SDIST_NAME}.tar.gz"
+    if tarball.is_file():
+        return tarball
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        f"{SDIST_PACKAGE}=={SDIST_VERSION}", "--dest", str(downloads),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not tarball.is_file():
+        raise LlamaCppError(
+            f"could not download the {SDIST_PACKAGE}=={SDIST_VERSION} sdist (it vendors llama.cpp "
+            f"{PINNED_COMMIT[:10]}), and no git host is reachable. Set LLAMA_CPP_DIR to a llama.cpp "
+            f"checkout at that commit, or place {tarball.name} in {downloads}.\n{r.stderr.strip()[-1500:]}"
+        )
+    return tarball
+
+
+def _extract_sdist_into(tmp: Path) -> None:
+    prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
+    tmp.mkdir()
+    with tarfile.open(sdist_path()) as tar:
+        members = []
+        for member in tar.getmembers():
+            if member.name.startswith(prefix) and len(member.name) > len(prefix):
+                member.name = member.name[len(prefix) :]
+                members.append(member)
+        if not members:
+            raise LlamaCppError(f"{sdist_path()} holds no vendor/llama.cpp tree")
+        # the sdist's vendor/llama.cpp/.git is a submodule link into a repository it lacks
+        members = [m for m in members if m.name != ".git"]
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp, members=members, **kwargs)
+
+
+def ensure_source() -> Path:
+    """The unpatched llama.cpp source at PINNED_COMMIT (never modified; do not write into it)."""
+    env = os.environ.get("LLAMA_CPP_DIR")
+    if env:
+        return _source_from_env(env)
+    target = _llama_root() / f"src-{PINNED_COMMIT}"
+    if _is_llama_tree(target):
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=target.parent))
+    tmp.rmdir()
+    try:
+        fetched = False
+        if shutil.which("git") and _git_host_reachable():
+            try:
+                _clone_into(tmp)
+                fetched = _git_head(tmp) == PINNED_COMMIT
+            except (LlamaCppError, subprocess.TimeoutExpired):
+                fetched = False
+            if not fetched:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not fetched:
+            _extract_sdist_into(tmp)
+        if not _is_llama_tree(tmp):
+            raise LlamaCppError(f"the fetched llama.cpp tree at {tmp} is incomplete")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_llama_tree(target):  # a concurrent run may have won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --- patched build -------------------------------------------------------------------------
+
+
+def patch_files() -> list[Path]:
+    """The patch series, applied in name order."""
+    return sorted(PATCH_DIR.glob("*.patch"))
+
+
+def cmake_options(cpu: str = "native") -> list[str]:
+    if cpu not in CPU_VARIANTS:
+        raise LlamaCppError(f"unknown CPU variant {cpu!r}; choose one of {', '.join(CPU_VARIANTS)}")
+    options = list(CMAKE_OPTIONS) + list(CPU_VARIANTS[cpu])
+    if shutil.which("ninja"):
+        options += ["-G", "Ninja"]
+    return options
+
+
+def build_key(cpu: str = "native") -> str:
+    """Names the build folder: the pinned commit, every patch's bytes and the build options."""
+    h = hashlib.sha256(PINNED_COMMIT.encode())
+    for patch in patch_files():
+        h.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
+    h.update(json.dumps(cmake_options(cpu)).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir(cpu: str = "native") -> Path:
+    return _llama_root() / f"build-{build_key(cpu)}"
+
+
+def _check_toolchain() -> None:
+    if shutil.which("cmake") is None:
+        raise LlamaCppError("cmake is not installed: install it (e.g. `apt install cmake` or `pip install cmake`)")
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    cxx = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if cc is None or cxx is None:
+        raise LlamaCppError(
+            "no C/C++ compiler found: install one (e.g. `apt install build-essential`) or set CC and CXX"
+        )
+
+
+def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cmd = ["git", "-c", "user.name=slim2gguf", "-c", "user.email=slim2gguf@localhost", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def _apply_patches(tree: Path) -> None:
+    """Apply patches/ to a copy of the source, as commits when git is available.
+
+    With git the tree becomes a repository whose first commit is the pristine source, so
+    `git diff <first commit>` in it shows the patches plus any local edits (see export_patches).
+    """
+    use_git = shutil.which("git") is not None
+    if use_git:
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", f"llama.cpp {PINNED_COMMIT}"]):
+            r = _git(args, tree)
+            if r.returncode != 0:
+                raise LlamaCppError(f"git {' '.join(args)} failed in {tree}:\n{r.stderr.strip()}")
+    elif shutil.which("patch") is None:
+        raise LlamaCppError("neither git nor patch is installed: one is needed to apply patches/")
+    for patch in patch_files():
+        if use_git:
+            check = _git(["apply", "--check", str(patch)], tree)
+            apply = ["apply", str(patch)]
+        else:
+            check = subprocess.run(
+                ["patch", "-p1", "--dry-run", "--batch", "--forward", "-i", str(patch)],
+                cwd=tree, capture_output=True, text=True,
+            )  # fmt: skip
+        if check.returncode != 0:
+            raise LlamaCppError(
+                f"patch {patch.name} does not apply to llama.cpp {PINNED_COMMIT[:10]}:\n"
+                f"{(check.stderr or check.stdout).strip()[-3000:]}"
+            )
+        if use_git:
+            for args in (apply, ["add", "-A"], ["commit", "-q", "-m", patch.name]):
+                r = _git(args, tree)
+                if r.returncode != 0:
+                    raise LlamaCppError(f"git {' '.join(args)} failed in {tree}:\n{r.stderr.strip()}")
+        else:
+            _run_quiet(["patch", "-p1", "--batch", "--forward", "-i", str(patch)], cwd=tree)
+
+
+def _prepare_tree(src: Path) -> None:
+    """Copy the pristine source next to `src`, patch it, then rename it into place."""
+    pristine = ensure_source()
+    tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=src.parent))
+    try:
+        shutil.rmtree(tmp)
+        shutil.copytree(pristine, tmp, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+        _apply_patches(tmp)
+        os.rename(tmp, src)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _BuildLog:
+    """Runs build commands, appending their output to a log file and showing progress."""
+
+    def __init__(self, log: Path, console) -> None:
+        self.log = log
+        self.console = console
+
+    def run(self, cmd: list[str], what: str, env: dict | None = None) -> None:
+        with open(self.log, "a") as out, self.console.status(f"{what}…") as status:
+            out.write(f"\n$ {' '.join(cmd)}\n")
+            out.flush()
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace"
+            )
+            tail: deque[str] = deque(maxlen=40)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                tail.append(line.rstrip())
+                if line.startswith("["):  # ninja/make progress: "[12/119] Building C object …"
+                    status.update(f"{what} {line.split(' ', 1)[0]} {line.rsplit('/', 1)[-1].strip()[:60]}")
+            if proc.wait() != 0:
+                shown = "\n".join(tail)
+                raise LlamaCppError(f"{what} failed (exit {proc.returncode}); full log: {self.log}\n{shown}")
+
+
+def _lock(path: Path):
+    """An exclusive lock held by the returned open file (released when it is closed)."""
+    f = open(path, "w")
+    try:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except ImportError:  # pragma: no cover - not POSIX: no concurrent-build protection
+        pass
+    return f
+
+
+def build(
+    targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    cpu: str = "native",
+    jobs: int | None = None,
+    console=None,
+) -> Path:
+    """Build the patched llama.cpp tools (cached, incremental) and return their bin folder."""
+    targets = list(dict.fromkeys(targets))
+    root = build_dir(cpu)
+    src, bdir, stamp = root / "src", root / "build", root / "stamp.json"
+    bin_dir = bdir / "bin"
+
+    def built() -> set[str]:
+        try:
+            done = set(json.loads(stamp.read_text())["targets"])
+        except (OSError, ValueError, KeyError):
+            return set()
+        return {t for t in done if (bin_dir / t).is_file()}
+
+    if set(targets) <= built():
+        return bin_dir
+
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    _check_toolchain()
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root / ".lock"):
+        if set(targets) <= built():  # another process built them while we waited
+            return bin_dir
+        if not src.is_dir():
+            with console.status("copying and patching llama.cpp…"):
+                _prepare_tree(src)
+        runner = _BuildLog(root / "build.log", console)
+        if not (bdir / "CMakeCache.txt").is_file():
+            runner.run(["cmake", "-S", str(src), "-B", str(bdir), *cmake_options(cpu)], "configuring llama.cpp")
+        env = dict(os.environ)
+        env.setdefault("CCACHE_BASEDIR", str(root))  # lets ccache share results between build folders
+        env.setdefault("CCACHE_NOHASHDIR", "1")
+        jobs = jobs or os.cpu_count() or 2
+        runner.run(
+            ["cmake", "--build", str(bdir), "-j", str(jobs), "--target", *targets],
+            f"building {', '.join(targets)}",
+            env=env,
+        )
+        missing = [t for t in targets if not (bin_dir / t).is_file()]
+        if missing:
+            raise LlamaCppError(f"the build finished but {', '.join(missing)} is not in {bin_dir}")
+        stamp.write_text(json.dumps({"targets": sorted(built() | set(targets)), "commit": PINNED_COMMIT}))
+    return bin_dir
+
+
+def binary(name: str, cpu: str = "native") -> Path:
+    """Path to one patched llama.cpp tool, building it first when needed."""
+    return build((name,), cpu=cpu) / name
+
+
+# --- maintaining the patch series --------------------------------------------------------
+
+# which patch file each changed path belongs to (first match wins)
+PATCH_SERIES = (
+    ("0002-ggml-cpu-slim-kernels.patch", ("ggml/src/ggml-cpu/",)),
+    ("0001-ggml-slim-types.patch", ("ggml/",)),
+    ("0003-llama-slim-types.patch", ("src/", "include/")),
+    ("0004-gguf-py-slim-types.patch", ("gguf-py/",)),
+    ("0005-llama-slim-dump-tool.patch", ("tools/",)),
+)
+
+
+def export_patches(tree: Path, dest: Path = PATCH_DIR) -> list[Path]:
+    """Rewrite patches/ from a tree made by `build` (a git repository over the pristine source)
+    after editing it: every change since its first commit, split by PATCH_SERIES."""
+    root = _git(["rev-list", "--max-parents=0", "HEAD"], tree)
+    if root.returncode != 0:
+        raise LlamaCppError(f"{tree} is not a git tree made by slim2gguf's build: {root.stderr.strip()}")
+    base = root.stdout.split()[0]
+    _git(["add", "-A"], tree)
+    names = _git(["diff", "--cached", "--name-only", base], tree).stdout.split()
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        patch = next((p for p, prefixes in PATCH_SERIES if name.startswith(prefixes)), None)
+        if patch is None:
+            raise LlamaCppError(f"{name} matches no entry of PATCH_SERIES; add one")
+        groups.setdefault(patch, []).append(name)
+    for old in patch_files():
+        old.unlink()
+    written = []
+    for patch, paths in groups.items():
+        diff = _git(["diff", "--cached", "--no-color", "--no-ext-diff", base, "--", *paths], tree)
+        if diff.returncode != 0:
+            raise LlamaCppError(diff.stderr)
+        (dest / patch).write_text(diff.stdout)
+        written.append(dest / patch)
+    return sorted(written)
+
+
+# --- command line -------------------------------------------------------------------------
+
+app = typer.Typer(help="Get and build the llama.cpp that reads SliM types.", no_args_is_help=True)
+
+
+@app.command("build")
+def build_command(
+    target: list[str] = typer.Option(None, "--target", "-t", help="Tool to build (repeatable); default: all."),
+    cpu: str = typer.Option("native", help=f"CPU variant: {', '.join(CPU_VARIANTS)}."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: CPU count)."),
+) -> None:
+    """Patch and build llama.cpp (cached; re-running only rebuilds what changed)."""
+    from rich.console import Console
+
+    console = Console()
+    targets = tuple(target) if target else DEFAULT_TARGETS
+    try:
+        bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console)
+    except LlamaCppError as err:
+        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {len(patch_files())} patches, built in {bin_dir}:")
+    for name in targets:
+        console.print(f"  {bin_dir / name}", highlight=False)
+
+
+@app.command("source")
+def source_command() -> None:
+    """Print where the unpatched llama.cpp source is (fetching it if needed)."""
+    try:
+        print(ensure_source())
+    except LlamaCppError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+@app.command("export-patches")
+def export_command(tree: Path = typer.Argument(..., help="A build's src/ folder, edited.")) -> None:
+    """Regenerate patches/ from an edited build tree (for maintainers)."""
+    for patch in export_patches(tree):
+        print(patch)
+
+
+if __name__ == "__main__":
+    app()

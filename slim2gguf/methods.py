@@ -1,0 +1,87 @@
+"""Quantizing one linear layer with RTN, GPTQ or SliM (SBA + SQC + GPTQ)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from . import format as fmt
+from .allocation import search_allocation
+from .gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize
+from .qtensor import QuantizedTensor
+from .quantizer import fit_minmax, fit_sqc
+
+METHODS = ("slim", "gptq", "rtn")
+DEFAULT_SQC_LAMBDA = 4.0
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """What decides the quantized weights (saved in the checkpoint manifest)."""
+
+    method: str = "slim"
+    bits: int = 3
+    group_size: int = 128
+    damp: float = 0.01
+    sqc_lambda: float = DEFAULT_SQC_LAMBDA
+    sba_tokens: int = 1024
+    sba: bool = True
+    sqc: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        fmt.slim_type(self.bits, self.group_size)
+        if self.damp <= 0:
+            raise ValueError("--damp must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_allocation(widths: list[int], n_groups: int, bits: int, name: str) -> None:
+    if len(widths) != n_groups:
+        raise ValueError(f"allocation for {name} has {len(widths)} groups, the weight has {n_groups}")
+    try:
+        fmt.check_widths(torch.tensor(widths).numpy(), fmt.slim_type(bits, 32))
+    except fmt.FormatError as err:
+        raise ValueError(f"allocation for {name}: {err}") from err
+
+
+def quantize_linear(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    inputs: torch.Tensor | None,
+    settings: QuantSettings,
+    widths: list[int] | None = None,
+) -> tuple[QuantizedTensor, dict[str, float]]:
+    """Quantize ``weight`` [out, in]; ``hessian`` (2/N Σ xxᵀ) and ``inputs`` (a token
+    sample for SBA) come from calibration. ``widths`` reuses a saved allocation."""
+    g = settings.group_size
+    n_groups = weight.shape[1] // g
+    uniform = [settings.bits] * n_groups
+    if settings.method == "rtn":
+        return rtn_quantize(weight.float(), widths or uniform, g, lambda w, k, _: fit_minmax(w, k)), {}
+    h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
+    upper = inverse_cholesky_upper(h)
+    info: dict[str, float] = {}
+    if settings.method == "gptq":
+        return gptq_quantize(w, upper, widths or uniform, g, lambda w_, k, _: fit_minmax(w_, k)), info
+    if widths is None:
+        if settings.sba:
+            widths, info = search_allocation(w, upper, inputs, settings.bits, g)
+        else:
+            widths = uniform
+    if settings.sqc:
+        inv_u2 = torch.diag(upper).pow(-2)
+
+        def fit(wg: torch.Tensor, k: int, cols: slice):
+            return fit_sqc(wg, k, wg.pow(2) * inv_u2[cols][None, :], settings.sqc_lambda)
+    else:
+
+        def fit(wg: torch.Tensor, k: int, cols: slice):
+            return fit_minmax(wg, k)
+
+    return gptq_quantize(w, upper, widths, g, fit), info

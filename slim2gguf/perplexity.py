@@ -1,0 +1,85 @@
+"""Perplexity in PyTorch, with llama-perplexity's method available so numbers compare.
+
+``llama`` method (as llama.cpp's perplexity tool): tokenize the whole text (BOS first
+when the tokenizer adds one), cut it into windows of ``ctx`` tokens, put BOS at the
+start of each window when the tokenizer uses one, and score only the second half of
+each window. ``full`` scores every position of each window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+METHODS = ("llama", "full")
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float
+    tokens_scored: int
+    chunks: int
+
+
+def read_eval_text(source: str) -> str:
+    """A text file's contents as they are (no newline conversion), or ``wikitext2`` (test split)."""
+    if source == "wikitext2":
+        from datasets import load_dataset
+
+        return "\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no evaluation text at {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    ctx: int = 512,
+    chunks: int | None = None,
+    method: str = "llama",
+    batch: int = 4,
+    device: torch.device | str = "cpu",
+) -> PerplexityResult:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    bos = adds_bos(tokenizer)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
+    n_chunks = ids.numel() // ctx
+    if chunks is not None:
+        n_chunks = min(n_chunks, chunks)
+    if n_chunks < 1:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of --ctx {ctx}")
+    windows = ids[: n_chunks * ctx].view(n_chunks, ctx).clone()
+    if bos:
+        windows[:, 0] = tokenizer.bos_token_id
+    first = ctx // 2 if method == "llama" else 0
+    model.to(device)
+    total_nll, scored = 0.0, 0
+    with Progress(transient=True) as progress:
+        task = progress.add_task("perplexity", total=n_chunks)
+        for start in range(0, n_chunks, batch):
+            x = windows[start : start + batch].to(device)
+            logits = model(x, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, first : ctx - 1], dim=-1)
+            target = x[:, first + 1 : ctx]
+            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            total_nll += float(nll.double().sum())
+            scored += nll.numel()
+            progress.advance(task, x.shape[0])
+    mean = total_nll / scored
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens_scored=scored, chunks=n_chunks)

@@ -1,0 +1,261 @@
+"""Sequential block-by-block quantization (GPTQ's schedule).
+
+Capture the inputs of decoder block i on the calibration set, accumulate each linear's
+Hessian while running the float block, quantize its linears, then run the *quantized*
+block to produce block i+1's inputs. Only the current block and one batch of
+activations live on the compute device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from . import __version__
+from .calib import calibration_windows
+from .checkpoint import CheckpointWriter
+from .methods import QuantSettings, check_allocation, quantize_linear
+from .models import architecture_of, block_linears, decoder_layers, load_model, load_tokenizer, resolve_model
+
+BATCH = 8
+
+
+class StopCapture(Exception):
+    """Raised by the hook that records block 0's inputs."""
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    source: str = "self"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+
+@dataclass
+class QuantizeReport:
+    path: Path
+    wall_s: float
+    peak_rss_mib: float
+    peak_device_mib: float | None
+    width_groups: Counter = field(default_factory=Counter)
+    resumed_from: int = 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def check_shapes(model: nn.Module, group_size: int) -> None:
+    """Every quantized linear's input size must be a multiple of the group size."""
+    bad = {}
+    for i in range(len(decoder_layers(model))):
+        for name, lin in block_linears(model, i).items():
+            if lin.in_features % group_size:
+                bad[name] = lin.in_features
+    if not bad:
+        return
+    sizes = sorted(set(bad.values()))
+    fits = [g for g in (128, 64, 32) if all(s % g == 0 for s in sizes)]
+    hint = (
+        f"use --group-size {fits[0]}" if fits else "no supported group size (32, 64, 128) divides it; "
+        "slim2gguf cannot quantize this model"
+    )
+    name, size = next(iter(bad.items()))
+    raise ValueError(f"{name} has {size} input columns, not a multiple of --group-size {group_size}: {hint}")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, layer kwargs) per batch at the input of block 0, kept on the CPU."""
+    first = decoder_layers(model)[0]
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kept = {k: _to(v, torch.device("cpu")) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        captured.append((hidden.cpu(), kept))
+        raise StopCapture
+
+    outer = [model.model.embed_tokens, model.model.rotary_emb]
+    for mod in outer:
+        mod.to(device)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], BATCH):
+            with contextlib.suppress(StopCapture):
+                model(windows[start : start + BATCH].to(device), use_cache=False)
+    finally:
+        handle.remove()
+        for mod in outer:
+            mod.to("cpu")
+    return captured
+
+
+def _run_block(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], device: torch.device) -> list[torch.Tensor]:
+    outs = []
+    for hidden, kwargs in batches:
+        out = layer(hidden.to(device), **{k: _to(v, device) for k, v in kwargs.items()})
+        out = out[0] if isinstance(out, tuple) else out
+        outs.append(out.cpu())
+    return outs
+
+
+class _Collector:
+    """Forward hook accumulating H = 2/N Σ xxᵀ and a fixed token sample of the inputs."""
+
+    def __init__(self, lin: nn.Linear, n_tokens: int, sample_idx: torch.Tensor, device: torch.device):
+        self.h = torch.zeros(lin.in_features, lin.in_features, device=device)
+        self.scale = 2.0 / n_tokens
+        self.sample_idx = sample_idx
+        self.seen = 0
+        self.sample: list[torch.Tensor] = []
+
+    def __call__(self, _module, inputs, _output) -> None:
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        self.h.addmm_(x.T, x, alpha=self.scale)
+        idx = self.sample_idx[(self.sample_idx >= self.seen) & (self.sample_idx < self.seen + x.shape[0])]
+        self.sample.append(x[idx - self.seen].cpu())
+        self.seen += x.shape[0]
+
+
+def _widths_summary(widths: Counter) -> str:
+    return " ".join(f"{k}b:{widths[k]}" for k in sorted(widths))
+
+
+def load_allocation(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Widths per tensor from a checkpoint manifest or a plain {name: [widths]} JSON."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "tensors" in data:
+        return {name: meta["widths"] for name, meta in data["tensors"].items()}
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise ValueError(f"{path} is neither a checkpoint manifest nor a {{name: [widths]}} JSON")
+    return data
+
+
+def quantize_model(
+    model_name: str,
+    out_dir: str | os.PathLike,
+    quant: QuantSettings,
+    calib: CalibSettings,
+    device: str = "auto",
+    allocation: dict[str, list[int]] | None = None,
+    console: Console | None = None,
+) -> QuantizeReport:
+    """Quantize every decoder-block linear of ``model_name`` into a checkpoint at ``out_dir``."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    dev = pick_device(device)
+    path = resolve_model(model_name)
+    arch = architecture_of(path)
+    if allocation is not None and quant.method != "slim":
+        raise ValueError("--allocation applies to --method slim only")
+    model = load_model(path)
+    check_shapes(model, quant.group_size)
+    tokenizer = load_tokenizer(path)
+    layers = decoder_layers(model)
+    settings = {
+        "model": str(model_name),
+        "model_path": str(path),
+        "architecture": arch,
+        **quant.to_dict(),
+        "calibration": asdict(calib),
+        "allocation_given": allocation is not None,
+    }
+    writer = CheckpointWriter(out_dir, settings, len(layers))
+    resumed = writer.blocks_done
+    torch.manual_seed(calib.seed)
+    windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed)
+    batches = capture_block_inputs(model, windows, dev)
+    n_tokens = windows.numel()
+    sample_idx = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(calib.seed))[: quant.sba_tokens]
+    sample_idx = sample_idx.sort().values
+    width_groups: Counter = Counter()
+
+    stored = dict(writer.finished_tensors()) if resumed else {}
+    for name, qt in stored.items():
+        width_groups.update(qt.widths.tolist())
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with torch.no_grad(), Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("quantizing blocks", total=len(layers), completed=0)
+        for i, layer in enumerate(layers):
+            layer.to(dev)
+            linears = block_linears(model, i)
+            if i < resumed:
+                for name, lin in linears.items():
+                    lin.weight.data = stored[name].dequantize().to(dev, lin.weight.dtype)
+                outputs = _run_block(layer, batches, dev)
+                progress.update(task, description=f"block {i}: replayed from checkpoint")
+            else:
+                collectors = {n: _Collector(lin, n_tokens, sample_idx, dev) for n, lin in linears.items()}
+                handles = [lin.register_forward_hook(collectors[n]) for n, lin in linears.items()]
+                reference = _run_block(layer, batches, dev)
+                for h in handles:
+                    h.remove()
+                tensors, block_widths = {}, Counter()
+                for name, lin in linears.items():
+                    given = allocation.get(name) if allocation is not None else None
+                    if allocation is not None:
+                        if given is None:
+                            raise ValueError(f"--allocation has no widths for {name}")
+                        check_allocation(given, lin.in_features // quant.group_size, quant.bits, name)
+                    col = collectors[name]
+                    qt, _info = quantize_linear(
+                        lin.weight.data.to(dev), col.h, torch.cat(col.sample).to(dev), quant, given
+                    )
+                    lin.weight.data = qt.dequantize().to(dev, lin.weight.dtype)
+                    tensors[name] = qt
+                    block_widths.update(qt.widths.tolist())
+                del collectors
+                outputs = _run_block(layer, batches, dev)
+                num = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
+                den = sum(float(r.pow(2).sum()) for r in reference)
+                rel_err = num / max(den, 1e-30)
+                writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err})
+                width_groups.update(block_widths)
+                progress.update(
+                    task,
+                    description=f"block {i}: {_widths_summary(block_widths)}  out err {rel_err:.2e}",
+                )
+            batches = [(o, kw) for o, (_h, kw) in zip(outputs, batches)]
+            layer.to("cpu")
+            progress.advance(task)
+    wall = time.perf_counter() - started
+    versions = {"slim2gguf": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    final = writer.finish({"versions": versions})
+    peak_dev = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+    return QuantizeReport(
+        path=final,
+        wall_s=wall,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_device_mib=peak_dev,
+        width_groups=width_groups,
+        resumed_from=resumed,
+    )

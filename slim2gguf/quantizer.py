@@ -1,0 +1,117 @@
+"""Per-(row, group) quantizers in the stored representation: w = f32(d) * q + f32(m).
+
+Every value the quantizer returns (codes, fp16 d and m, dequantized weights) is
+exactly what docs/FORMAT.md stores, so GPTQ's error feedback and PyTorch evaluation
+both see the packed model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .format import SCALE_VALUE_MASK
+
+SQC_POWER = 2.4
+SQC_GRID = torch.cat(
+    [torch.ones(1), 1 + 0.002 * torch.arange(1, 51), 1 - 0.002 * torch.arange(1, 51)]
+).tolist()
+SALIENT_ZSCORE = 2.0
+
+
+def storable_scale(d: torch.Tensor) -> torch.Tensor:
+    """Round a non-negative scale to fp16 and clear the bit the format uses for the width code."""
+    bits = d.clamp_min(0).to(torch.float16).view(torch.int16)
+    return (bits & SCALE_VALUE_MASK).view(torch.float16)
+
+
+@dataclass
+class GroupParams:
+    """Quantizer of one group for every row: fp16 ``d``, ``m`` [rows] and the width."""
+
+    d: torch.Tensor
+    m: torch.Tensor
+    width: int
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Nearest stored level for each weight; ``w`` is [rows] or [rows, cols]."""
+        d = self.d.float()
+        m = self.m.float()
+        if w.dim() == 2:
+            d, m = d[:, None], m[:, None]
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        q = torch.round((w - m) / safe).clamp_(0, (1 << self.width) - 1)
+        return torch.where(d > 0, q, torch.zeros_like(q))
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        d = self.d.float()
+        m = self.m.float()
+        if q.dim() == 2:
+            d, m = d[:, None], m[:, None]
+        return q * d + m
+
+
+def _asymmetric(xmin: torch.Tensor, xmax: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (d, m) of min-max asymmetric quantization with an integer zero point."""
+    maxq = (1 << width) - 1
+    d = storable_scale((xmax - xmin) / maxq)
+    df = d.float()
+    safe = torch.where(df > 0, df, torch.ones_like(df))
+    z = torch.round(-xmin / safe).clamp_(0, maxq)
+    m = (-df * z).to(torch.float16)
+    return d, m
+
+
+def fit_binary(w: torch.Tensor) -> GroupParams:
+    """1-bit group: w ≈ μ ± α per row, stored as m = μ − α, d = 2α."""
+    mu = w.mean(dim=1)
+    alpha = (w - mu[:, None]).abs().mean(dim=1)
+    return GroupParams(d=storable_scale(2 * alpha), m=(mu - alpha).to(torch.float16), width=1)
+
+
+def fit_minmax(w: torch.Tensor, width: int) -> GroupParams:
+    """Asymmetric min-max over the group (range always includes 0, as GPTQ does)."""
+    if width == 1:
+        return fit_binary(w)
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    d, m = _asymmetric(xmin, xmax, width)
+    return GroupParams(d, m, width)
+
+
+def salient_mask(salience: torch.Tensor) -> torch.Tensor:
+    """Elements whose salience has a z-score above 2 within the [rows, group] block."""
+    std = salience.std()
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(salience, dtype=torch.bool)
+    return (salience - salience.mean()) / std > SALIENT_ZSCORE
+
+
+def fit_sqc(w: torch.Tensor, width: int, salience: torch.Tensor, lam: float, chunk: int = 26) -> GroupParams:
+    """Salience-weighted quantizer calibration: per row, the shrink/stretch of min-max
+    (101-point grid) minimizing Σ weight·|Δ|^2.4, weight λ on salient elements, 1 elsewhere.
+    Grid point 1 is plain min-max, so the loss never exceeds min-max's."""
+    if width == 1:
+        return fit_binary(w)
+    weight = torch.where(salient_mask(salience), lam, 1.0).to(w.dtype)
+    xmin0 = w.min(dim=1).values.clamp(max=0)
+    xmax0 = w.max(dim=1).values.clamp(min=0)
+    best_loss = torch.full_like(xmin0, float("inf"))
+    best_d = torch.zeros_like(xmin0, dtype=torch.float16)
+    best_m = torch.zeros_like(xmin0, dtype=torch.float16)
+    grid = torch.tensor(SQC_GRID, dtype=w.dtype, device=w.device)
+    for start in range(0, grid.numel(), chunk):
+        p = grid[start : start + chunk, None]
+        d, m = _asymmetric(p * xmin0, p * xmax0, width)
+        params = GroupParams(d.flatten(), m.flatten(), width)
+        wide = w.repeat(p.shape[0], 1)
+        err = params.dequantize(params.codes(wide)) - wide
+        loss = (err.abs().pow(SQC_POWER) * weight.repeat(p.shape[0], 1)).sum(dim=1).view(p.shape[0], -1)
+        loss_min, arg = loss.min(dim=0)
+        better = loss_min < best_loss
+        rows = torch.arange(w.shape[0], device=w.device)
+        best_loss = torch.where(better, loss_min, best_loss)
+        best_d = torch.where(better, d[arg, rows], best_d)
+        best_m = torch.where(better, m[arg, rows], best_m)
+    return GroupParams(best_d, best_m, width)

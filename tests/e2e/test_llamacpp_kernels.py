@@ -1,0 +1,295 @@
+"""The patched llama.cpp's SliM kernels against slim2gguf.format, through llama-slim-dump.
+
+For every type, a synthetic GGUF (random codes, scales and offsets; balanced random width
+patterns using all three widths; odd row counts) is read back by ggml:
+
+* dequantization (the type's to_float trait, and GET_ROWS on the CPU backend) must equal
+  ``format.dequantize`` bit for bit;
+* MUL_MAT on the CPU backend (vec_dot against Q8_1 activations) must match float64
+  references: see ``_check_mul_mat`` for the two tolerances;
+* corrupted data (bad width code, non-finite scale, widths that overrun the row) must be
+  rejected by ``ggml_validate_row_data`` with a clear message, without a crash;
+* ops that would read inside a row (column views, CPY/DUP, reshapes that cut rows) must be
+  refused by the CPU backend's supports_op.
+
+The kernels run in three builds: "native" (all of this CPU's SIMD: AVX2, plus AVX512-VNNI
+where present), "avx2" (plain AVX2) and "generic" (no SIMD: the scalar kernels).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slim2gguf import format as fmt
+from slim2gguf import llamacpp
+
+pytestmark = pytest.mark.e2e
+
+# SLIM2GGUF_KERNEL_TEST_VARIANTS=native skips the two extra (ggml-only) builds
+VARIANTS = tuple(os.environ.get("SLIM2GGUF_KERNEL_TEST_VARIANTS", "native,avx2,generic").split(","))
+# (rows, groups): odd row counts; 6 groups hold all three widths, 2 groups only b-1 and b+1
+SHAPES = {"a": (7, 6), "b": (3, 2)}
+BATCHES = (1, 5)  # activation columns: 1 takes ggml's vector path, 5 its matrix chunking
+THREADS = 2
+
+
+def _x86_flags() -> set[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _skip_reason(variant: str) -> str | None:
+    flags = _x86_flags()
+    if variant == "native":
+        return None
+    if not flags:
+        return f"the {variant} build is an x86-64 variant"
+    if variant == "avx2" and not {"avx2", "fma", "f16c", "bmi2"} <= flags:
+        return "this CPU has no AVX2"
+    return None
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def dump_tool(request) -> Path:
+    reason = _skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return llamacpp.binary(llamacpp.DUMP_TOOL, cpu=request.param)
+
+
+# --- synthetic tensors ---------------------------------------------------------------------
+
+
+def _random_tensor(stype: fmt.SlimType, rows: int, n_groups: int, rng: np.random.Generator):
+    """Packed rows plus what they encode; widths balanced, all three used when n_groups >= 3."""
+    b, g = stype.bits, stype.group_size
+    n_changed = int(rng.integers(1, n_groups // 2 + 1))
+    widths = np.array([b - 1] * n_changed + [b + 1] * n_changed + [b] * (n_groups - 2 * n_changed))
+    rng.shuffle(widths)
+    codes = np.concatenate([rng.integers(0, 1 << int(w), size=(rows, g)) for w in widths], axis=1)
+    d = rng.uniform(1e-3, 0.25, size=(rows, n_groups)).astype(np.float16)
+    d = (d.view(np.uint16) & np.uint16(fmt.SCALE_VALUE_MASK)).view(np.float16)
+    m = rng.uniform(-1.0, 1.0, size=(rows, n_groups)).astype(np.float16)
+    d[0, 0] = 0.0  # a constant group
+    packed = fmt.pack(codes, d, m, widths, stype)
+    return packed, widths
+
+
+def _write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, fmt.SlimType]]) -> None:
+    import gguf
+
+    fmt.register_gguf_types()
+    writer = gguf.GGUFWriter(str(path), "slimtest")
+    for name, (packed, stype) in tensors.items():
+        writer.add_tensor(name, packed, raw_dtype=gguf.GGMLQuantizationType(stype.type_id))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, fmt.SlimType]]]:
+    rng = np.random.default_rng(20240611)
+    tensors = {}
+    for stype in fmt.SLIM_TYPES:
+        for tag, (rows, n_groups) in SHAPES.items():
+            packed, _ = _random_tensor(stype, rows, n_groups, rng)
+            tensors[f"{stype.name.lower()}.{tag}"] = (packed, stype)
+    path = tmp_path_factory.mktemp("slim") / "kernels.gguf"
+    _write_gguf(path, tensors)
+    return path, tensors
+
+
+def _run(tool: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(tool), *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{tool.name} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}")
+    return r
+
+
+TENSOR_IDS = [f"{t.name.lower()}.{tag}" for t in fmt.SLIM_TYPES for tag in SHAPES]
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+# --- dequantization --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TENSOR_IDS)
+def test_dequantize_bit_exact(dump_tool, model, name, tmp_path):
+    path, tensors = model
+    packed, stype = tensors[name]
+    cols = packed.shape[1] // stype.block_bytes * stype.group_size
+    expected = fmt.dequantize(packed, stype, cols)
+
+    out = tmp_path / "deq.f32"
+    _run(dump_tool, path, "dequant", name, out)
+    got = np.fromfile(out, dtype=np.float32).reshape(expected.shape)
+    assert _same_bits(got, expected), f"to_float differs from format.dequantize at {np.argwhere(got != expected)[:5]}"
+
+    _run(dump_tool, path, "get-rows", name, out, THREADS)
+    got = np.fromfile(out, dtype=np.float32).reshape(expected.shape)
+    assert _same_bits(got, expected[::-1]), "GET_ROWS (rows last to first) differs from format.dequantize"
+
+
+# --- mul_mat -------------------------------------------------------------------------------------
+
+
+def _q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's Q8_1 activations: per 32 values, fp16 d = amax/127 and int8 round(x/d).
+    Returns (the dequantized activations fp16(d) * q in float64, d per block in float64)."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.round(blocks * inv)  # ties: measure zero for random inputs
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    return (q * d).reshape(x.shape), np.broadcast_to(d, blocks.shape).reshape(x.shape)
+
+
+def _check_mul_mat(got: np.ndarray, x: np.ndarray, packed: np.ndarray, stype: fmt.SlimType, cols: int) -> None:
+    """got[n, r] against float64 references; x is [N, cols] float32.
+
+    1. Against W @ x (W the exactly dequantized weights): the error allowed is what Q8_1
+       activations can cause, |w| * (d_a/2 + 2^-10 |x|) per product (rounding to the int8 grid,
+       the fp16 scale), plus |m| * |sum of x over a chunk| * 2^-10 per chunk (vec_dot uses m
+       times Q8_1's fp16 sum s), plus 1e-5 of sum |w x| for float32 accumulation.
+    2. Against W @ x_q (x_q: the activations on their emulated Q8_1 grid), a much tighter check
+       that catches a single wrong code: 2^-10 * the s terms + 1e-5 of sum |w x_q| + one
+       rounding flip of one activation (max |w| * d_a) between ggml's and this emulation.
+    """
+    u = fmt.unpack(packed, stype, cols)
+    w = fmt.dequantize_codes(u.codes, u.d, u.m, stype.group_size).astype(np.float64)  # [R, cols]
+    x64 = x.astype(np.float64)
+    xq, da = _q8_1(x)
+    g = stype.group_size
+    m_cols = np.repeat(u.m.astype(np.float64), g, axis=1)  # offset of each weight's group [R, cols]
+    chunk_sum = lambda v: np.abs(v.reshape(v.shape[0], -1, 32).sum(axis=-1))  # noqa: E731  [N, chunks]
+    m_chunks = np.abs(m_cols[:, ::32])  # [R, chunks]
+    s_term = chunk_sum(xq) @ m_chunks.T * 2.0**-10  # [N, R]
+
+    err1 = np.abs(got - x64 @ w.T)
+    tol1 = (da / 2 + np.abs(x64) * 2.0**-10) @ np.abs(w).T + chunk_sum(x64) @ m_chunks.T * 2.0**-10
+    tol1 += 1e-5 * (np.abs(x64) @ np.abs(w).T) + 1e-6
+    assert np.all(err1 <= tol1), f"mul_mat vs W @ x: worst error/tolerance {np.max(err1 / tol1):.3f}"
+
+    err2 = np.abs(got - xq @ w.T)
+    tol2 = s_term + 1e-5 * (np.abs(xq) @ np.abs(w).T) + np.max(da, axis=1, keepdims=True) * np.abs(w).max(axis=1) + 1e-6
+    assert np.all(err2 <= tol2), f"mul_mat vs W @ Q8_1(x): worst error/tolerance {np.max(err2 / tol2):.3f}"
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", TENSOR_IDS)
+def test_mul_mat(dump_tool, model, name, batch, tmp_path):
+    path, tensors = model
+    packed, stype = tensors[name]
+    cols = packed.shape[1] // stype.block_bytes * stype.group_size
+    rng = np.random.default_rng(batch * 7919 + cols)
+    x = rng.standard_normal((batch, cols)).astype(np.float32)
+    x[0, :32] *= 8.0  # one block with a wider range
+    x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
+    x.tofile(x_file)
+    _run(dump_tool, path, "mul-mat", name, x_file, batch, out, THREADS)
+    got = np.fromfile(out, dtype=np.float32).reshape(batch, packed.shape[0]).astype(np.float64)
+    _check_mul_mat(got, x, packed, stype, cols)
+
+
+# --- validation and refused ops ----------------------------------------------------------------
+
+
+def _corrupt(packed: np.ndarray, stype: fmt.SlimType, how: str) -> np.ndarray:
+    bad = packed.copy()
+    row = bad.shape[0] // 2
+    if how == "width-code":  # group 1 of the middle row gets code 3
+        cols = packed.shape[1] // stype.block_bytes * stype.group_size
+        pos = fmt.group_offsets(fmt.read_widths(packed[0], stype, cols), stype.group_size)[1]
+        bad[row, pos] |= 0x01
+        bad[row, pos + 1] |= 0x80
+    elif how == "scale":  # fp16 inf scale in the first group, width code kept
+        bad[row, 1] = (bad[row, 1] & 0x80) | 0x7C
+        bad[row, 0] &= 0x01
+    elif how == "overrun":  # the row's last group gets one width more (or less): the row no longer balances
+        cols = packed.shape[1] // stype.block_bytes * stype.group_size
+        pos = int(fmt.group_offsets(fmt.read_widths(packed[0], stype, cols), stype.group_size)[-1])
+        d_bits = int(bad[row, pos]) | int(bad[row, pos + 1]) << 8
+        code = ((d_bits >> 15) << 1) | (d_bits & 1)
+        new = {0: 1, 1: 2, 2: 1}[code]
+        d_bits = (d_bits & 0x7FFE) | ((new >> 1) << 15) | (new & 1)
+        bad[row, pos], bad[row, pos + 1] = d_bits & 0xFF, d_bits >> 8
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("width-code", "invalid width code 3"),
+        ("scale", "non-finite scale"),
+        ("overrun", "the widths average"),
+    ],
+)
+@pytest.mark.parametrize("stype", [fmt.slim_type(2, 32), fmt.slim_type(3, 64), fmt.slim_type(4, 128)], ids=str)
+def test_corrupt_data_is_rejected(dump_tool, tmp_path, how, message, stype):
+    rng = np.random.default_rng(5)
+    packed, _ = _random_tensor(stype, 5, 6, rng)
+    bad = _corrupt(packed, stype, how)
+    if how != "scale":  # format.unpack does not check finiteness (yet)
+        with pytest.raises(fmt.FormatError):
+            fmt.unpack(bad, stype, 6 * stype.group_size)
+    path = tmp_path / "bad.gguf"
+    _write_gguf(path, {"bad": (bad, stype), "good": (packed, stype)})
+
+    assert _run(dump_tool, path, "validate", "good").returncode == 0
+    for args in (["validate", "bad"], ["dequant", "bad", tmp_path / "o.f32"], ["get-rows", "bad", tmp_path / "o.f32"]):
+        r = _run(dump_tool, path, *args, check=False)
+        assert r.returncode == 2, f"{args}: exit {r.returncode} (a crash is negative), stderr:\n{r.stderr}"
+        assert message in r.stderr and "row 2 is invalid" in r.stderr, r.stderr
+
+
+def test_ops_inside_rows_are_refused(dump_tool, model):
+    path, tensors = model
+    for name in ("slim2_g32.a", "slim3_g64.a", "slim4_g128.a"):
+        lines = _run(dump_tool, path, "check-ops", name).stdout.split("\n")
+        result = dict(line.split("\t") for line in lines if line)
+        assert result.pop("mul_mat") == "supported"
+        assert result.pop("get_rows") == "supported"
+        assert result.pop("mul_mat_row_view") == "supported"
+        assert result and all(v == "refused" for v in result.values()), f"{name}: {result}"
+
+
+def test_unnamed_type_ids_are_invalid(dump_tool, tmp_path):
+    """Ids between upstream's last (42) and the SliM range name no type: gguf rejects them."""
+    import gguf
+
+    path = tmp_path / "hole.gguf"
+    writer = gguf.GGUFWriter(str(path), "slimtest")
+    writer.add_tensor("t", np.zeros((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = bytearray(path.read_bytes())
+    # tensor info: name (u64 length + bytes), n_dims (u32), ne (u64 each), type (u32)
+    pos = data.index((1).to_bytes(8, "little") + b"t" + (2).to_bytes(4, "little"))
+    type_at = pos + 8 + 1 + 4 + 2 * 8
+    assert int.from_bytes(data[type_at : type_at + 4], "little") == 0
+    data[type_at : type_at + 4] = (500).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    r = _run(dump_tool, path, "list", check=False)
+    assert r.returncode != 0 and "invalid ggml type 500" in r.stderr, r.stderr
+

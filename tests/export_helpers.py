@@ -1,0 +1,128 @@
+"""Builders for the export tests: tiny random HF models and random SliM checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slim2gguf.checkpoint import CheckpointWriter
+from slim2gguf.qtensor import QuantizedTensor
+
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def random_qtensor(rows: int, cols: int, bits: int, group_size: int, gen: torch.Generator) -> QuantizedTensor:
+    """Random codes, scales and offsets under a balanced width pattern from {b-1, b, b+1}."""
+    n_groups = cols // group_size
+    n_moved = int(torch.randint(0, n_groups // 2 + 1, (), generator=gen))
+    widths = torch.full((n_groups,), bits, dtype=torch.uint8)
+    widths[:n_moved] = bits + 1
+    widths[n_moved : 2 * n_moved] = bits - 1
+    widths = widths[torch.randperm(n_groups, generator=gen)]
+    shift = (8 - widths).repeat_interleave(group_size)
+    codes = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=gen) >> shift
+    d = (torch.rand(rows, n_groups, generator=gen) * 0.05).half()
+    d = (d.view(torch.int16) & ~1).view(torch.float16)
+    m = (torch.randn(rows, n_groups, generator=gen) * 0.05).half()
+    return QuantizedTensor(codes=codes, d=d, m=m, widths=widths, group_size=group_size)
+
+
+def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """[out, in] of each decoder-block linear of a LLaMA/Qwen-style config."""
+    hidden, ffn = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config["num_key_value_heads"] * head_dim
+    return {
+        "self_attn.q_proj": (q, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, q),
+        "mlp.gate_proj": (ffn, hidden),
+        "mlp.up_proj": (ffn, hidden),
+        "mlp.down_proj": (hidden, ffn),
+    }
+
+
+def write_random_checkpoint(
+    target: Path, model_dir: Path, bits: int, group_size: int, seed: int = 0
+) -> dict[str, QuantizedTensor]:
+    """A finished checkpoint of random tensors for every block linear of the model at ``model_dir``."""
+    config = json.loads((model_dir / "config.json").read_text())
+    settings = {
+        "model_path": str(model_dir),
+        "architecture": config["architectures"][0],
+        "bits": bits,
+        "group_size": group_size,
+        "method": "random",
+    }
+    n_blocks = config["num_hidden_layers"]
+    gen = torch.Generator().manual_seed(seed)
+    writer = CheckpointWriter(target, settings, n_blocks)
+    everything: dict[str, QuantizedTensor] = {}
+    for block in range(n_blocks):
+        tensors = {
+            f"model.layers.{block}.{lin}": random_qtensor(rows, cols, bits, group_size, gen)
+            for lin, (rows, cols) in linear_shapes(config).items()
+        }
+        writer.write_block(block, tensors, {})
+        everything.update(tensors)
+    writer.finish({})
+    return everything
+
+
+def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overrides: Any) -> Path:
+    """A randomly initialized small model saved as a HF directory, with the demo model's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+    params = {
+        "architectures": [architecture],
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 49152,
+        "max_position_embeddings": 512,
+        **overrides,
+    }
+    config = AutoConfig.for_model(model_type[architecture], **params)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(target)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, target / name)
+    return target
+
+
+def write_small_gguf(path: Path) -> Path:
+    """A GGUF file with one SliM tensor and one F32 tensor and no tokenizer: quick to parse."""
+    import gguf
+
+    from slim2gguf import format as fmt
+
+    fmt.register_gguf_types()
+    qt = random_qtensor(64, 128, 3, 64, torch.Generator().manual_seed(0))
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_tensor("blk.0.ffn_up.weight", qt.pack(), raw_dtype=gguf.GGMLQuantizationType(qt.stype.type_id))
+    writer.add_tensor("output_norm.weight", torch.ones(128).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,349 @@
+"""Export: checkpoint -> GGUF through llama.cpp's converter, read back bit for bit.
+
+Every export runs llama.cpp's converter in a child process (a few seconds of imports
+each) and every GGUF with a real tokenizer takes seconds to parse, so fixtures are
+module-scoped and the files are opened once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from export_helpers import LINEARS, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
+from safetensors.torch import load_file
+
+from slim2gguf import format as fmt
+from slim2gguf.architectures import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
+from slim2gguf.checkpoint import CheckpointWriter
+from slim2gguf.demo import demo_model_dir
+from slim2gguf.export import ExportError, ExportReport, export_gguf
+from slim2gguf.inspect_gguf import GGUFFileError, dequantize_tensor, inspect_rows, open_gguf
+from slim2gguf.llamacpp import ensure_source
+from slim2gguf.qtensor import QuantizedTensor
+
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+# KVs that legitimately differ from `convert_hf_to_gguf.py --outtype f32`:
+# general.file_type names the SliM type instead of ALL_F32 (see export_gguf), and the
+# reader's pseudo-key GGUF.kv_count also counts our slim2gguf.* provenance keys.
+DIFFERING_KEYS = {"general.file_type", "GGUF.kv_count"}
+OUR_PREFIX = "slim2gguf."
+
+# family: (architecture, bits, group size, embedding type, output type, config overrides)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", 3, 64, "q8_0", "f16", {"tie_word_embeddings": False}),
+    "qwen3": ("Qwen3ForCausalLM", 2, 128, "bf16", "q8_0", {"hidden_size": 256, "tie_word_embeddings": True}),
+}
+
+
+@dataclass
+class Exported:
+    model: Path
+    reference: dict[str, QuantizedTensor]
+    report: ExportReport
+    reader: gguf.GGUFReader
+    bits: int
+    group: int
+    embed: str
+    output: str
+
+
+def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order for LLaMA: each head's two rotary halves interleaved."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def demo_dir() -> Path:
+    return demo_model_dir()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, demo_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        family: tiny_model_dir(root / family, arch, demo_dir, **overrides)
+        for family, (arch, *_, overrides) in FAMILIES.items()
+    }
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def exported(request, tmp_path_factory, tiny_models) -> Exported:
+    _, bits, group, embed, output, _ = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model = tiny_models[request.param]
+    reference = write_random_checkpoint(root / "ckpt", model, bits, group)
+    report = export_gguf(root / "ckpt", root / "out.gguf", embed, output, progress=False)
+    return Exported(model, reference, report, open_gguf(report.path), bits, group, embed, output)
+
+
+def test_roundtrip_bit_exact(exported):
+    config = json.loads((exported.model / "config.json").read_text())
+    types = {t.name: t.tensor_type for t in exported.reader.tensors}
+    stype = fmt.slim_type(exported.bits, exported.group)
+    for name, qt in exported.reference.items():
+        block, linear = name.removeprefix("model.layers.").split(".", 1)
+        gguf_name = f"blk.{block}.{GGUF_NAMES[linear]}.weight"
+        expected = qt.dequantize()
+        if config["architectures"][0] == "LlamaForCausalLM" and linear in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = config["num_attention_heads"] if linear == "self_attn.q_proj" else config["num_key_value_heads"]
+            expected = rope_permute(expected, heads)
+        assert types[gguf_name] == stype.type_id
+        got = dequantize_tensor(exported.reader, gguf_name)
+        assert np.array_equal(got.view(np.uint32), expected.numpy().view(np.uint32)), gguf_name
+
+    report = exported.report
+    assert report.slim_tensors == len(exported.reference) == config["num_hidden_layers"] * len(LINEARS)
+    assert report.slim_bpw == exported.bits + 32 / exported.group
+    assert report.file_type == stype.type_id
+    assert set(report.width_groups) <= {exported.bits - 1, exported.bits, exported.bits + 1}
+
+
+def test_standard_tensors(exported):
+    config = json.loads((exported.model / "config.json").read_text())
+    types = {t.name: t.tensor_type for t in exported.reader.tensors}
+    weights = load_file(str(exported.model / "model.safetensors"))
+    embed_type = gguf.GGMLQuantizationType[exported.embed.upper()]
+    assert types["token_embd.weight"] == embed_type
+    embedding = weights["model.embed_tokens.weight"].numpy()
+    roundtrip = gguf.quants.dequantize(gguf.quants.quantize(embedding, embed_type), embed_type)
+    assert np.array_equal(dequantize_tensor(exported.reader, "token_embd.weight"), roundtrip)
+    if config["tie_word_embeddings"]:
+        assert "output.weight" not in types
+    else:
+        assert types["output.weight"] == gguf.GGMLQuantizationType[exported.output.upper()]
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert np.array_equal(dequantize_tensor(exported.reader, "output_norm.weight"), weights["model.norm.weight"].numpy())
+
+
+def test_file_size_is_the_promised_budget(exported):
+    reader, report = exported.reader, exported.report
+    stype = fmt.slim_type(exported.bits, exported.group)
+    slim_bytes = 0
+    for tensor in reader.tensors:
+        if fmt.type_from_id(tensor.tensor_type) is not None:
+            cols, rows = (int(n) for n in tensor.shape)
+            assert tensor.n_bytes == rows * (cols // exported.group) * stype.block_bytes
+            slim_bytes += tensor.n_bytes
+    promised = sum(q.shape[0] * (q.shape[1] // exported.group) * stype.block_bytes for q in exported.reference.values())
+    assert slim_bytes == report.slim_bytes == promised
+    assert sum(t.n_bytes for t in reader.tensors) == report.total_bytes
+    assert sum(int(t.n_elements) for t in reader.tensors) == report.total_params
+    end = reader.data_offset
+    for tensor in sorted(reader.tensors, key=lambda t: t.data_offset):
+        assert tensor.data_offset == end
+        end += -(-tensor.n_bytes // reader.alignment) * reader.alignment
+    assert end == report.path.stat().st_size
+
+
+def test_inspect_rows_reports_types_and_widths(exported):
+    rows = inspect_rows(exported.reader)
+    assert [row["name"] for row in rows] == [t.name for t in exported.reader.tensors]
+    slim = [row for row in rows if row["widths"] is not None]
+    assert len(slim) == len(exported.reference)
+    stype = fmt.slim_type(exported.bits, exported.group)
+    assert all(row["type"] == stype.name and row["bpw"] == stype.bits_per_weight for row in slim)
+    totals: dict[int, int] = {}
+    for row in slim:
+        for width, n in row["widths"].items():
+            totals[width] = totals.get(width, 0) + n
+    assert totals == exported.report.width_groups
+
+
+@pytest.fixture(scope="module")
+def demo_readers(tmp_path_factory, demo_dir) -> tuple[gguf.GGUFReader, gguf.GGUFReader]:
+    """Our export of a random 3-bit checkpoint for the demo model, and the converter's own f32 file."""
+    root = tmp_path_factory.mktemp("demo")
+    upstream = root / "upstream.gguf"
+    script = ensure_source() / "convert_hf_to_gguf.py"
+    cmd = [sys.executable, str(script), str(demo_dir), "--outtype", "f32", "--outfile", str(upstream)]
+    converter = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # runs beside our export
+    write_random_checkpoint(root / "ckpt", demo_dir, 3, 64)
+    ours = export_gguf(root / "ckpt", root / "slim.gguf", progress=False).path
+    _, stderr = converter.communicate()
+    assert converter.returncode == 0, stderr.decode()[-2000:]
+    return open_gguf(ours), open_gguf(upstream)
+
+
+def _raw_fields(reader: gguf.GGUFReader) -> dict[str, bytes]:
+    """Each key's value as stored (comparing bytes is much faster than decoding 49152 tokens)."""
+    return {key: b"".join(part.tobytes() for part in field.parts) for key, field in reader.fields.items()}
+
+
+def test_metadata_and_tokenizer_match_upstream(demo_readers):
+    ours, upstream = demo_readers
+    mine = {k: v for k, v in _raw_fields(ours).items() if not k.startswith(OUR_PREFIX)}
+    theirs = _raw_fields(upstream)
+    assert list(mine) == list(theirs)  # same keys, same order
+    assert {k for k in mine if mine[k] != theirs[k]} == DIFFERING_KEYS
+    assert ours.fields["general.file_type"].contents() == fmt.slim_type(3, 64).type_id
+    assert upstream.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+    assert {k: f.contents() for k, f in ours.fields.items() if k.startswith(OUR_PREFIX)} == {
+        "slim2gguf.version": __import__("slim2gguf").__version__,
+        "slim2gguf.method": "random",
+        "slim2gguf.bits": 3,
+        "slim2gguf.group_size": 64,
+    }
+    assert len(upstream.fields["tokenizer.ggml.tokens"].data) == 49152
+
+
+def test_tensors_match_upstream(demo_readers):
+    ours, upstream = demo_readers
+    assert [(t.name, t.shape.tolist()) for t in ours.tensors] == [(t.name, t.shape.tolist()) for t in upstream.tensors]
+    stype = fmt.slim_type(3, 64)
+    for mine, theirs in zip(ours.tensors, upstream.tensors):
+        if mine.name.endswith("norm.weight"):
+            assert mine.tensor_type == gguf.GGMLQuantizationType.F32
+            assert np.array_equal(mine.data, theirs.data)
+        elif mine.name == "token_embd.weight":
+            assert mine.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        else:
+            assert fmt.type_from_id(mine.tensor_type) == stype, mine.name
+            assert mine.n_bytes == int(mine.shape[1]) * stype.row_bytes(int(mine.shape[0]))
+    assert sum(fmt.type_from_id(t.tensor_type) is not None for t in ours.tensors) == 30 * len(LINEARS)
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory) -> Path:
+    return write_small_gguf(tmp_path_factory.mktemp("small") / "small.gguf")
+
+
+def test_small_gguf_reads(small_gguf):
+    rows = inspect_rows(small_gguf)
+    assert [(r["name"], r["type"], r["shape"]) for r in rows] == [
+        ("blk.0.ffn_up.weight", "SLIM3_G64", (64, 128)),
+        ("output_norm.weight", "F32", (128,)),
+    ]
+    assert dequantize_tensor(small_gguf, "blk.0.ffn_up.weight").shape == (64, 128)
+    with pytest.raises(KeyError, match="nope"):
+        dequantize_tensor(small_gguf, "nope")
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "bad_magic", "header_cut", "data_cut", "missing", "folder"])
+def test_inspect_rejects_broken_files(small_gguf, tmp_path, damage):
+    data = small_gguf.read_bytes()
+    broken = tmp_path / "broken.gguf"
+    content = {
+        "empty": b"",
+        "garbage": np.random.default_rng(0).bytes(4096),
+        "bad_magic": b"GGUX" + data[4:],
+        "header_cut": data[:100],
+        "data_cut": data[:-100],
+    }
+    if damage == "folder":
+        broken.mkdir()
+    elif damage != "missing":
+        broken.write_bytes(content[damage])
+    with pytest.raises(GGUFFileError) as err:
+        inspect_rows(broken)
+    message = str(err.value)
+    assert "\n" not in message and str(broken) in message
+
+
+def test_inspect_rejects_bad_width_code(small_gguf, tmp_path):
+    reader = open_gguf(small_gguf)
+    tensor = next(t for t in reader.tensors if fmt.type_from_id(t.tensor_type) is not None)
+    data = bytearray(small_gguf.read_bytes())
+    data[tensor.data_offset] |= 0x01  # d_bits bit 0 and bit 15 set: width code 3
+    data[tensor.data_offset + 1] |= 0x80
+    broken = tmp_path / "bad_code.gguf"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(GGUFFileError, match="invalid width code"):
+        inspect_rows(broken)
+
+
+@pytest.mark.parametrize(
+    "transform, accepted",
+    [
+        (lambda p: p, True),
+        (lambda p: rope_permute(p, 4), True),
+        (lambda p: p.flip(0), True),
+        (lambda p: p.flip(1), False),  # columns reordered
+        (lambda p: p.T.reshape(p.shape), False),  # reshaped
+        (lambda p: p[[0] * p.shape[0]], False),  # a row repeated
+        (lambda p: p.float(), False),  # converted
+        (lambda p: p[:, :8], False),  # cut
+    ],
+)
+def test_row_mapping_accepts_only_row_permutations(transform, accepted):
+    from slim2gguf.export_child import _probe_dtype, _row_source
+
+    shape = (16, 12)
+    probe = torch.arange(16 * 12, dtype=_probe_dtype(shape)).reshape(shape)
+    out = transform(probe)
+    if accepted:
+        rows = _row_source(out, "w", shape)
+        assert torch.equal(probe[torch.from_numpy(rows)], out)
+    else:
+        with pytest.raises(ExportError, match="converter"):
+            _row_source(out, "w", shape)
+
+
+def _one_tensor_checkpoint(target: Path, model_dir: Path, architecture: str) -> Path:
+    settings = {"model_path": str(model_dir), "architecture": architecture, "bits": 3, "group_size": 64, "method": "random"}
+    writer = CheckpointWriter(target, settings, 1)
+    gen = torch.Generator().manual_seed(0)
+    writer.write_block(0, {"model.layers.0.mlp.up_proj": random_qtensor(64, 128, 3, 64, gen)}, {})
+    return writer.finish({})
+
+
+def test_unsupported_architecture(tmp_path, demo_dir):
+    ckpt = _one_tensor_checkpoint(tmp_path / "ckpt", demo_dir, "GPT2LMHeadModel")
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        export_gguf(ckpt, tmp_path / "out.gguf")
+    assert "GPT2LMHeadModel" in str(err.value)
+    assert all(arch in str(err.value) for arch in SUPPORTED_ARCHITECTURES)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_bad_standard_type(tmp_path, demo_dir):
+    ckpt = _one_tensor_checkpoint(tmp_path / "ckpt", demo_dir, "LlamaForCausalLM")
+    with pytest.raises(ExportError, match="q4_0"):
+        export_gguf(ckpt, tmp_path / "out.gguf", embed_type="q4_0")
+
+
+def test_failure_mid_write_leaves_nothing(tiny_models, tmp_path):
+    """A float model whose weight data is cut short fails while the tensors are written."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for item in tiny_models["llama"].iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    write_random_checkpoint(tmp_path / "ckpt", broken, 3, 64)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ExportError, match="converter failed: ValueError"):
+        export_gguf(tmp_path / "ckpt", out_dir / "x.gguf", progress=False)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_interrupt_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    write_random_checkpoint(tmp_path / "ckpt", tiny_models["llama"], 3, 64)
+
+    def interrupted(job: dict, src: Path) -> dict:
+        Path(job["out"]).write_bytes(b"GGUF partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("slim2gguf.export._run_child", interrupted)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(tmp_path / "ckpt", out_dir / "x.gguf")
+    assert list(out_dir.iterdir()) == []

@@ -1,0 +1,165 @@
+"""Sequential quantization of a tiny random LLaMA: determinism, resume, allocation reuse,
+evaluation of the stored values, and the documented errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from slim2gguf import checkpoint as ckpt_mod
+from slim2gguf.checkpoint import Checkpoint, CheckpointError
+from slim2gguf.methods import QuantSettings
+from slim2gguf.models import ModelError, load_model, load_tokenizer, set_linear_weights
+from slim2gguf.perplexity import perplexity
+from slim2gguf.pipeline import CalibSettings, load_allocation, quantize_model
+
+SLIM = QuantSettings("slim", 2, 32, sba_tokens=256)
+
+
+def calib(text: Path) -> CalibSettings:
+    return CalibSettings(str(text), nsamples=8, seqlen=64, seed=3)
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def slim_ckpt(tiny_model, tiny_text, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ck") / "slim"
+    quantize_model(str(tiny_model), out, SLIM, calib(tiny_text))
+    return out
+
+
+def test_checkpoint_is_complete_and_self_describing(slim_ckpt):
+    ck = Checkpoint(slim_ckpt)
+    s = ck.settings
+    assert (s["method"], s["bits"], s["group_size"]) == ("slim", 2, 32)
+    assert s["calibration"]["nsamples"] == 8
+    tensors = dict(ck.tensors())
+    assert len(tensors) == 2 * 7
+    for name, qt in tensors.items():
+        assert qt.bits == 2 and set(qt.widths.tolist()) <= {1, 2, 3}
+        assert ck.manifest["tensors"][name]["widths"] == qt.widths.tolist()
+    assert "versions" in ck.manifest and len(ck.manifest["blocks"]) == 2
+
+
+def test_same_seed_gives_identical_checkpoint(slim_ckpt, tiny_model, tiny_text, tmp_path):
+    again = tmp_path / "again"
+    quantize_model(str(tiny_model), again, SLIM, calib(tiny_text))
+    assert files_of(again) == files_of(slim_ckpt)
+
+
+def test_resume_after_interruption_matches_uninterrupted(slim_ckpt, tiny_model, tiny_text, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    original = ckpt_mod.CheckpointWriter.write_block
+
+    def write_then_stop(self, index, tensors, info):
+        original(self, index, tensors, info)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.CheckpointWriter, "write_block", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(str(tiny_model), out, SLIM, calib(tiny_text))
+    assert not out.exists() and (tmp_path / "resumed.partial").exists()
+    monkeypatch.setattr(ckpt_mod.CheckpointWriter, "write_block", original)
+    report = quantize_model(str(tiny_model), out, SLIM, calib(tiny_text))
+    assert report.resumed_from == 1
+    assert files_of(out) == files_of(slim_ckpt)
+
+
+def test_resume_refuses_other_settings(tiny_model, tiny_text, tmp_path):
+    partial = tmp_path / "x.partial"
+    ckpt_mod.CheckpointWriter(tmp_path / "x", {"method": "gptq"}, 2)
+    assert partial.exists()
+    with pytest.raises(CheckpointError, match="other settings"):
+        quantize_model(str(tiny_model), tmp_path / "x", SLIM, calib(tiny_text))
+
+
+def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):
+    alloc = load_allocation(slim_ckpt / "manifest.json")
+    out = tmp_path / "reused"
+    quantize_model(str(tiny_model), out, SLIM, CalibSettings(str(tiny_text), 8, 64, seed=99), allocation=alloc)
+    assert Checkpoint(out).allocation() == Checkpoint(slim_ckpt).allocation()
+    bad = dict(alloc)
+    name = next(iter(bad))
+    bad[name] = [3] * len(bad[name])
+    with pytest.raises(ValueError, match="average"):
+        quantize_model(str(tiny_model), tmp_path / "bad", SLIM, calib(tiny_text), allocation=bad)
+
+
+def test_eval_uses_stored_values(slim_ckpt, tiny_model, tiny_text):
+    model = load_model(tiny_model)
+    tok = load_tokenizer(tiny_model)
+    text = tiny_text.read_text()
+    base = perplexity(model, tok, text, ctx=64, chunks=4)
+    set_linear_weights(model, {n: qt.dequantize() for n, qt in Checkpoint(slim_ckpt).tensors()})
+    quant = perplexity(model, tok, text, ctx=64, chunks=4)
+    assert base.tokens_scored == quant.tokens_scored == 4 * 31
+    assert quant.ppl != base.ppl
+    layer = model.model.layers[1].mlp.down_proj.weight
+    stored = dict(Checkpoint(slim_ckpt).tensors())["model.layers.1.mlp.down_proj"].dequantize()
+    assert torch.equal(layer, stored)
+
+
+def test_full_method_scores_every_position(tiny_model, tiny_text):
+    model = load_model(tiny_model)
+    res = perplexity(model, load_tokenizer(tiny_model), tiny_text.read_text(), ctx=64, chunks=2, method="full")
+    assert res.tokens_scored == 2 * 63
+
+
+def test_missing_model_dir(tmp_path, tiny_text):
+    with pytest.raises(ModelError, match="no model directory"):
+        quantize_model(str(tmp_path / "nope"), tmp_path / "o", SLIM, calib(tiny_text))
+
+
+def test_unknown_architecture(tiny_model, tiny_text, tmp_path):
+    other = tmp_path / "gpt"
+    shutil.copytree(tiny_model, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="not supported; supported: LlamaForCausalLM"):
+        quantize_model(str(other), tmp_path / "o", SLIM, calib(tiny_text))
+
+
+def test_non_dividing_shape(tiny_text, tmp_path):
+    from conftest import make_tiny_model
+
+    odd = make_tiny_model(tmp_path / "odd", hidden=96, layers=1)
+    with pytest.raises(ValueError, match="use --group-size 32"):
+        quantize_model(str(odd), tmp_path / "o", QuantSettings("gptq", 3, 64), calib(tiny_text))
+
+
+def test_corrupt_manifest(slim_ckpt, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(slim_ckpt, broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Checkpoint(broken)
+    (broken / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CheckpointError, match="not a slim2gguf-checkpoint"):
+        Checkpoint(broken)
+
+
+def test_truncated_block_file(slim_ckpt, tmp_path):
+    broken = tmp_path / "trunc"
+    shutil.copytree(slim_ckpt, broken)
+    block = broken / "blocks" / "block_0001.safetensors"
+    block.write_bytes(block.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="missing or corrupt"):
+        dict(Checkpoint(broken).tensors())
+
+
+def test_self_generated_calibration_is_deterministic(tiny_model):
+    from slim2gguf.calib import self_generated
+
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    a = self_generated(model, tok, nsamples=3, seqlen=16, seed=5)
+    b = self_generated(model, tok, nsamples=3, seqlen=16, seed=5)
+    assert a.shape == (3, 16) and torch.equal(a, b)

@@ -1,0 +1,149 @@
+"""Quantizer core on small matrices: RTN, GPTQ, SQC, 1-bit groups, stored-value exactness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slim2gguf import format as fmt
+from slim2gguf.allocation import allocation_for, group_salience, search_allocation
+from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper
+from slim2gguf.methods import QuantSettings, quantize_linear
+from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, salient_mask, storable_scale
+
+
+def layer_problem(seed: int, out: int = 96, inp: int = 256, tokens: int = 1024, outliers: bool = False):
+    """Correlated inputs with uneven column scales; optionally planted outlier columns."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=gen) / inp**0.5 + torch.eye(inp)
+    x = torch.randn(tokens, inp, generator=gen) @ mix * (0.5 + torch.rand(inp, generator=gen))
+    w = torch.randn(out, inp, generator=gen) * 0.02
+    if outliers:
+        w[:, 64:96] *= 8
+        x[:, 64:96] *= 3
+    return w, x
+
+
+def output_error(w: torch.Tensor, x: torch.Tensor, qt) -> float:
+    ref = x @ w.T
+    return float((x @ qt.dequantize().T - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    return 2 / x.shape[0] * x.T @ x
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_at_equal_bits(bits):
+    w, x = layer_problem(bits)
+    rtn, _ = quantize_linear(w, None, None, QuantSettings("rtn", bits, 32))
+    gptq, _ = quantize_linear(w, hessian(x), x, QuantSettings("gptq", bits, 32))
+    assert output_error(w, x, gptq) < 0.9 * output_error(w, x, rtn)
+
+
+def test_slim_beats_gptq_at_two_bits_with_outlier_columns():
+    w, x = layer_problem(7, outliers=True)
+    gptq, _ = quantize_linear(w, hessian(x), x, QuantSettings("gptq", 2, 32))
+    slim, info = quantize_linear(w, hessian(x), x[:512], QuantSettings("slim", 2, 32))
+    assert info["i"] > 0
+    assert output_error(w, x, slim) < 0.8 * output_error(w, x, gptq)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "slim"])
+def test_stored_values_reproduce_quantizer_output(method):
+    """dequant(packed bytes) == the weights the quantizer produced, bit for bit."""
+    w, x = layer_problem(3)
+    qt, _ = quantize_linear(w, hessian(x), x[:256], QuantSettings(method, 2, 64))
+    from_file = fmt.dequantize(qt.pack(), qt.stype, w.shape[1])
+    assert from_file.tobytes() == qt.dequantize().numpy().tobytes()
+
+
+def test_storable_scale_clears_code_bit_and_sign():
+    d = storable_scale(torch.tensor([0.3, 1e-3, 0.0, 7.0]))
+    bits = d.view(torch.int16)
+    assert int((bits & 1).sum()) == 0 and bool((bits >= 0).all())
+    assert torch.allclose(d.float(), torch.tensor([0.3, 1e-3, 0.0, 7.0]), rtol=2e-3)
+
+
+def test_binary_group_keeps_mean_and_levels():
+    w = torch.randn(16, 64) + 3.0
+    p = fit_binary(w)
+    levels = p.dequantize(p.codes(w))
+    lo, hi = p.m.float(), p.m.float() + p.d.float()
+    assert torch.all((levels == lo[:, None]) | (levels == hi[:, None]))
+    mu = w.mean(1)
+    assert torch.allclose((lo + hi) / 2, mu, atol=1e-2)
+
+
+def test_all_zero_group_is_exact():
+    w = torch.zeros(4, 32)
+    p = fit_minmax(w, 3)
+    assert torch.equal(p.dequantize(p.codes(w)), w)
+
+
+def sqc_loss(w, params, weight):
+    err = params.dequantize(params.codes(w)) - w
+    return (err.abs().pow(2.4) * weight).sum(1)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 5])
+def test_sqc_never_worse_than_minmax(width):
+    gen = torch.Generator().manual_seed(width)
+    w = torch.randn(64, 128, generator=gen) * torch.linspace(0.1, 2, 128)
+    salience = w.pow(2) * torch.rand(128, generator=gen)
+    weight = torch.where(salient_mask(salience), 4.0, 1.0)
+    sqc = fit_sqc(w, width, salience, lam=4.0)
+    base = fit_minmax(w, width)
+    assert torch.all(sqc_loss(w, sqc, weight) <= sqc_loss(w, base, weight))
+    assert torch.any(sqc_loss(w, sqc, weight) < sqc_loss(w, base, weight))
+
+
+def test_sqc_grid_is_the_specified_101_points():
+    assert len(SQC_GRID) == 101 and SQC_GRID[0] == 1.0
+    assert min(SQC_GRID) == pytest.approx(0.9) and max(SQC_GRID) == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_balanced_with_exact_average(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_groups = int(torch.randint(2, 20, (1,), generator=gen))
+    order = torch.randperm(n_groups, generator=gen)
+    for bits in (2, 3, 4):
+        for i in range(n_groups // 2):
+            widths = allocation_for(order, i, bits)
+            assert sum(widths) == bits * n_groups
+            assert widths.count(bits - 1) == widths.count(bits + 1) == i
+
+
+def test_sba_raises_planted_salient_block():
+    w, x = layer_problem(11, outliers=True)
+    h, w = damped_hessian(hessian(x), w, 0.01)
+    upper = inverse_cholesky_upper(h)
+    sal = group_salience(w, upper, 32)
+    assert int(sal.argmax()) == 2
+    widths, info = search_allocation(w, upper, x[:512], 2, 32)
+    assert widths[2] == 3 and info["kl"] <= info["kl_uniform"]
+
+
+def test_dead_columns_are_zeroed():
+    w, x = layer_problem(5)
+    x[:, 10] = 0
+    qt, _ = quantize_linear(w, hessian(x), x, QuantSettings("gptq", 3, 32))
+    deq = qt.dequantize()[:, 10]
+    assert float(deq.abs().max()) <= float(qt.d.float()[:, 0].max()) / 2 + 1e-6
+
+
+def test_not_positive_definite_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="--damp"):
+        inverse_cholesky_upper(-torch.eye(4))
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(fmt.FormatError):
+        QuantSettings("slim", 5, 64)
+    with pytest.raises(fmt.FormatError):
+        QuantSettings("slim", 3, 48)
+    with pytest.raises(ValueError, match="method"):
+        QuantSettings("awq", 3, 64)
+    assert np.isclose(fmt.slim_type(3, 64).bits_per_weight, 3.5)

@@ -37,7 +37,7 @@ def _summary_table(report, title: str) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     for width in sorted(report.width_groups):
-        table.add_row(f"groups at {width} bits", str(report.width_groups[width]))
+        table.add_row(f"column groups at {width} bits", str(report.width_groups[width]))
     table.add_row("wall time", f"{report.wall_s:.1f} s")
     table.add_row("peak host memory", f"{report.peak_rss_mib:.0f} MiB")
     if report.peak_device_mib is not None:
@@ -119,3 +119,69 @@ def eval_cmd(
         _fail(str(err))
     typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}, method {method})")
 
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A GGUF file.")) -> None:
+    """Per-tensor type, shape, width histogram and bits per weight of a GGUF file."""
+    from .inspect_gguf import GGUFFileError, print_inspect
+
+    try:
+        print_inspect(path, Console())
+    except GGUFFileError as err:
+        _fail(str(err))
+
+
+def _default_checkpoint(out: Path) -> Path:
+    """Resume state for ``convert``: in the cache, keyed on the output path."""
+    import hashlib
+
+    from .paths import cache_dir
+
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "checkpoints" / f"{out.stem}-{key}"
+
+
+@app.command()
+def convert(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "-o", "--out", help="GGUF file to write."),
+    bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
+    nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
+    damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
+    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION,
+    embed_type: str = typer.Option("q8_0", "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0."),
+    output_type: str = typer.Option("q8_0", "--output-type", help="Untied LM head type: f32, f16, bf16, q8_0."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
+) -> None:
+    """Quantize a Hugging Face model and write one GGUF file for patched llama.cpp."""
+    import shutil
+
+    from .export import ExportError, export_gguf
+
+    if out.is_dir():
+        _fail(f"{out} is a directory")
+    if not out.parent.is_dir():
+        _fail(f"cannot write {out}: directory {out.parent} does not exist")
+    try:
+        probe = out.parent / f".{out.name}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        _fail(f"cannot write {out}: {err.strerror}")
+    ckpt_dir = checkpoint or _default_checkpoint(out)
+    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation)
+    try:
+        exported = export_gguf(report.path, out, embed_type, output_type)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: no output written; the checkpoint in {report.path} is complete, rerun to export")
+        raise typer.Exit(130)
+    except ExportError as err:
+        _fail(str(err))
+    if checkpoint is None:
+        shutil.rmtree(report.path, ignore_errors=True)
+    table = _summary_table(report, f"{out}")
+    table.add_row("SliM tensors bpw", f"{exported.slim_bpw:.3f}")
+    table.add_row("whole file bpw", f"{exported.file_bpw:.3f}")
+    table.add_row("file size", f"{out.stat().st_size / 2**20:.1f} MiB")
+    console.print(table)

@@ -63,7 +63,7 @@ class ExportReport:
         return 8 * self.total_bytes / self.total_params
 
 
-def check_standard_type(choice: str, what: str) -> str:
+def _check_standard_type(choice: str, what: str) -> str:
     if choice.lower() not in STANDARD_TYPES:
         raise ExportError(f"{what} type must be one of {', '.join(STANDARD_TYPES)}, got {choice!r}")
     return choice.lower()
@@ -120,8 +120,8 @@ def export_gguf(
     model_family(settings["architecture"])
     job = {
         "checkpoint": str(ckpt.directory.resolve()),
-        "embed_type": check_standard_type(embed_type, "embedding"),
-        "output_type": check_standard_type(output_type, "output"),
+        "embed_type": _check_standard_type(embed_type, "embedding"),
+        "output_type": _check_standard_type(output_type, "output"),
         "progress": progress,
     }
     model_dir = Path(settings["model_path"])
@@ -136,3 +136,14 @@ def export_gguf(
     report = answer["report"]
     report["width_groups"] = {int(k): v for k, v in report["width_groups"].items()}
     return ExportReport(path=out_path, **report)
+
+
+def converter_mapping(model_dir: str | os.PathLike, linears: dict[str, tuple[int, int]]) -> dict[str, dict[str, Any]]:
+    """GGUF tensor name -> ``{"module", "rows"}`` for the float model's ``linears`` (module -> shape).
+
+    The export's own probe, run alone: ``rows`` is the input row of each GGUF row
+    (None: unchanged order), so a reader can undo what export_gguf did to packed rows.
+    """
+    src = ensure_source()
+    job = {"kind": "mapping", "model_dir": str(Path(model_dir).resolve()), "linears": linears, "src": str(src)}
+    return _run_child(job, src)["mapping"]

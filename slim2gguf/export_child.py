@@ -13,7 +13,10 @@ a subclass of its model class intercepts the tensor stream in three places:
 * ``tensor_force_quant``: token embedding and LM head get the requested type.
 * ``set_gguf_parameters``: ``general.file_type`` and the ``slim2gguf.*`` keys.
 
-The last stdout line is a JSON answer: ``{"report", "notes"}`` or ``{"error"}``.
+A job of kind ``mapping`` (slim2gguf.export.converter_mapping) runs only the probe,
+to tell readers of a file which linear each SliM tensor holds and in which row order.
+
+The last stdout line is a JSON answer: ``{"report", "notes"}``, ``{"mapping"}`` or ``{"error"}``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from . import format as fmt
-from .architectures import UnsupportedArchitectureError
+from .architectures import UnsupportedArchitectureError, model_family
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
 
@@ -87,6 +90,23 @@ def _row_source(probe_out: Any, name: str, shape: tuple[int, int]) -> np.ndarray
     return src.numpy()
 
 
+def probe_rows(
+    modify: Callable[[torch.Tensor, str, int | None], Iterable[tuple[str, Any]]],
+    name: str,
+    bid: int | None,
+    shape: tuple[int, int],
+) -> tuple[str, np.ndarray]:
+    """GGUF name and input row of each output row of weight ``name``, from what the
+    converter's ``modify_tensors`` makes of an index probe of its shape."""
+    rows, cols = shape
+    probe = torch.arange(rows * cols, dtype=_probe_dtype(shape)).reshape(rows, cols)
+    out = list(modify(probe, name, bid))
+    if len(out) != 1:
+        raise ExportError(f"llama.cpp's converter turns {name} into {len(out)} tensors; SliM export needs exactly one")
+    new_name, probe_out = out[0]
+    return new_name, _row_source(probe_out, name, shape)
+
+
 def _slim_model_class(base: type) -> type:
     """The converter's model class for this architecture, with SliM tensors spliced in."""
 
@@ -129,16 +149,8 @@ def _slim_model_class(base: type) -> type:
                 raise ExportError(
                     f"{name} is {tuple(data_torch.shape)} in the model but {entry.shape} in the checkpoint"
                 )
-            rows, cols = entry.shape
-            probe = torch.arange(rows * cols, dtype=_probe_dtype(entry.shape)).reshape(rows, cols)
-            out = list(super().modify_tensors(probe, name, bid))
-            if len(out) != 1:
-                raise ExportError(
-                    f"llama.cpp's converter turns {name} into {len(out)} tensors; SliM export needs exactly one"
-                )
-            new_name, probe_out = out[0]
-            rows_out = entry.rows[_row_source(probe_out, name, entry.shape)]
-            self.gguf_writer.add_tensor(new_name, rows_out, raw_dtype=QT(entry.stype.type_id))
+            new_name, source = probe_rows(super().modify_tensors, name, bid, entry.shape)
+            self.gguf_writer.add_tensor(new_name, entry.rows[source], raw_dtype=QT(entry.stype.type_id))
             return []
 
         def tensor_force_quant(self, name: str, new_name: str, bid: int | None, n_dims: int) -> Any:
@@ -255,9 +267,44 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     return {"report": report, "notes": model.notes}
 
 
+# --- mapping job: where each linear of a float model lands in a GGUF file ----------------
+
+
+def linear_mapping(job: dict[str, Any]) -> dict[str, Any]:
+    """GGUF name -> {"module", "rows"} for each linear in ``job["linears"]`` (module -> [rows, cols]).
+
+    Runs the same probe as an export, so readers of a file undo exactly the row
+    permutation the export applied. ``rows`` is the input row of each GGUF row, or
+    None where the converter keeps the order. Linears the converter drops are left out.
+    """
+    model_dir = Path(job["model_dir"])
+    conversion = load_converter(Path(job["src"]))
+    hparams = conversion.ModelBase.load_hparams(model_dir, False)
+    architecture = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+    model_family(architecture)
+    model_class = conversion.get_model_class(architecture)
+    mapping: dict[str, Any] = {}
+    with torch.inference_mode():
+        model = model_class(model_dir, gguf.LlamaFileType.ALL_F32, model_dir)  # the path only names a file
+        for module, shape in job["linears"].items():
+            item = model_class.filter_tensors((module + ".weight", lambda: None))
+            if item is None:
+                continue
+            name = item[0]
+            bid = next((int(part) for part in name.split(".") if part.isdecimal()), None)  # as prepare_tensors
+            gguf_name, source = probe_rows(model.modify_tensors, name, bid, tuple(shape))
+            identity = np.array_equal(source, np.arange(len(source)))
+            mapping[gguf_name] = {"module": module, "rows": None if identity else source.tolist()}
+    return {"mapping": mapping}
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"convert": convert, "mapping": linear_mapping}
+
+
 def main() -> None:
     try:
-        answer = convert(json.loads(sys.argv[1]))
+        job = json.loads(sys.argv[1])
+        answer = JOBS[job.get("kind", "convert")](job)
     except (ExportError, CheckpointError, fmt.FormatError, UnsupportedArchitectureError) as err:
         answer = {"error": str(err)}
     except Exception as err:  # the converter's own failure: keep its traceback for a bug report

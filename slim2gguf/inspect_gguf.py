@@ -43,7 +43,8 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as err:
-        raise GGUFFileError(f"{path} ({size} bytes) is not a valid GGUF file or is truncated: {_one_line(err)}") from err
+        reason = _one_line(err)
+        raise GGUFFileError(f"{path} ({size} bytes) is not a valid GGUF file or is truncated: {reason}") from err
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size:
             raise GGUFFileError(f"{path} is truncated: tensor {tensor.name} ends past its {size} bytes")
@@ -96,6 +97,12 @@ def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[di
     return rows
 
 
+def _totals(label: str, rows: list[dict[str, Any]]) -> str:
+    params = sum(r["params"] for r in rows)
+    size = sum(r["bytes"] for r in rows)
+    return f"{len(rows)} {label}: {params:,} parameters, {size:,} bytes of data, {8 * size / params:.3f} bpw"
+
+
 def print_inspect(path: str | os.PathLike, console: Console | None = None) -> None:
     """A table of the file's tensors, the keys that say what it is, and totals."""
     console = console or Console()
@@ -107,8 +114,8 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
             console.print(f"{key} = {value}" + (f" ({stype.name})" if stype else ""))
     rows = inspect_rows(reader)
     table = Table(title=str(path))
-    for column, justify in (("tensor", "left"), ("type", "left"), ("shape", "right"), ("bpw", "right"), ("widths", "left")):
-        table.add_column(column, justify=justify)
+    for column in ("tensor", "type", "shape", "bpw", "widths"):
+        table.add_column(column, justify="right" if column in ("shape", "bpw") else "left")
     for row in rows:
         widths = row["widths"]
         share = ""
@@ -117,17 +124,10 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
             share = " ".join(f"{w}b:{100 * n / total:.0f}%" for w, n in widths.items())
         table.add_row(row["name"], row["type"], " x ".join(map(str, row["shape"])), f"{row['bpw']:.3f}", share)
     console.print(table)
+    console.print(_totals("tensors", rows))
     slim = [r for r in rows if r["widths"] is not None]
-    params = sum(r["params"] for r in rows)
-    size = sum(r["bytes"] for r in rows)
-    console.print(f"{len(rows)} tensors, {params:,} parameters, {size:,} bytes of tensor data: {8 * size / params:.3f} bpw")
     if slim:
-        slim_params = sum(r["params"] for r in slim)
-        slim_size = sum(r["bytes"] for r in slim)
-        console.print(
-            f"{len(slim)} SliM tensors, {slim_params:,} parameters, {slim_size:,} bytes: "
-            f"{8 * slim_size / slim_params:.3f} bpw"
-        )
+        console.print(_totals("SliM tensors", slim))
 
 
 def dequantize_tensor(path_or_reader: str | os.PathLike | gguf.GGUFReader, name: str) -> np.ndarray:

@@ -26,7 +26,9 @@ from torch import nn
 from . import __version__
 from .calib import calibration_windows
 from .checkpoint import CheckpointWriter
+from .gptq import few_threads
 from .methods import QuantSettings, check_allocation, quantize_linear
+from .qtensor import QuantizedTensor
 from .models import architecture_of, block_linears, decoder_layers, load_model, load_tokenizer, resolve_model
 
 BATCH = 8
@@ -148,6 +150,46 @@ def _widths_summary(widths: Counter) -> str:
     return " ".join(f"{k}b:{widths[k]}" for k in sorted(widths))
 
 
+def _quantize_block(
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    batches: list[tuple[torch.Tensor, dict]],
+    quant: QuantSettings,
+    allocation: dict[str, list[int]] | None,
+    sampling: tuple[int, torch.Tensor],
+    dev: torch.device,
+) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor], float | None]:
+    """Quantize one block's linears in place; return them, the quantized block's outputs
+    (next block's inputs) and its relative output error (None without calibration)."""
+    collectors: dict[str, _Collector] = {}
+    if batches:
+        collectors = {n: _Collector(lin, *sampling, dev) for n, lin in linears.items()}
+        handles = [lin.register_forward_hook(collectors[n]) for n, lin in linears.items()]
+        reference = _run_block(layer, batches, dev)
+        for h in handles:
+            h.remove()
+    tensors = {}
+    for name, lin in linears.items():
+        given = None
+        if allocation is not None:
+            given = allocation.get(name)
+            if given is None:
+                raise ValueError(f"--allocation has no widths for {name}")
+            check_allocation(given, lin.in_features // quant.group_size, quant.bits, name)
+        col = collectors.get(name)
+        hessian, sample = (col.h, torch.cat(col.sample).to(dev)) if col else (None, None)
+        with few_threads(dev):
+            qt, _info = quantize_linear(lin.weight.data.to(dev), hessian, sample, quant, given)
+        lin.weight.data = qt.dequantize().to(dev, lin.weight.dtype)
+        tensors[name] = qt
+    if not batches:
+        return tensors, [], None
+    outputs = _run_block(layer, batches, dev)
+    num = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
+    den = sum(float(r.pow(2).sum()) for r in reference)
+    return tensors, outputs, num / max(den, 1e-30)
+
+
 def load_allocation(path: str | os.PathLike) -> dict[str, list[int]]:
     """Widths per tensor from a checkpoint manifest or a plain {name: [widths]} JSON."""
     import json
@@ -191,20 +233,20 @@ def quantize_model(
     }
     writer = CheckpointWriter(out_dir, settings, len(layers))
     resumed = writer.blocks_done
-    torch.manual_seed(calib.seed)
-    windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed)
-    batches = capture_block_inputs(model, windows, dev)
-    n_tokens = windows.numel()
-    sample_idx = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(calib.seed))[: quant.sba_tokens]
-    sample_idx = sample_idx.sort().values
-    width_groups: Counter = Counter()
-
+    calibrated = quant.method != "rtn"
+    batches: list[tuple[torch.Tensor, dict]] = []
+    sample_idx, n_tokens = torch.empty(0, dtype=torch.long), 0
+    if calibrated:
+        windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed)
+        batches = capture_block_inputs(model, windows, dev)
+        n_tokens = windows.numel()
+        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(calib.seed))
+        sample_idx = order[: quant.sba_tokens].sort().values
     stored = dict(writer.finished_tensors()) if resumed else {}
-    for name, qt in stored.items():
-        width_groups.update(qt.widths.tolist())
+    width_groups = Counter(w for qt in stored.values() for w in qt.widths.tolist())
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with torch.no_grad(), Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("quantizing blocks", total=len(layers), completed=0)
+    with torch.no_grad(), Progress(*columns, console=console) as progress:
+        task = progress.add_task("quantizing blocks", total=len(layers))
         for i, layer in enumerate(layers):
             layer.to(dev)
             linears = block_linears(model, i)
@@ -214,36 +256,14 @@ def quantize_model(
                 outputs = _run_block(layer, batches, dev)
                 progress.update(task, description=f"block {i}: replayed from checkpoint")
             else:
-                collectors = {n: _Collector(lin, n_tokens, sample_idx, dev) for n, lin in linears.items()}
-                handles = [lin.register_forward_hook(collectors[n]) for n, lin in linears.items()]
-                reference = _run_block(layer, batches, dev)
-                for h in handles:
-                    h.remove()
-                tensors, block_widths = {}, Counter()
-                for name, lin in linears.items():
-                    given = allocation.get(name) if allocation is not None else None
-                    if allocation is not None:
-                        if given is None:
-                            raise ValueError(f"--allocation has no widths for {name}")
-                        check_allocation(given, lin.in_features // quant.group_size, quant.bits, name)
-                    col = collectors[name]
-                    qt, _info = quantize_linear(
-                        lin.weight.data.to(dev), col.h, torch.cat(col.sample).to(dev), quant, given
-                    )
-                    lin.weight.data = qt.dequantize().to(dev, lin.weight.dtype)
-                    tensors[name] = qt
-                    block_widths.update(qt.widths.tolist())
-                del collectors
-                outputs = _run_block(layer, batches, dev)
-                num = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
-                den = sum(float(r.pow(2).sum()) for r in reference)
-                rel_err = num / max(den, 1e-30)
-                writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err})
-                width_groups.update(block_widths)
-                progress.update(
-                    task,
-                    description=f"block {i}: {_widths_summary(block_widths)}  out err {rel_err:.2e}",
+                tensors, outputs, rel_err = _quantize_block(
+                    layer, linears, batches, quant, allocation, (n_tokens, sample_idx), dev
                 )
+                writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err})
+                block_widths = Counter(w for qt in tensors.values() for w in qt.widths.tolist())
+                width_groups.update(block_widths)
+                error = f"  out err {rel_err:.2e}" if rel_err is not None else ""
+                progress.update(task, description=f"block {i}: {_widths_summary(block_widths)}{error}")
             batches = [(o, kw) for o, (_h, kw) in zip(outputs, batches)]
             layer.to("cpu")
             progress.advance(task)

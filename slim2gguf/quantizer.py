@@ -34,21 +34,18 @@ class GroupParams:
     m: torch.Tensor
     width: int
 
+    def __post_init__(self) -> None:
+        self._d = self.d.float()
+        self._m = self.m.float()
+        self._inv = torch.where(self._d > 0, 1 / self._d, torch.zeros_like(self._d))
+
     def codes(self, w: torch.Tensor) -> torch.Tensor:
-        """Nearest stored level for each weight; ``w`` is [rows] or [rows, cols]."""
-        d = self.d.float()
-        m = self.m.float()
-        if w.dim() == 2:
-            d, m = d[:, None], m[:, None]
-        safe = torch.where(d > 0, d, torch.ones_like(d))
-        q = torch.round((w - m) / safe).clamp_(0, (1 << self.width) - 1)
-        return torch.where(d > 0, q, torch.zeros_like(q))
+        """Nearest stored level for each weight (0 where d = 0); ``w`` is [rows] or [rows, cols]."""
+        m, inv = (self._m, self._inv) if w.dim() == 1 else (self._m[:, None], self._inv[:, None])
+        return torch.round((w - m) * inv).clamp_(0, (1 << self.width) - 1)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        d = self.d.float()
-        m = self.m.float()
-        if q.dim() == 2:
-            d, m = d[:, None], m[:, None]
+        d, m = (self._d, self._m) if q.dim() == 1 else (self._d[:, None], self._m[:, None])
         return q * d + m
 
 

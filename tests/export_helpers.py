@@ -58,9 +58,12 @@ def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def write_random_checkpoint(
-    target: Path, model_dir: Path, bits: int, group_size: int, seed: int = 0
+    target: Path, model_dir: Path, bits: int, group_size: int, seed: int = 0, skip: tuple[str, ...] = ()
 ) -> dict[str, QuantizedTensor]:
-    """A finished checkpoint of random tensors for every block linear of the model at ``model_dir``."""
+    """A finished checkpoint of random tensors for the block linears of the model at ``model_dir``.
+
+    Every linear is there except the module names in ``skip``.
+    """
     config = json.loads((model_dir / "config.json").read_text())
     settings = {
         "model_path": str(model_dir),
@@ -77,6 +80,7 @@ def write_random_checkpoint(
         tensors = {
             f"model.layers.{block}.{lin}": random_qtensor(rows, cols, bits, group_size, gen)
             for lin, (rows, cols) in linear_shapes(config).items()
+            if f"model.layers.{block}.{lin}" not in skip
         }
         writer.write_block(block, tensors, {})
         everything.update(tensors)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +18,18 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from export_helpers import LINEARS, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
+from rich.console import Console
 from safetensors.torch import load_file
 
+from export_helpers import LINEARS, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
+
+from slim2gguf import __version__
 from slim2gguf import format as fmt
 from slim2gguf.architectures import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
 from slim2gguf.checkpoint import CheckpointWriter
 from slim2gguf.demo import demo_model_dir
-from slim2gguf.export import ExportError, ExportReport, export_gguf
-from slim2gguf.inspect_gguf import GGUFFileError, dequantize_tensor, inspect_rows, open_gguf
+from slim2gguf.export import ExportError, ExportReport, ExportWarning, export_gguf
+from slim2gguf.inspect_gguf import GGUFFileError, dequantize_tensor, inspect_rows, open_gguf, print_inspect
 from slim2gguf.llamacpp import ensure_source
 from slim2gguf.qtensor import QuantizedTensor
 
@@ -44,23 +48,44 @@ GGUF_NAMES = {
 DIFFERING_KEYS = {"general.file_type", "GGUF.kv_count"}
 OUR_PREFIX = "slim2gguf."
 
-# family: (architecture, bits, group size, embedding type, output type, config overrides)
+
+
+@dataclass(frozen=True)
+class Family:
+    architecture: str
+    bits: int
+    group: int
+    embed: str
+    output: str
+    config: dict
+    skip: tuple[str, ...] = ()  # linears left out of the checkpoint: exported as F32
+
+
 FAMILIES = {
-    "llama": ("LlamaForCausalLM", 3, 64, "q8_0", "f16", {"tie_word_embeddings": False}),
-    "qwen3": ("Qwen3ForCausalLM", 2, 128, "bf16", "q8_0", {"hidden_size": 256, "tie_word_embeddings": True}),
+    "llama": Family("LlamaForCausalLM", 3, 64, "q8_0", "f16", {"tie_word_embeddings": False}),
+    "qwen3": Family(
+        "Qwen3ForCausalLM", 2, 128, "bf16", "q8_0", {"hidden_size": 256, "tie_word_embeddings": True},
+        skip=("model.layers.1.mlp.down_proj",),
+    ),
 }
 
 
 @dataclass
 class Exported:
+    family: Family
     model: Path
     reference: dict[str, QuantizedTensor]
     report: ExportReport
     reader: gguf.GGUFReader
-    bits: int
-    group: int
-    embed: str
-    output: str
+    warnings: list[str]
+
+    @property
+    def bits(self) -> int:
+        return self.family.bits
+
+    @property
+    def group(self) -> int:
+        return self.family.group
 
 
 def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -77,20 +102,20 @@ def demo_dir() -> Path:
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, demo_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {
-        family: tiny_model_dir(root / family, arch, demo_dir, **overrides)
-        for family, (arch, *_, overrides) in FAMILIES.items()
-    }
+    return {name: tiny_model_dir(root / name, f.architecture, demo_dir, **f.config) for name, f in FAMILIES.items()}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def exported(request, tmp_path_factory, tiny_models) -> Exported:
-    _, bits, group, embed, output, _ = FAMILIES[request.param]
+    family = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     model = tiny_models[request.param]
-    reference = write_random_checkpoint(root / "ckpt", model, bits, group)
-    report = export_gguf(root / "ckpt", root / "out.gguf", embed, output, progress=False)
-    return Exported(model, reference, report, open_gguf(report.path), bits, group, embed, output)
+    reference = write_random_checkpoint(root / "ckpt", model, family.bits, family.group, skip=family.skip)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        report = export_gguf(root / "ckpt", root / "out.gguf", family.embed, family.output, progress=False)
+    notes = [str(w.message) for w in caught if w.category is ExportWarning]
+    return Exported(family, model, reference, report, open_gguf(report.path), notes)
 
 
 def test_roundtrip_bit_exact(exported):
@@ -109,7 +134,8 @@ def test_roundtrip_bit_exact(exported):
         assert np.array_equal(got.view(np.uint32), expected.numpy().view(np.uint32)), gguf_name
 
     report = exported.report
-    assert report.slim_tensors == len(exported.reference) == config["num_hidden_layers"] * len(LINEARS)
+    assert report.slim_tensors == len(exported.reference)
+    assert len(exported.reference) + len(exported.family.skip) == config["num_hidden_layers"] * len(LINEARS)
     assert report.slim_bpw == exported.bits + 32 / exported.group
     assert report.file_type == stype.type_id
     assert set(report.width_groups) <= {exported.bits - 1, exported.bits, exported.bits + 1}
@@ -119,7 +145,7 @@ def test_standard_tensors(exported):
     config = json.loads((exported.model / "config.json").read_text())
     types = {t.name: t.tensor_type for t in exported.reader.tensors}
     weights = load_file(str(exported.model / "model.safetensors"))
-    embed_type = gguf.GGMLQuantizationType[exported.embed.upper()]
+    embed_type = gguf.GGMLQuantizationType[exported.family.embed.upper()]
     assert types["token_embd.weight"] == embed_type
     embedding = weights["model.embed_tokens.weight"].numpy()
     roundtrip = gguf.quants.dequantize(gguf.quants.quantize(embedding, embed_type), embed_type)
@@ -127,9 +153,21 @@ def test_standard_tensors(exported):
     if config["tie_word_embeddings"]:
         assert "output.weight" not in types
     else:
-        assert types["output.weight"] == gguf.GGMLQuantizationType[exported.output.upper()]
+        assert types["output.weight"] == gguf.GGMLQuantizationType[exported.family.output.upper()]
     assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
-    assert np.array_equal(dequantize_tensor(exported.reader, "output_norm.weight"), weights["model.norm.weight"].numpy())
+    norm = dequantize_tensor(exported.reader, "output_norm.weight")
+    assert np.array_equal(norm, weights["model.norm.weight"].numpy())
+
+
+def test_linears_missing_from_checkpoint_stay_f32(exported):
+    weights = load_file(str(exported.model / "model.safetensors"))
+    expected_notes = []
+    for name in exported.family.skip:
+        block, linear = name.removeprefix("model.layers.").split(".", 1)
+        gguf_name = f"blk.{block}.{GGUF_NAMES[linear]}.weight"
+        assert np.array_equal(dequantize_tensor(exported.reader, gguf_name), weights[name + ".weight"].numpy())
+        expected_notes.append(f"{gguf_name} is not in the checkpoint; stored as F32")
+    assert exported.warnings == expected_notes
 
 
 def test_file_size_is_the_promised_budget(exported):
@@ -195,7 +233,7 @@ def test_metadata_and_tokenizer_match_upstream(demo_readers):
     assert ours.fields["general.file_type"].contents() == fmt.slim_type(3, 64).type_id
     assert upstream.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
     assert {k: f.contents() for k, f in ours.fields.items() if k.startswith(OUR_PREFIX)} == {
-        "slim2gguf.version": __import__("slim2gguf").__version__,
+        "slim2gguf.version": __version__,
         "slim2gguf.method": "random",
         "slim2gguf.bits": 3,
         "slim2gguf.group_size": 64,
@@ -233,6 +271,10 @@ def test_small_gguf_reads(small_gguf):
     assert dequantize_tensor(small_gguf, "blk.0.ffn_up.weight").shape == (64, 128)
     with pytest.raises(KeyError, match="nope"):
         dequantize_tensor(small_gguf, "nope")
+    console = Console(record=True, width=200)
+    print_inspect(small_gguf, console)
+    text = console.export_text()
+    assert "SLIM3_G64" in text and "1 SliM tensors: 8,192 parameters, 3,584 bytes of data, 3.500 bpw" in text
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "bad_magic", "header_cut", "data_cut", "missing", "folder"])
@@ -296,7 +338,13 @@ def test_row_mapping_accepts_only_row_permutations(transform, accepted):
 
 
 def _one_tensor_checkpoint(target: Path, model_dir: Path, architecture: str) -> Path:
-    settings = {"model_path": str(model_dir), "architecture": architecture, "bits": 3, "group_size": 64, "method": "random"}
+    settings = {
+        "model_path": str(model_dir),
+        "architecture": architecture,
+        "bits": 3,
+        "group_size": 64,
+        "method": "random",
+    }
     writer = CheckpointWriter(target, settings, 1)
     gen = torch.Generator().manual_seed(0)
     writer.write_block(0, {"model.layers.0.mlp.up_proj": random_qtensor(64, 128, 3, 64, gen)}, {})

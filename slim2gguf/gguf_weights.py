@@ -1,0 +1,86 @@
+"""The SliM weights of a GGUF file, named and ordered as the Hugging Face model has them.
+
+Validation has to evaluate exactly the bytes llama.cpp reads. The file names its
+tensors the llama.cpp way and stores some of them (LLaMA's q/k) with rows permuted;
+the exporter's own probe (export.converter_mapping) says which linear each tensor
+is and how its rows were moved, so nothing here knows an architecture's names or
+permutations, and a reader cannot drift from the writer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .export import converter_mapping
+from .inspect_gguf import open_gguf
+from .models import block_linears, decoder_layers, resolve_model
+
+
+class GGUFWeightsError(ValueError):
+    """A file without SliM tensors, or one that was not made from the given model."""
+
+
+def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """[out, in] of every linear in the decoder blocks (the ones a checkpoint quantizes),
+    from a weightless (meta-device) instance of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    shapes: dict[str, tuple[int, int]] = {}
+    for index in range(len(decoder_layers(model))):
+        shapes.update({name: tuple(lin.weight.shape) for name, lin in block_linears(model, index).items()})
+    return shapes
+
+
+def packed_from_gguf(
+    gguf_path: str | os.PathLike, model_dir: str | os.PathLike
+) -> dict[str, tuple[np.ndarray, fmt.SlimType]]:
+    """HF module name -> (packed rows, uint8 [out, row_bytes] in the HF row order; type)
+    for every SliM tensor of the file: what ``triton_linear.swap_linears`` takes."""
+    reader = open_gguf(gguf_path)
+    slim = [t for t in reader.tensors if fmt.type_from_id(t.tensor_type) is not None]
+    if not slim:
+        raise GGUFWeightsError(f"{gguf_path} holds no SliM tensors (not a slim2gguf export?)")
+    model_dir = resolve_model(model_dir)
+    shapes = block_linear_shapes(model_dir)
+    mapping = converter_mapping(model_dir, shapes)
+    packed: dict[str, tuple[np.ndarray, fmt.SlimType]] = {}
+    for tensor in slim:
+        cols, rows = (int(n) for n in tensor.shape)
+        entry = mapping.get(tensor.name)
+        if entry is None:
+            raise GGUFWeightsError(
+                f"{gguf_path} holds {tensor.name}, which no decoder linear of {model_dir} becomes: "
+                "the file was made from another model"
+            )
+        module = entry["module"]
+        if shapes[module] != (rows, cols):
+            raise GGUFWeightsError(
+                f"{tensor.name} is {rows}x{cols} in {gguf_path} but {module} is "
+                f"{shapes[module][0]}x{shapes[module][1]} in {model_dir}: the file was made from another model"
+            )
+        stype = fmt.type_from_id(tensor.tensor_type)
+        data = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, stype.row_bytes(cols))
+        restored = np.empty_like(data)
+        restored[np.arange(rows) if entry["rows"] is None else np.asarray(entry["rows"])] = data
+        packed[module] = (restored, stype)
+    return packed
+
+
+def slim_weights_from_gguf(gguf_path: str | os.PathLike, model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """HF module name -> float32 weight dequantized from the file's bytes, rows in HF order:
+    ``models.set_linear_weights(model, this)`` makes the model compute with what the file holds."""
+    weights = {}
+    for module, (rows, stype) in packed_from_gguf(gguf_path, model_dir).items():
+        n_cols = rows.shape[1] // stype.block_bytes * stype.group_size
+        try:
+            weights[module] = torch.from_numpy(fmt.dequantize(rows, stype, n_cols))
+        except fmt.FormatError as err:
+            raise GGUFWeightsError(f"the tensor for {module} in {gguf_path} is corrupt: {err}") from err
+    return weights

@@ -1,0 +1,71 @@
+"""Run the patched llama.cpp tools on a SliM GGUF file from Python.
+
+Stock llama.cpp cannot load SliM types, so every run goes through the patched
+build (``llamacpp.binary`` builds it on first use). A failing tool's own log is
+the only useful diagnosis, so errors carry the tail of its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from .llamacpp import binary
+
+LOG_TAIL_LINES = 25
+END_OF_TEXT = " [end of text]\n"  # what llama-completion prints when the model ends the text
+
+
+class LlamaToolError(RuntimeError):
+    """A patched llama.cpp tool failed or said something unexpected; the message ends with its log."""
+
+
+def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_tool(name: str, args: Sequence[str | os.PathLike | int]) -> subprocess.CompletedProcess[str]:
+    """Run patched tool ``name`` with ``args`` and return its output; stdin is closed, so a
+    tool that falls into an interactive mode ends instead of waiting for input."""
+    cmd = [str(binary(name)), *(str(a) for a in args)]
+    result = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
+    )
+    if result.returncode != 0:
+        raise LlamaToolError(f"{name} failed (exit code {result.returncode}):\n{log_tail(result.stderr)}")
+    return result
+
+
+def check_gguf_path(gguf_path: str | os.PathLike) -> Path:
+    """The path, or a FileNotFoundError before any tool is built or started."""
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    return path
+
+
+def run_completion(
+    gguf_path: str | os.PathLike,
+    prompt: str,
+    n_predict: int = 64,
+    threads: int | None = None,
+    seed: int = 0,
+    extra_args: Sequence[str] = (),
+) -> str:
+    """The text patched ``llama-completion`` generates after ``prompt`` (prompt not included).
+
+    Greedy (``--temp 0``), so a file always gives the same text; conversation mode is
+    off (models with a chat template would otherwise wait for a user), the prompt is
+    taken literally (no escape processing). ``extra_args`` go last and override.
+    """
+    path = check_gguf_path(gguf_path)
+    args: list[str | os.PathLike | int] = [
+        "-m", path, "-p", prompt, "-n", n_predict, "--seed", seed, "--temp", 0,
+        "-no-cnv", "--no-display-prompt", "--no-escape", "--simple-io",
+    ]  # fmt: skip
+    if threads:
+        args += ["-t", threads]
+    out = run_tool("llama-completion", [*args, *extra_args]).stdout
+    return out.removesuffix("\n\n").removesuffix(END_OF_TEXT)

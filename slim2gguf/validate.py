@@ -1,0 +1,155 @@
+"""Check a SliM GGUF file end to end: PyTorch on the file's own bytes against patched llama.cpp.
+
+Both sides evaluate the same packed weights (PyTorch dequantizes them from the file,
+or runs the Triton kernels on them) with the same perplexity method (llama-perplexity's:
+windows of ``ctx`` tokens, the second half of each scored). What remains is
+llama.cpp's arithmetic (8-bit activations in the dot products, accumulation order)
+and its q8_0 embedding/LM head, worth a fraction of a percent; a wrongly decoded
+bit, a misplaced row or a broken kernel moves the perplexity far more. Two-bit
+models get a wider margin: their larger errors amplify the harmless differences.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .gguf_weights import packed_from_gguf, slim_weights_from_gguf
+from .inspect_gguf import open_gguf
+from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
+from .perplexity import PerplexityResult, perplexity
+from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
+
+BACKENDS = ("torch", "triton")
+THRESHOLDS = {2: 0.02}  # by the file's average bits
+DEFAULT_THRESHOLD = 0.01
+BITS_KEY = "slim2gguf.bits"
+FINAL_ESTIMATE = re.compile(r"Final estimate: PPL = (\S+) \+/-")
+
+
+class ValidationError(ValueError):
+    """Validation could not be run (bad arguments or a file it cannot judge)."""
+
+
+@dataclass
+class ValidationResult:
+    """Both perplexities and the verdict: ``passed`` when ``rel_gap <= threshold``."""
+
+    ppl_torch: float
+    ppl_llama: float
+    rel_gap: float
+    threshold: float
+    passed: bool
+    tokens: int
+
+
+def judge(ppl_torch: float, ppl_llama: float, threshold: float, tokens: int) -> ValidationResult:
+    """Relative gap ``|torch - llama| / llama``; a non-finite perplexity never passes."""
+    gap = abs(ppl_torch - ppl_llama) / ppl_llama
+    passed = math.isfinite(ppl_torch) and math.isfinite(ppl_llama) and gap <= threshold
+    return ValidationResult(ppl_torch, ppl_llama, gap, threshold, passed, tokens)
+
+
+def default_threshold(reader: gguf.GGUFReader) -> float:
+    """2 % for 2-bit files, else 1 %, from the exporter's ``slim2gguf.bits`` key."""
+    field = reader.fields.get(BITS_KEY)
+    if field is None:
+        raise ValidationError(f"the file has no {BITS_KEY} key (not a slim2gguf export?); give a threshold")
+    return THRESHOLDS.get(int(field.contents()), DEFAULT_THRESHOLD)
+
+
+def parse_llama_perplexity(log: str) -> float:
+    """The final perplexity in a llama-perplexity log (its "Final estimate: PPL = X +/- E" line)."""
+    found = FINAL_ESTIMATE.findall(log)
+    if not found:
+        raise LlamaToolError(f"llama-perplexity printed no final estimate:\n{log_tail(log)}")
+    return float(found[-1])
+
+
+def llama_perplexity(
+    gguf_path: str | os.PathLike, text_path: str | os.PathLike, ctx: int, chunks: int, threads: int | None = None
+) -> float:
+    """Patched ``llama-perplexity -m FILE -f TEXT -c CTX --chunks N [-t THREADS]``."""
+    args: list[str | os.PathLike | int] = ["-m", gguf_path, "-f", text_path, "-c", ctx, "--chunks", chunks]
+    if threads:
+        args += ["-t", threads]
+    result = run_tool("llama-perplexity", args)
+    return parse_llama_perplexity(result.stderr + result.stdout)
+
+
+def torch_perplexity(
+    gguf_path: str | os.PathLike,
+    model: str | os.PathLike,
+    text: str,
+    ctx: int,
+    chunks: int,
+    backend: str = "torch",
+    device: str | None = None,
+) -> PerplexityResult:
+    """Perplexity of the float model with its linears replaced by the file's SliM weights:
+    dequantized (``torch``) or packed and run by the Triton kernels (``triton``)."""
+    model_dir = resolve_model(model)
+    hf_model = load_model(model_dir)
+    if backend == "torch":
+        set_linear_weights(hf_model, slim_weights_from_gguf(gguf_path, model_dir))
+    else:
+        from .triton_linear import swap_linears
+
+        swap_linears(hf_model, packed_from_gguf(gguf_path, model_dir))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return perplexity(hf_model, load_tokenizer(model_dir), text, ctx, chunks, method="llama", device=device)
+
+
+def validate(
+    gguf_path: str | os.PathLike,
+    model: str | os.PathLike,
+    text_path: str | os.PathLike,
+    ctx: int = 512,
+    chunks: int = 20,
+    threshold: float | None = None,
+    backend: str = "torch",
+    threads: int | None = None,
+    device: str | None = None,
+) -> ValidationResult:
+    """Compare PyTorch's and patched llama.cpp's perplexity of the file on a text file.
+
+    ``model`` is the float model the file was made from (directory, hub id or demo
+    name): it supplies everything but the SliM weights. ``threshold`` defaults to
+    2 % for 2-bit files and 1 % otherwise; ``threads`` goes to llama-perplexity,
+    ``device`` to PyTorch (default: CUDA when present).
+    """
+    if backend not in BACKENDS:
+        raise ValidationError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    path = check_gguf_path(gguf_path)
+    text_file = Path(text_path).expanduser()
+    if not text_file.is_file():
+        raise FileNotFoundError(f"no evaluation text at {text_file}")
+    text = text_file.read_bytes().decode("utf-8")  # the bytes llama-perplexity reads, newlines untouched
+    if threshold is None:
+        threshold = default_threshold(open_gguf(path))
+    ppl_llama = llama_perplexity(path, text_file, ctx, chunks, threads)
+    ours = torch_perplexity(path, model, text, ctx, chunks, backend, device)
+    return judge(ours.ppl, ppl_llama, threshold, ours.tokens_scored)
+
+
+def print_validation(result: ValidationResult, console: Console | None = None) -> None:
+    """The two perplexities, their gap and the verdict as a table."""
+    console = console or Console()
+    table = Table(title="SliM GGUF validation")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("PyTorch perplexity", f"{result.ppl_torch:.4f}")
+    table.add_row("llama.cpp perplexity", f"{result.ppl_llama:.4f}")
+    table.add_row("relative gap", f"{100 * result.rel_gap:.3f} %")
+    table.add_row("threshold", f"{100 * result.threshold:.3f} %")
+    table.add_row("tokens scored", f"{result.tokens:,}")
+    table.add_row("verdict", "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]")
+    console.print(table)

@@ -185,3 +185,50 @@ def convert(
     table.add_row("whole file bpw", f"{exported.file_bpw:.3f}")
     table.add_row("file size", f"{out.stat().st_size / 2**20:.1f} MiB")
     console.print(table)
+
+
+@app.command()
+def validate(
+    path: Path = typer.Argument(..., help="A SliM GGUF file."),
+    model: str = typer.Option(..., "--model", help="The float model the file was made from."),
+    text: Path = typer.Option(..., "--text", help="Text file to score (read as bytes, as llama-perplexity does)."),
+    ctx: int = typer.Option(512, "--ctx"),
+    chunks: int = typer.Option(20, "--chunks"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Largest relative gap that passes (default 0.02 at 2 bits, else 0.01)."),
+    backend: str = typer.Option("torch", "--backend", help="torch (dequantize, then matmul) or triton (kernels on the packed bytes)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama-perplexity threads."),
+    device: Optional[str] = typer.Option(None, "--device", help="PyTorch device (default: CUDA when present)."),
+) -> None:
+    """Perplexity of the packed weights in PyTorch and in patched llama.cpp; fails on a gap."""
+    from .gguf_weights import GGUFWeightsError
+    from .inspect_gguf import GGUFFileError
+    from .models import ModelError
+    from .run import LlamaToolError
+    from .validate import ValidationError, print_validation
+    from .validate import validate as run_validation
+
+    try:
+        result = run_validation(path, model, text, ctx, chunks, threshold, backend, threads, device)
+    except (GGUFFileError, GGUFWeightsError, ModelError, LlamaToolError, ValidationError, FileNotFoundError, llamacpp.LlamaCppError) as err:
+        _fail(str(err))
+    print_validation(result, Console())
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    path: Path = typer.Argument(..., help="A SliM GGUF file."),
+    prompt: str = typer.Option(..., "-p", "--prompt"),
+    n_predict: int = typer.Option(64, "-n", "--n-predict", help="Tokens to generate."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate text from a SliM GGUF file with patched llama-completion (greedy)."""
+    from .run import LlamaToolError, run_completion
+
+    try:
+        generated = run_completion(path, prompt, n_predict, threads, seed)
+    except (LlamaToolError, FileNotFoundError, llamacpp.LlamaCppError) as err:
+        _fail(str(err))
+    typer.echo(prompt + generated)

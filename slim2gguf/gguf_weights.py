@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -25,7 +26,7 @@ class GGUFWeightsError(ValueError):
     """A file without SliM tensors, or one that was not made from the given model."""
 
 
-def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+def _block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     """[out, in] of every linear in the decoder blocks (the ones a checkpoint quantizes),
     from a weightless (meta-device) instance of the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -38,17 +39,24 @@ def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def packed_from_gguf(
-    gguf_path: str | os.PathLike, model_dir: str | os.PathLike
-) -> dict[str, tuple[np.ndarray, fmt.SlimType]]:
+GGUFSource = str | os.PathLike | gguf.GGUFReader
+
+
+def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, fmt.SlimType]]:
     """HF module name -> (packed rows, uint8 [out, row_bytes] in the HF row order; type)
-    for every SliM tensor of the file: what ``triton_linear.swap_linears`` takes."""
-    reader = open_gguf(gguf_path)
+    for every SliM tensor of the file: what ``triton_linear.swap_linears`` takes.
+
+    ``gguf_path`` may be an open reader: parsing a file with a real vocabulary takes seconds.
+    """
+    model_dir = resolve_model(model_dir)
+    if isinstance(gguf_path, gguf.GGUFReader):
+        reader, gguf_path = gguf_path, gguf_path.data.filename  # the memory map knows its file
+    else:
+        reader = open_gguf(gguf_path)
     slim = [t for t in reader.tensors if fmt.type_from_id(t.tensor_type) is not None]
     if not slim:
         raise GGUFWeightsError(f"{gguf_path} holds no SliM tensors (not a slim2gguf export?)")
-    model_dir = resolve_model(model_dir)
-    shapes = block_linear_shapes(model_dir)
+    shapes = _block_linear_shapes(model_dir)
     mapping = converter_mapping(model_dir, shapes)
     packed: dict[str, tuple[np.ndarray, fmt.SlimType]] = {}
     for tensor in slim:
@@ -73,7 +81,7 @@ def packed_from_gguf(
     return packed
 
 
-def slim_weights_from_gguf(gguf_path: str | os.PathLike, model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+def slim_weights_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """HF module name -> float32 weight dequantized from the file's bytes, rows in HF order:
     ``models.set_linear_weights(model, this)`` makes the model compute with what the file holds."""
     weights = {}

@@ -315,6 +315,7 @@ class _BuildLog:
             assert proc.stdout is not None
             for line in proc.stdout:
                 out.write(line)
+                out.flush()  # the log can be followed while the build runs
                 tail.append(line.rstrip())
                 if line.startswith("["):  # ninja/make progress: "[12/119] Building C object …"
                     status.update(f"{what} {line.split(' ', 1)[0]} {line.rsplit('/', 1)[-1].strip()[:60]}")
@@ -340,8 +341,12 @@ def build(
     cpu: str = "native",
     jobs: int | None = None,
     console=None,
+    force: bool = False,
 ) -> Path:
-    """Build the patched llama.cpp tools (cached, incremental) and return their bin folder."""
+    """Build the patched llama.cpp tools (cached, incremental) and return their bin folder.
+
+    ``force`` runs the (incremental) build even when the targets are stamped as built, e.g.
+    after editing the build's src/ folder by hand."""
     targets = list(dict.fromkeys(targets))
     root = build_dir(cpu)
     src, bdir, stamp = root / "src", root / "build", root / "stamp.json"
@@ -354,7 +359,7 @@ def build(
             return set()
         return {t for t in done if (bin_dir / t).is_file()}
 
-    if set(targets) <= built():
+    if not force and set(targets) <= built():
         return bin_dir
 
     if console is None:
@@ -364,7 +369,7 @@ def build(
     _check_toolchain()
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root / ".lock"):
-        if set(targets) <= built():  # another process built them while we waited
+        if not force and set(targets) <= built():  # another process built them while we waited
             return bin_dir
         if not src.is_dir():
             with console.status("copying and patching llama.cpp…"):
@@ -442,6 +447,7 @@ def build_command(
     target: list[str] = typer.Option(None, "--target", "-t", help="Tool to build (repeatable); default: all."),
     cpu: str = typer.Option("native", help=f"CPU variant: {', '.join(CPU_VARIANTS)}."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: CPU count)."),
+    force: bool = typer.Option(False, help="Run the build even if it is stamped done (after editing src/)."),
 ) -> None:
     """Patch and build llama.cpp (cached; re-running only rebuilds what changed)."""
     from rich.console import Console
@@ -449,7 +455,7 @@ def build_command(
     console = Console()
     targets = tuple(target) if target else DEFAULT_TARGETS
     try:
-        bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console)
+        bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console, force=force)
     except LlamaCppError as err:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(1) from None

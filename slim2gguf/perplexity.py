@@ -36,7 +36,7 @@ def read_eval_text(source: str) -> str:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation text at {path}")
-    return path.read_text(encoding="utf-8")
+    return path.read_bytes().decode("utf-8")  # as llama-perplexity reads it: CRLF stays CRLF
 
 
 def adds_bos(tokenizer) -> bool:

@@ -22,10 +22,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .gguf_weights import packed_from_gguf, slim_weights_from_gguf
-from .inspect_gguf import open_gguf
+from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
+from .inspect_gguf import dequantize_tensor, open_gguf
 from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
-from .perplexity import PerplexityResult, perplexity
+from .perplexity import PerplexityResult, perplexity, read_eval_text
 from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
 
 BACKENDS = ("torch", "triton")
@@ -85,8 +85,21 @@ def llama_perplexity(
     return parse_llama_perplexity(result.stderr + result.stdout)
 
 
+def _use_file_embeddings(hf_model: torch.nn.Module, gguf_path: GGUFSource) -> None:
+    """Token embedding and (untied) LM head as stored in the file; a tied head follows the embedding."""
+    reader = gguf_path if isinstance(gguf_path, gguf.GGUFReader) else open_gguf(gguf_path)
+    names = {t.name for t in reader.tensors}
+    targets = {"token_embd.weight": hf_model.get_input_embeddings(), "output.weight": hf_model.get_output_embeddings()}
+    for name, module in targets.items():
+        if name in names:
+            weight = torch.from_numpy(dequantize_tensor(reader, name).copy())
+            if tuple(weight.shape) != tuple(module.weight.shape):
+                raise ValidationError(f"{name} {tuple(weight.shape)} does not match the model's {tuple(module.weight.shape)}")
+            module.weight.data = weight
+
+
 def torch_perplexity(
-    gguf_path: str | os.PathLike,
+    gguf_path: GGUFSource,
     model: str | os.PathLike,
     text: str,
     ctx: int,
@@ -95,9 +108,11 @@ def torch_perplexity(
     device: str | None = None,
 ) -> PerplexityResult:
     """Perplexity of the float model with its linears replaced by the file's SliM weights:
-    dequantized (``torch``) or packed and run by the Triton kernels (``triton``)."""
+    dequantized (``torch``) or packed and run by the Triton kernels (``triton``); the
+    token embedding and LM head are the file's too (e.g. dequantized q8_0)."""
     model_dir = resolve_model(model)
     hf_model = load_model(model_dir)
+    _use_file_embeddings(hf_model, gguf_path)
     if backend == "torch":
         set_linear_weights(hf_model, slim_weights_from_gguf(gguf_path, model_dir))
     else:
@@ -130,13 +145,15 @@ def validate(
         raise ValidationError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = check_gguf_path(gguf_path)
     text_file = Path(text_path).expanduser()
-    if not text_file.is_file():
-        raise FileNotFoundError(f"no evaluation text at {text_file}")
-    text = text_file.read_bytes().decode("utf-8")  # the bytes llama-perplexity reads, newlines untouched
+    try:
+        text = read_eval_text(str(text_file))
+    except UnicodeDecodeError as err:
+        raise ValidationError(f"{text_file} is not UTF-8 text: {err}") from err
+    reader = open_gguf(path)  # a broken file fails here, not after llama-perplexity's run
     if threshold is None:
-        threshold = default_threshold(open_gguf(path))
+        threshold = default_threshold(reader)
     ppl_llama = llama_perplexity(path, text_file, ctx, chunks, threads)
-    ours = torch_perplexity(path, model, text, ctx, chunks, backend, device)
+    ours = torch_perplexity(reader, model, text, ctx, chunks, backend, device)
     return judge(ours.ppl, ppl_llama, threshold, ours.tokens_scored)
 
 

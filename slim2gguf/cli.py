@@ -101,6 +101,7 @@ def eval_cmd(
     ctx: int = typer.Option(512, "--ctx"),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Score only the first N windows."),
     method: str = typer.Option("llama", "--method", help="llama (as llama-perplexity: second half of each window) or full."),
+    backend: str = typer.Option("torch", "--backend", help="torch (dequantize, then matmul) or triton (kernels on the packed bytes)."),
     device: str = DEVICE,
 ) -> None:
     """Perplexity of the original model or of a quantized checkpoint, in PyTorch."""
@@ -112,7 +113,13 @@ def eval_cmd(
     try:
         path = resolve_model(model)
         net = load_model(path)
-        if checkpoint is not None:
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"--backend must be torch or triton, got {backend!r}")
+        if checkpoint is not None and backend == "triton":
+            from .triton_linear import swap_linears
+
+            swap_linears(net, {n: (qt.pack(), qt.stype) for n, qt in Checkpoint(checkpoint).tensors()})
+        elif checkpoint is not None:
             set_linear_weights(net, {n: qt.dequantize() for n, qt in Checkpoint(checkpoint).tensors()})
         result = perplexity(net, load_tokenizer(path), read_eval_text(text), ctx, chunks, method, device=pick_device(device))
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:

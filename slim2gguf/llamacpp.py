@@ -33,7 +33,8 @@ SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"  # vendors llama.cpp at PINNED_COMMIT
 SDIST_NAME = f"llama_cpp_python-{SDIST_VERSION}"
 
-PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+# the patch series lives in the repository (override with $SLIM2GGUF_PATCH_DIR)
+PATCH_DIR = Path(os.environ.get("SLIM2GGUF_PATCH_DIR") or Path(__file__).resolve().parent.parent / "patches")
 DUMP_TOOL = "llama-slim-dump"
 DEFAULT_TARGETS = (
     "llama-perplexity",
@@ -348,6 +349,10 @@ def build(
     ``force`` runs the (incremental) build even when the targets are stamped as built, e.g.
     after editing the build's src/ folder by hand."""
     targets = list(dict.fromkeys(targets))
+    if not patch_files():
+        raise LlamaCppError(
+            f"no patches in {PATCH_DIR}: run from a slim2gguf source checkout or set SLIM2GGUF_PATCH_DIR"
+        )
     root = build_dir(cpu)
     src, bdir, stamp = root / "src", root / "build", root / "stamp.json"
     bin_dir = bdir / "bin"
@@ -396,6 +401,12 @@ def build(
 def binary(name: str, cpu: str = "native") -> Path:
     """Path to one patched llama.cpp tool, building it first when needed."""
     return build((name,), cpu=cpu) / name
+
+
+def stale_build_dirs() -> list[Path]:
+    """Build folders for patches or options that no longer exist (left by earlier versions)."""
+    current = {build_dir(cpu).name for cpu in CPU_VARIANTS}
+    return sorted(p for p in _llama_root().glob("build-*") if p.is_dir() and p.name not in current)
 
 
 # --- maintaining the patch series --------------------------------------------------------
@@ -459,9 +470,9 @@ def build_command(
     except LlamaCppError as err:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {len(patch_files())} patches, built in {bin_dir}:")
+    console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {len(patch_files())} patches, built in {bin_dir}:", soft_wrap=True)
     for name in targets:
-        console.print(f"  {bin_dir / name}", highlight=False)
+        console.print(f"  {bin_dir / name}", highlight=False, soft_wrap=True)
 
 
 @app.command("source")
@@ -472,6 +483,14 @@ def source_command() -> None:
     except LlamaCppError as err:
         print(f"error: {err}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+@app.command("clean")
+def clean_command() -> None:
+    """Delete build folders made for other patches or options than the current ones."""
+    for path in stale_build_dirs():
+        shutil.rmtree(path)
+        print(f"removed {path}")
 
 
 @app.command("export-patches")

@@ -14,7 +14,7 @@ from .qtensor import QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc
 
 METHODS = ("slim", "gptq", "rtn")
-DEFAULT_SQC_LAMBDA = 4.0
+DEFAULT_SQC_LAMBDA = 1.0  # measured best of {1, 4, 16} on the demo model: docs/BENCHMARKS.md
 
 
 @dataclass(frozen=True)

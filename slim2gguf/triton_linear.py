@@ -7,6 +7,7 @@ way reads exactly the bytes that llama.cpp reads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -14,7 +15,13 @@ import torch
 from torch import nn
 
 from slim2gguf.format import SlimType
-from slim2gguf_kernels import SlimTensor, slim_matmul
+
+if not torch.cuda.is_available():
+    # Without a GPU the kernels run in Triton's interpreter (slow: small inputs only);
+    # the flag must be set before the kernels are first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from slim2gguf_kernels import SlimTensor, slim_matmul  # noqa: E402
 
 
 class SlimLinear(nn.Module):

@@ -210,6 +210,25 @@ def test_mul_mat(dump_tool, model, name, batch, tmp_path):
     _check_mul_mat(got, x, packed, stype, cols)
 
 
+@pytest.mark.parametrize("name", TENSOR_IDS)
+def test_mul_mat_id(dump_tool, model, name, tmp_path):
+    """MUL_MAT_ID (MoE): each row is a one-row expert; token t uses experts (3t + 5u + 1) % rows."""
+    path, tensors = model
+    packed, stype = tensors[name]
+    rows, cols = packed.shape[0], packed.shape[1] // stype.block_bytes * stype.group_size
+    tokens = 5
+    x = np.random.default_rng(cols + rows).standard_normal((tokens, cols)).astype(np.float32)
+    x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
+    x.tofile(x_file)
+    _run(dump_tool, path, "mul-mat-id", name, x_file, tokens, out, THREADS)
+    got = np.fromfile(out, dtype=np.float32).reshape(tokens, 2).astype(np.float64)
+    for u in range(2):
+        experts = [(3 * t + 5 * u + 1) % rows for t in range(tokens)]
+        # per token, the same check as mul_mat restricted to its expert's row
+        for t, e in enumerate(experts):
+            _check_mul_mat(got[t : t + 1, u : u + 1], x[t : t + 1], packed[e : e + 1], stype, cols)
+
+
 # --- validation and refused ops ----------------------------------------------------------------
 
 

@@ -1,0 +1,91 @@
+"""The command line: documented errors and exit codes, and a small quantize + eval run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slim2gguf.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_wrong_bits(tiny_model, tmp_path):
+    code, out = invoke("convert", tiny_model, "-o", tmp_path / "x.gguf", "--bits", 5)
+    assert code == 2 and "average bits must be one of (2, 3, 4)" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_method(tiny_model, tmp_path):
+    code, out = invoke("quantize", tiny_model, "-o", tmp_path / "ck", "--method", "awq")
+    assert code == 2 and "method must be one of slim, gptq, rtn" in out
+
+
+def test_missing_model(tmp_path):
+    code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
+    assert code == 2 and "no model directory" in out
+
+
+def test_unwritable_output(tiny_model, tmp_path):
+    code, out = invoke("convert", tiny_model, "-o", tmp_path / "missing" / "x.gguf")
+    assert code == 2 and "does not exist" in out
+    code, out = invoke("convert", tiny_model, "-o", "/proc/slim2gguf-test.gguf")  # not writable, even by root
+    assert code == 2 and "cannot write /proc/slim2gguf-test.gguf" in out
+
+
+def test_output_is_a_directory(tiny_model, tmp_path):
+    code, out = invoke("convert", tiny_model, "-o", tmp_path)
+    assert code == 2 and "is a directory" in out
+
+
+def test_missing_files_for_inspect_run_validate(tmp_path):
+    code, out = invoke("inspect", tmp_path / "none.gguf")
+    assert code == 2 and "none.gguf" in out
+    code, out = invoke("run", tmp_path / "none.gguf", "-p", "hi")
+    assert code == 2 and "no GGUF file" in out
+    code, out = invoke("validate", tmp_path / "none.gguf", "--model", "m", "--text", tmp_path / "t.txt")
+    assert code == 2 and "no GGUF file" in out
+
+
+def test_corrupt_gguf_for_inspect(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    code, out = invoke("inspect", bad)
+    assert code == 2 and "error" in out
+
+
+def test_quantize_then_eval(tiny_model, tiny_text, tmp_path):
+    ck = tmp_path / "ck"
+    code, out = invoke("quantize", tiny_model, "-o", ck, "--bits", 3, "--group-size", 32, "--method", "gptq",
+                       "--calib", tiny_text, "--nsamples", 4, "--seqlen", 64)
+    assert code == 0, out
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert manifest["settings"]["method"] == "gptq" and manifest["blocks_done"] == 2
+    code, out = invoke("eval", tiny_model, "--checkpoint", ck, "--text", tiny_text, "--ctx", 64, "--chunks", 2)
+    assert code == 0, out
+    assert "perplexity" in out and "62 tokens" in out
+
+
+def test_calibration_from_jsonl_and_parquet(tiny_model, tmp_path):
+    from slim2gguf.calib import CalibrationError, read_text
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(3)))
+    assert read_text(str(jsonl)) == "line 0\n\nline 1\n\nline 2"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a b", "c d"]}), tmp_path / "c.parquet")
+    assert read_text(str(tmp_path / "c.parquet")) == "a b\n\nc d"
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "no_text.parquet")
+    with pytest.raises(CalibrationError, match="no 'text' column"):
+        read_text(str(tmp_path / "no_text.parquet"))
+    with pytest.raises(CalibrationError, match="neither"):
+        read_text(str(tmp_path / "absent.txt"))

@@ -232,6 +232,8 @@ def unpack(data: np.ndarray, stype: SlimType, n_cols: int) -> Unpacked:
     check_widths(widths, stype)
     offsets = group_offsets(widths, g)
     d, m, code = decode_header(data[:, offsets[:, None] + np.arange(HEADER_BYTES)])
+    if not (np.isfinite(d).all() and np.isfinite(m).all()):
+        raise FormatError("a group's scale or offset is not finite")
     expected = np.searchsorted(stype.widths, widths)
     if np.any(code != expected[None, :]):
         raise FormatError("rows of one tensor must share one width pattern")

@@ -145,7 +145,7 @@ def sdist_path() -> Path:
     if r.returncode != 0 or not tarball.is_file():
         raise LlamaCppError(
             f"could not download the {SDIST_PACKAGE}=={SDIST_VERSION} sdist (it vendors llama.cpp "
-            f"{PINNED_COMMIT[:10]}), and no git host is reachable. Set LLAMA_CPP_DIR to a llama.cpp "
+            f"{PINNED_COMMIT[:10]}), and git could not fetch that commit. Set LLAMA_CPP_DIR to a llama.cpp "
             f"checkout at that commit, or place {tarball.name} in {downloads}.\n{r.stderr.strip()[-1500:]}"
         )
     return tarball

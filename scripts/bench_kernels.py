@@ -82,7 +82,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     seconds = _time_ms(lambda: dst.copy_(src)) * 1e-3
-    del src, dst
     return 2 * COPY_BYTES / seconds
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -300,6 +301,10 @@ def make_file(entry: Entry, args: argparse.Namespace, work: Path, src: Path) -> 
     return seconds
 
 
+def result_path(work: Path, entry: Entry, key: str) -> Path:
+    return work / "results" / f"{entry.path.stem}-{key}.json"
+
+
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -317,7 +322,7 @@ def measure(
     chunks). ``logits`` is the F16 log-probabilities file for KL divergence (None: --skip-kld);
     the F16 run writes it."""
     made_s = make_file(entry, args, work, src)
-    saved = work / "results" / f"{entry.path.stem}-{key}.json"
+    saved = result_path(work, entry, key)
     res: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
     if res and res.get("build") != build_key():
         note = "was measured with another llama.cpp build (other patches); delete it to remeasure"
@@ -350,16 +355,33 @@ def measure(
         result, seconds = timed_tool("llama-perplexity", base, what, ppl_log)
         res.update(ppl=parse_llama_perplexity(result.stdout + result.stderr), ppl_s=seconds)
         _save(saved, res)
-    if not args.skip_bench and res.get("bench", {}).get("threads") != args.threads:
-        result, seconds = timed_tool(
-            "llama-bench",
-            ["-m", entry.path, "-p", PP_TOKENS, "-n", TG_TOKENS, "-t", args.threads, "-r", args.reps, "-o", "json"],
-            f"{entry.label}: llama-bench pp{PP_TOKENS} tg{TG_TOKENS} ×{args.reps}",
-            logs / f"{entry.path.stem}.bench.log",
-        )
-        res["bench"] = {"threads": args.threads, "reps": args.reps, "bench_s": seconds, **parse_bench(result.stdout)}
-        _save(saved, res)
     return res
+
+
+def measure_speed(entries: list[Entry], results: list[dict[str, Any]], args: argparse.Namespace, work: Path, key: str) -> None:
+    """llama-bench pp512 and tg128 of every file, side by side: each of ``args.rounds`` rounds
+    runs every file once in turn, so a slow spell of a shared machine hits all files alike.
+    Each result gets the median of its rounds and their range."""
+    settings = {"threads": args.threads, "rounds": args.rounds}
+    if all({k: r.get("bench", {}).get(k) for k in settings} == settings for r in results):
+        return
+    samples: dict[str, dict[str, list[float]]] = {r["label"]: {} for r in results}
+    for i in range(args.rounds):
+        for entry in entries:
+            result, _ = timed_tool(
+                "llama-bench",
+                ["-m", entry.path, "-p", PP_TOKENS, "-n", TG_TOKENS, "-t", args.threads, "-r", 1, "-o", "json"],
+                f"round {i + 1}/{args.rounds}, {entry.label}: llama-bench pp{PP_TOKENS} tg{TG_TOKENS}",
+                work / "logs" / f"{entry.path.stem}.bench.log",
+            )
+            for test, measured in parse_bench(result.stdout).items():
+                samples[entry.label].setdefault(test, []).append(measured["ts"])
+    for entry, res in zip(entries, results, strict=True):
+        res["bench"] = {
+            **settings,
+            **{test: {"ts": statistics.median(v), "lo": min(v), "hi": max(v), "samples": v} for test, v in samples[res["label"]].items()},
+        }
+        _save(result_path(work, entry, key), res)
 
 
 # --- reporting ---------------------------------------------------------------------------
@@ -392,7 +414,7 @@ def markdown(results: list[dict[str, Any]], header: str) -> str:
         header,
         "",
         "| file | made by | calibration | MiB | bpw all | bpw blocks | PPL | ×F16 | KLD "
-        f"| pp{PP_TOKENS} t/s | tg{TG_TOKENS} t/s | MiB read/token | implied GB/s | block weights not in the file's type |",
+        f"| pp{PP_TOKENS} t/s (range) | tg{TG_TOKENS} t/s (range) | MiB read/token | implied GB/s | block weights not in the file's type |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -408,8 +430,8 @@ def markdown(results: list[dict[str, Any]], header: str) -> str:
             f"{r['ppl']:.2f}",
             f"{r['ppl'] / f16['ppl']:.3f}",
             f"{r['kld']:.4f}" if "kld" in r else "",
-            f"{pp['ts']:.1f} ± {pp['sd']:.1f}" if pp else "",
-            f"{tg['ts']:.1f} ± {tg['sd']:.1f}" if tg else "",
+            f"{pp['ts']:.1f} ({pp['lo']:.0f}–{pp['hi']:.0f})" if pp else "",
+            f"{tg['ts']:.1f} ({tg['lo']:.0f}–{tg['hi']:.0f})" if tg else "",
             f"{r['tensor_bytes'] / 2**20:.1f}",
             f"{r['tensor_bytes'] * tg['ts'] / 1e9:.2f}" if tg else "",
             fallback_summary(r["fallbacks"]) or "none",
@@ -474,7 +496,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunks", type=int, default=20, help="llama-perplexity windows")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions (-r)")
+    ap.add_argument("--rounds", type=int, default=5, help="llama-bench rounds over all files (median reported)")
     ap.add_argument("--configs", default=OUR_CONFIGS, help="bench_quant.py configs whose checkpoints to export")
     ap.add_argument("--ckpt-key", default=DEFAULT_CKPT_KEY, help="checkpoint folder is CKPT_DIR/ckpt-<config>-<key>")
     ap.add_argument("--ckpt-dir", default=str(CACHE / "bench"), help="where scripts/bench_quant.py left its checkpoints")
@@ -497,7 +519,7 @@ def run(args: argparse.Namespace) -> None:
     src = ensure_source()
     key = eval_key(text_path, args.ctx, args.chunks)
     logits = None if args.skip_kld else work / f"f16-logits-{key}.kld"
-    results, skipped = [], []
+    results, measured, skipped = [], [], []
     for entry in entries:
         console.rule(f"{entry.label} ({entry.path.name})")
         try:
@@ -507,9 +529,12 @@ def run(args: argparse.Namespace) -> None:
             skipped.append(str(err))
             continue
         results.append(res)
+        measured.append(entry)
         kld = f", KLD {res['kld']:.4f}" if "kld" in res else ""
-        tg = f", tg{TG_TOKENS} {_tg(res):.1f} t/s" if _tg(res) else ""
-        console.print(f"  PPL {res['ppl']:.3f}{kld}{tg}")
+        console.print(f"  PPL {res['ppl']:.3f}{kld}")
+    if not args.skip_bench:
+        console.rule(f"speed: {args.rounds} rounds over {len(measured)} files")
+        measure_speed(measured, results, args, work, key)
     header = (
         f"SmolLM2-135M-Instruct; llama-perplexity on {text_path.name} (LF) ctx {args.ctx}, {args.chunks} chunks, "
         f"{args.threads} threads, {platform.machine()}; every file's token embedding in q8_0 (F16 = upstream "

@@ -46,7 +46,7 @@ DEFAULT_TARGETS = (
 )
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_TESTS=ON",  # only test-quantize-fns is built, by the end-to-end tests
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_CURL=OFF",
@@ -418,6 +418,7 @@ PATCH_SERIES = (
     ("0003-llama-slim-types.patch", ("src/", "include/")),
     ("0004-gguf-py-slim-types.patch", ("gguf-py/",)),
     ("0005-llama-slim-dump-tool.patch", ("tools/",)),
+    ("0006-tests-slim-types.patch", ("tests/",)),
 )
 
 

@@ -1,7 +1,9 @@
 """The patched llama.cpp's SliM kernels against slim2gguf.format, through llama-slim-dump.
 
 For every type, a synthetic GGUF (random codes, scales and offsets; balanced random width
-patterns using all three widths; odd row counts) is read back by ggml:
+patterns using all three widths; odd row counts; one tensor whose rows alternate between two
+width patterns, which the format allows and the kernels' shared-width fast path must notice)
+is read back by ggml:
 
 * dequantization (the type's to_float trait, and GET_ROWS on the CPU backend) must equal
   ``format.dequantize`` bit for bit;
@@ -10,7 +12,9 @@ patterns using all three widths; odd row counts) is read back by ggml:
 * corrupted data (bad width code, non-finite scale, widths that overrun the row) must be
   rejected by ``ggml_validate_row_data`` with a clear message, without a crash;
 * ops that would read inside a row (column views, CPY/DUP, reshapes that cut rows) must be
-  refused by the CPU backend's supports_op.
+  refused by the CPU backend's supports_op;
+* ggml's own test-quantize-fns must pass for the types (through the patch's reference
+  round-to-nearest quantizer).
 
 The kernels run in three builds: "native" (all of this CPU's SIMD: AVX2, plus AVX512-VNNI
 where present), "avx2" (plain AVX2) and "generic" (no SIMD: the scalar kernels).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -33,9 +38,10 @@ pytestmark = pytest.mark.e2e
 
 # SLIM2GGUF_KERNEL_TEST_VARIANTS=native skips the two extra (ggml-only) builds
 VARIANTS = tuple(os.environ.get("SLIM2GGUF_KERNEL_TEST_VARIANTS", "native,avx2,generic").split(","))
-# (rows, groups): odd row counts; 6 groups hold all three widths, 2 groups only b-1 and b+1
-SHAPES = {"a": (7, 6), "b": (3, 2)}
-BATCHES = (1, 5)  # activation columns: 1 takes ggml's vector path, 5 its matrix chunking
+# tag -> (rows, groups, rows alternate between two width patterns): odd row counts; 6 groups
+# hold all three widths, 2 groups only b-1 and b+1
+SHAPES = {"a": (7, 6, False), "b": (3, 2, False), "mixed": (9, 6, True)}
+BATCHES = (1, 7)  # activation columns: 1 for token generation; 7 = tiles of 4, 2 and 1 columns
 THREADS = 2
 
 
@@ -64,29 +70,53 @@ def _skip_reason(variant: str) -> str | None:
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
-def dump_tool(request) -> Path:
+def variant(request) -> str:
     reason = _skip_reason(request.param)
     if reason:
         pytest.skip(reason)
-    return llamacpp.binary(llamacpp.DUMP_TOOL, cpu=request.param)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def dump_tool(variant) -> Path:
+    return llamacpp.binary(llamacpp.DUMP_TOOL, cpu=variant)
 
 
 # --- synthetic tensors ---------------------------------------------------------------------
 
 
-def _random_tensor(stype: fmt.SlimType, rows: int, n_groups: int, rng: np.random.Generator):
-    """Packed rows plus what they encode; widths balanced, all three used when n_groups >= 3."""
-    b, g = stype.bits, stype.group_size
+def _random_widths(b: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
+    """A balanced width pattern; all three widths when n_groups >= 3."""
     n_changed = int(rng.integers(1, n_groups // 2 + 1))
     widths = np.array([b - 1] * n_changed + [b + 1] * n_changed + [b] * (n_groups - 2 * n_changed))
     rng.shuffle(widths)
+    return widths
+
+
+def _random_tensor(stype: fmt.SlimType, rows: int, n_groups: int, rng: np.random.Generator, mixed: bool = False):
+    """Packed rows plus their width pattern (None when ``mixed``: odd rows get a second pattern,
+    so fmt.unpack rejects the tensor and references are made row by row)."""
+    if mixed:
+        patterns = [_random_widths(stype.bits, n_groups, rng) for _ in range(2)]
+        while np.array_equal(*patterns):
+            patterns[1] = _random_widths(stype.bits, n_groups, rng)
+        parts = [_random_tensor_rows(stype, 1, patterns[r % 2], rng, constant_group=r == 0) for r in range(rows)]
+        return np.concatenate(parts), None
+    widths = _random_widths(stype.bits, n_groups, rng)
+    return _random_tensor_rows(stype, rows, widths, rng), widths
+
+
+def _random_tensor_rows(
+    stype: fmt.SlimType, rows: int, widths: np.ndarray, rng: np.random.Generator, constant_group: bool = True
+) -> np.ndarray:
+    g, n_groups = stype.group_size, len(widths)
     codes = np.concatenate([rng.integers(0, 1 << int(w), size=(rows, g)) for w in widths], axis=1)
     d = rng.uniform(1e-3, 0.25, size=(rows, n_groups)).astype(np.float16)
     d = (d.view(np.uint16) & np.uint16(fmt.SCALE_VALUE_MASK)).view(np.float16)
     m = rng.uniform(-1.0, 1.0, size=(rows, n_groups)).astype(np.float16)
-    d[0, 0] = 0.0  # a constant group
-    packed = fmt.pack(codes, d, m, widths, stype)
-    return packed, widths
+    if constant_group:
+        d[0, 0] = 0.0
+    return fmt.pack(codes, d, m, widths, stype)
 
 
 def _write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, fmt.SlimType]]) -> None:
@@ -107,8 +137,8 @@ def model(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, fmt.SlimT
     rng = np.random.default_rng(20240611)
     tensors = {}
     for stype in fmt.SLIM_TYPES:
-        for tag, (rows, n_groups) in SHAPES.items():
-            packed, _ = _random_tensor(stype, rows, n_groups, rng)
+        for tag, (rows, n_groups, mixed) in SHAPES.items():
+            packed, _ = _random_tensor(stype, rows, n_groups, rng, mixed)
             tensors[f"{stype.name.lower()}.{tag}"] = (packed, stype)
     path = tmp_path_factory.mktemp("slim") / "kernels.gguf"
     _write_gguf(path, tensors)
@@ -125,6 +155,14 @@ def _run(tool: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
 TENSOR_IDS = [f"{t.name.lower()}.{tag}" for t in fmt.SLIM_TYPES for tag in SHAPES]
 
 
+def _unpack_rows(packed: np.ndarray, stype: fmt.SlimType, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 weights [rows, cols], offsets m [rows, groups]), row by row: a tensor's rows
+    may differ in widths, which fmt.unpack (one pattern per tensor) rejects."""
+    us = [fmt.unpack(packed[r : r + 1], stype, cols) for r in range(packed.shape[0])]
+    w = np.concatenate([fmt.dequantize_codes(u.codes, u.d, u.m, stype.group_size) for u in us])
+    return w, np.concatenate([u.m for u in us])
+
+
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
@@ -137,7 +175,7 @@ def test_dequantize_bit_exact(dump_tool, model, name, tmp_path):
     path, tensors = model
     packed, stype = tensors[name]
     cols = packed.shape[1] // stype.block_bytes * stype.group_size
-    expected = fmt.dequantize(packed, stype, cols)
+    expected, _ = _unpack_rows(packed, stype, cols)
 
     out = tmp_path / "deq.f32"
     _run(dump_tool, path, "dequant", name, out)
@@ -174,12 +212,12 @@ def _check_mul_mat(got: np.ndarray, x: np.ndarray, packed: np.ndarray, stype: fm
        that catches a single wrong code: 2^-10 * the s terms + 1e-5 of sum |w x_q| + one
        rounding flip of one activation (max |w| * d_a) between ggml's and this emulation.
     """
-    u = fmt.unpack(packed, stype, cols)
-    w = fmt.dequantize_codes(u.codes, u.d, u.m, stype.group_size).astype(np.float64)  # [R, cols]
+    w, m = _unpack_rows(packed, stype, cols)
+    w = w.astype(np.float64)  # [R, cols]
     x64 = x.astype(np.float64)
     xq, da = _q8_1(x)
     g = stype.group_size
-    m_cols = np.repeat(u.m.astype(np.float64), g, axis=1)  # offset of each weight's group [R, cols]
+    m_cols = np.repeat(m.astype(np.float64), g, axis=1)  # offset of each weight's group [R, cols]
     chunk_sum = lambda v: np.abs(v.reshape(v.shape[0], -1, 32).sum(axis=-1))  # noqa: E731  [N, chunks]
     m_chunks = np.abs(m_cols[:, ::32])  # [R, chunks]
     s_term = chunk_sum(xq) @ m_chunks.T * 2.0**-10  # [N, R]
@@ -311,3 +349,21 @@ def test_unnamed_type_ids_are_invalid(dump_tool, tmp_path):
     r = _run(dump_tool, path, "list", check=False)
     assert r.returncode != 0 and "invalid ggml type 500" in r.stderr, r.stderr
 
+
+
+# --- ggml's own test -----------------------------------------------------------------------------
+
+_QUANTIZE_FNS_LINE = re.compile(r"^\s*(slim\d_g\d+) ([a-z ()=\d]+?):\s+(ok|FAILED)", re.MULTILINE)
+
+
+def test_quantize_fns(variant):
+    """test-quantize-fns on the SliM types: round trip through the reference quantizer, the CPU
+    from_float against from_float_ref, and vec_dot against float dot products."""
+    tool = llamacpp.binary("test-quantize-fns", cpu=variant)
+    out = _run(tool, "-v", check=False).stdout
+    results = {(t, check): verdict for t, check, verdict in _QUANTIZE_FNS_LINE.findall(out)}
+    names = {t.name.lower() for t in fmt.SLIM_TYPES}
+    assert {t for t, _ in results} == names, out[-2000:]
+    assert len(results) == 3 * len(names), sorted(results)
+    failed = sorted(k for k, v in results.items() if v != "ok")
+    assert not failed, f"test-quantize-fns failed {failed}:\n{out[-2000:]}"

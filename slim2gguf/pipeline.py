@@ -158,9 +158,11 @@ def _quantize_block(
     allocation: dict[str, list[int]] | None,
     sampling: tuple[int, torch.Tensor],
     dev: torch.device,
-) -> tuple[dict[str, QuantizedTensor], list[torch.Tensor], float | None]:
-    """Quantize one block's linears in place; return them, the quantized block's outputs
-    (next block's inputs) and its relative output error (None without calibration)."""
+) -> tuple[dict[str, QuantizedTensor], dict[str, dict[str, float]], list[torch.Tensor], float | None]:
+    """Quantize one block's linears in place; return them, the SBA search's summary per
+    linear (chosen candidate i, its KL, the uniform allocation's KL; empty without a
+    search), the quantized block's outputs (next block's inputs) and its relative output
+    error (None without calibration)."""
     collectors: dict[str, _Collector] = {}
     if batches:
         collectors = {n: _Collector(lin, *sampling, dev) for n, lin in linears.items()}
@@ -168,7 +170,7 @@ def _quantize_block(
         reference = _run_block(layer, batches, dev)
         for h in handles:
             h.remove()
-    tensors = {}
+    tensors, searches = {}, {}
     for name, lin in linears.items():
         given = None
         if allocation is not None:
@@ -179,15 +181,17 @@ def _quantize_block(
         col = collectors.get(name)
         hessian, sample = (col.h, torch.cat(col.sample).to(dev)) if col else (None, None)
         with few_threads(dev):
-            qt, _info = quantize_linear(lin.weight.data.to(dev), hessian, sample, quant, given)
+            qt, search = quantize_linear(lin.weight.data.to(dev), hessian, sample, quant, given)
         lin.weight.data = qt.dequantize().to(dev, lin.weight.dtype)
         tensors[name] = qt
+        if search:
+            searches[name] = search
     if not batches:
-        return tensors, [], None
+        return tensors, searches, [], None
     outputs = _run_block(layer, batches, dev)
     num = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
     den = sum(float(r.pow(2).sum()) for r in reference)
-    return tensors, outputs, num / max(den, 1e-30)
+    return tensors, searches, outputs, num / max(den, 1e-30)
 
 
 def load_allocation(path: str | os.PathLike) -> dict[str, list[int]]:
@@ -256,10 +260,11 @@ def quantize_model(
                 outputs = _run_block(layer, batches, dev)
                 progress.update(task, description=f"block {i}: replayed from checkpoint")
             else:
-                tensors, outputs, rel_err = _quantize_block(
+                tensors, searches, outputs, rel_err = _quantize_block(
                     layer, linears, batches, quant, allocation, (n_tokens, sample_idx), dev
                 )
-                writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err})
+                info = {"block": i, "rel_output_error": rel_err, **({"sba_search": searches} if searches else {})}
+                writer.write_block(i, tensors, info)
                 block_widths = Counter(w for qt in tensors.values() for w in qt.widths.tolist())
                 width_groups.update(block_widths)
                 error = f"  out err {rel_err:.2e}" if rel_err is not None else ""

@@ -46,6 +46,12 @@ def test_checkpoint_is_complete_and_self_describing(slim_ckpt):
         assert qt.bits == 2 and set(qt.widths.tolist()) <= {1, 2, 3}
         assert ck.manifest["tensors"][name]["widths"] == qt.widths.tolist()
     assert "versions" in ck.manifest and len(ck.manifest["blocks"]) == 2
+    for block in ck.manifest["blocks"]:  # the SBA search's choice per linear, for inspection
+        searches = block["sba_search"]
+        assert len(searches) == 7
+        for found in searches.values():
+            assert found["i"] >= 0 and found["kl"] <= found["kl_uniform"]
+            assert (found["i"] == 0) == (found["kl"] == found["kl_uniform"])
 
 
 def test_same_seed_gives_identical_checkpoint(slim_ckpt, tiny_model, tiny_text, tmp_path):
@@ -86,6 +92,7 @@ def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):
     out = tmp_path / "reused"
     quantize_model(str(tiny_model), out, SLIM, CalibSettings(str(tiny_text), 8, 64, seed=99), allocation=alloc)
     assert Checkpoint(out).allocation() == Checkpoint(slim_ckpt).allocation()
+    assert all("sba_search" not in block for block in Checkpoint(out).manifest["blocks"])  # no search ran
     bad = dict(alloc)
     name = next(iter(bad))
     bad[name] = [3] * len(bad[name])

@@ -449,18 +449,20 @@ PLOT_STYLES = {  # method -> (marker, colour, legend)
 
 
 def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Perplexity and KL divergence to F16 (both log) against bits per block weight, side by
-    side: where the perplexities crowd together (4.5 bpw), the KLDs still separate."""
+    """Perplexity and KL divergence to F16 (both log; KLD when measured) against bits per
+    block weight, side by side: where the perplexities crowd together (4.5 bpw), the KLDs
+    still separate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    panels = [("ppl", "perplexity")] + ([("kld", "KL divergence to F16")] if any("kld" in r for r in results) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6), squeeze=False)
     f16 = next(r for r in results if r["label"] == REFERENCE)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
-    for ax, metric, name in ((axes[0], "ppl", "perplexity"), (axes[1], "kld", "KL divergence to F16")):
+    for ax, (metric, name) in zip(axes[0], panels, strict=True):
         if metric == "ppl":
             ax.axhline(f16["ppl"], ls="--", lw=1, color="grey", label=f"F16 (16 bpw): {f16['ppl']:.2f}")
         for method, (marker, colour, legend) in PLOT_STYLES.items():

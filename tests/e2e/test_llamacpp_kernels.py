@@ -93,17 +93,16 @@ def _random_widths(b: int, n_groups: int, rng: np.random.Generator) -> np.ndarra
     return widths
 
 
-def _random_tensor(stype: fmt.SlimType, rows: int, n_groups: int, rng: np.random.Generator, mixed: bool = False):
-    """Packed rows plus their width pattern (None when ``mixed``: odd rows get a second pattern,
-    so fmt.unpack rejects the tensor and references are made row by row)."""
+def _random_tensor(stype: fmt.SlimType, rows: int, n_groups: int, rng: np.random.Generator, mixed: bool = False) -> np.ndarray:
+    """Packed rows; with ``mixed``, odd rows get a second width pattern (fmt.unpack rejects
+    such a tensor, so references are made row by row)."""
     if mixed:
         patterns = [_random_widths(stype.bits, n_groups, rng) for _ in range(2)]
         while np.array_equal(*patterns):
             patterns[1] = _random_widths(stype.bits, n_groups, rng)
         parts = [_random_tensor_rows(stype, 1, patterns[r % 2], rng, constant_group=r == 0) for r in range(rows)]
-        return np.concatenate(parts), None
-    widths = _random_widths(stype.bits, n_groups, rng)
-    return _random_tensor_rows(stype, rows, widths, rng), widths
+        return np.concatenate(parts)
+    return _random_tensor_rows(stype, rows, _random_widths(stype.bits, n_groups, rng), rng)
 
 
 def _random_tensor_rows(
@@ -138,8 +137,7 @@ def model(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, fmt.SlimT
     tensors = {}
     for stype in fmt.SLIM_TYPES:
         for tag, (rows, n_groups, mixed) in SHAPES.items():
-            packed, _ = _random_tensor(stype, rows, n_groups, rng, mixed)
-            tensors[f"{stype.name.lower()}.{tag}"] = (packed, stype)
+            tensors[f"{stype.name.lower()}.{tag}"] = (_random_tensor(stype, rows, n_groups, rng, mixed), stype)
     path = tmp_path_factory.mktemp("slim") / "kernels.gguf"
     _write_gguf(path, tensors)
     return path, tensors
@@ -303,7 +301,7 @@ def _corrupt(packed: np.ndarray, stype: fmt.SlimType, how: str) -> np.ndarray:
 @pytest.mark.parametrize("stype", [fmt.slim_type(2, 32), fmt.slim_type(3, 64), fmt.slim_type(4, 128)], ids=str)
 def test_corrupt_data_is_rejected(dump_tool, tmp_path, how, message, stype):
     rng = np.random.default_rng(5)
-    packed, _ = _random_tensor(stype, 5, 6, rng)
+    packed = _random_tensor(stype, 5, 6, rng)
     bad = _corrupt(packed, stype, how)
     with pytest.raises(fmt.FormatError):
         fmt.unpack(bad, stype, 6 * stype.group_size)
@@ -348,7 +346,6 @@ def test_unnamed_type_ids_are_invalid(dump_tool, tmp_path):
     path.write_bytes(bytes(data))
     r = _run(dump_tool, path, "list", check=False)
     assert r.returncode != 0 and "invalid ggml type 500" in r.stderr, r.stderr
-
 
 
 # --- ggml's own test -----------------------------------------------------------------------------

@@ -8,7 +8,10 @@ is read back by ggml:
 * dequantization (the type's to_float trait, and GET_ROWS on the CPU backend) must equal
   ``format.dequantize`` bit for bit;
 * MUL_MAT on the CPU backend (vec_dot against Q8_1 activations) must match float64
-  references: see ``_check_mul_mat`` for the two tolerances;
+  references: see ``_check_mul_mat`` for the two tolerances. It runs twice: with the tensor
+  in a plain CPU buffer, and in the CPU_REPACK buffer where llama.cpp keeps weights by
+  default, whose AVX2 builds interleave SliM tensors by 8 rows at load time (tensors whose
+  rows differ in width within 8 rows are kept as they are, and other row counts refused);
 * corrupted data (bad width code, non-finite scale, widths that overrun the row) must be
   rejected by ``ggml_validate_row_data`` with a clear message, without a crash;
 * ops that would read inside a row (column views, CPY/DUP, reshapes that cut rows) must be
@@ -39,8 +42,8 @@ pytestmark = pytest.mark.e2e
 # SLIM2GGUF_KERNEL_TEST_VARIANTS=native skips the two extra (ggml-only) builds
 VARIANTS = tuple(os.environ.get("SLIM2GGUF_KERNEL_TEST_VARIANTS", "native,avx2,generic").split(","))
 # tag -> (rows, groups, rows alternate between two width patterns): odd row counts; 6 groups
-# hold all three widths, 2 groups only b-1 and b+1
-SHAPES = {"a": (7, 6, False), "b": (3, 2, False), "mixed": (9, 6, True)}
+# hold all three widths, 2 groups only b-1 and b+1; "x8" tensors have whole blocks of 8 rows
+SHAPES = {"a": (7, 6, False), "b": (3, 2, False), "mixed": (9, 6, True), "x8": (16, 6, False), "x8mixed": (8, 6, True)}
 BATCHES = (1, 7)  # activation columns: 1 for token generation; 7 = tiles of 4, 2 and 1 columns
 THREADS = 2
 
@@ -56,6 +59,11 @@ def _x86_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def _interleaves(variant: str) -> bool:
+    """Whether the build interleaves SliM tensors in CPU_REPACK (its AVX2/F16C/FMA kernels)."""
+    return variant != "generic" and {"avx2", "fma", "f16c"} <= _x86_flags()
 
 
 def _skip_reason(variant: str) -> str | None:
@@ -230,9 +238,10 @@ def _check_mul_mat(got: np.ndarray, x: np.ndarray, packed: np.ndarray, stype: fm
     assert np.all(err2 <= tol2), f"mul_mat vs W @ Q8_1(x): worst error/tolerance {np.max(err2 / tol2):.3f}"
 
 
+@pytest.mark.parametrize("buffer", ["cpu", "repack"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", TENSOR_IDS)
-def test_mul_mat(dump_tool, model, name, batch, tmp_path):
+def test_mul_mat(variant, dump_tool, model, name, batch, buffer, tmp_path):
     path, tensors = model
     packed, stype = tensors[name]
     cols = packed.shape[1] // stype.block_bytes * stype.group_size
@@ -241,7 +250,15 @@ def test_mul_mat(dump_tool, model, name, batch, tmp_path):
     x[0, :32] *= 8.0  # one block with a wider range
     x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
     x.tofile(x_file)
-    _run(dump_tool, path, "mul-mat", name, x_file, batch, out, THREADS)
+    options = ["--repack"] if buffer == "repack" else []
+    r = _run(dump_tool, *options, path, "mul-mat", name, x_file, batch, out, THREADS, check=not options)
+    if options:
+        _, _, mixed = SHAPES[name.split(".")[1]]
+        if not (_interleaves(variant) and packed.shape[0] % 8 == 0):
+            assert r.returncode == 1 and "refuses" in r.stderr, r.stderr
+            return
+        assert r.returncode == 0, r.stderr
+        assert ("kept as is" if mixed else "interleaved by 8 rows") in r.stderr, r.stderr
     got = np.fromfile(out, dtype=np.float32).reshape(batch, packed.shape[0]).astype(np.float64)
     _check_mul_mat(got, x, packed, stype, cols)
 

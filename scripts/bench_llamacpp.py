@@ -311,23 +311,20 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _save(path: Path, result: dict[str, Any]) -> None:
-    result["build"] = build_key()  # the llama.cpp build (patches) of the latest measurement
+    result["build"] = build_key()  # the llama.cpp build (patches) of every measurement in it
     write_bytes_atomic(path, json.dumps(result, indent=1).encode())
 
 
 def measure(
     entry: Entry, args: argparse.Namespace, work: Path, src: Path, text: Path, key: str, logits: Path | None
 ) -> dict[str, Any]:
-    """Every measurement of one file, reusing those saved for the same file and ``key`` (text, ctx,
-    chunks). ``logits`` is the F16 log-probabilities file for KL divergence (None: --skip-kld);
-    the F16 run writes it."""
+    """Every measurement of one file, reusing those saved for the same file, llama.cpp build
+    (patches) and ``key`` (text, ctx, chunks). ``logits`` is the F16 log-probabilities file
+    for KL divergence (None: --skip-kld); the F16 run writes it."""
     made_s = make_file(entry, args, work, src)
     saved = result_path(work, entry, key)
     res: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
-    if res and res.get("build") != build_key():
-        note = "was measured with another llama.cpp build (other patches); delete it to remeasure"
-        console.print(f"[yellow]note:[/yellow] {saved} {note}")
-    if res.get("stamp") != _stamp(entry.path):  # new, or the file was rebuilt since
+    if res.get("stamp") != _stamp(entry.path) or res.get("build") != build_key():  # new, rebuilt, or other kernels
         res = {
             "label": entry.label, "method": entry.method, "file": str(entry.path), "stamp": _stamp(entry.path),
             "file_mib": entry.path.stat().st_size / 2**20, "calibration": entry.calibration, "make_s": made_s,
@@ -413,8 +410,11 @@ def markdown(results: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        "| file | made by | calibration | MiB | bpw all | bpw blocks | PPL | ×F16 | KLD "
-        f"| pp{PP_TOKENS} t/s (range) | tg{TG_TOKENS} t/s (range) | MiB read/token | implied GB/s | block weights not in the file's type |",
+        (
+            "| file | made by | calibration | MiB | bpw all | bpw blocks | PPL | ×F16 | KLD "
+            f"| pp{PP_TOKENS} t/s (range) | tg{TG_TOKENS} t/s (range) | MiB read/token | implied GB/s "
+            "| block weights not in the file's type |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -15,19 +15,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(llamacpp.app, name="llama-cpp", help="Build the patched llama.cpp that runs SliM files.")
 console = Console(stderr=True)
 
-ModelArg = typer.Argument(..., help="Hugging Face model directory, hub id (online), or 'smollm2-135m' (demo).")
+ModelArg = typer.Argument(..., help="Hugging Face model directory, GGUF file, hub id (online), 'smollm2-135m' (demo) or 'qwen2.5-coder-1.5b' (benchmark).")
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
-def _settings(method: str, bits: int, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool):
+def _settings(method: str, bits: int, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None):
+    from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
     try:
-        return QuantSettings(method, bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc)
+        classes = parse_tensor_classes(tensors) if tensors is not None else None
+        return QuantSettings(method, bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes)
     except ValueError as err:
         _fail(str(err))
 
@@ -60,15 +62,16 @@ SBA_TOKENS = typer.Option(1024, "--sba-tokens", help="Calibration tokens used to
 SBA = typer.Option(True, "--sba/--no-sba", help="Salience-determined bit allocation (slim only).")
 SQC = typer.Option(True, "--sqc/--no-sqc", help="Salience-weighted quantizer calibration (slim only).")
 ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths of a checkpoint manifest or {name: [widths]} JSON.")
+TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g. ffn_down or attn_v,ffn_down); the rest stay float (F16 in the file).")
 
 
-def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation):
+def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors):
     from .checkpoint import CheckpointError
     from .methods import DEFAULT_SQC_LAMBDA
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
-    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc)
+    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors)
     try:
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
@@ -86,10 +89,10 @@ def quantize(
     bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION,
+    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
 ) -> None:
     """Quantize a model into a checkpoint (resumable; written atomically)."""
-    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation)
+    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors)
     console.print(_summary_table(report, f"{method} {bits}-bit checkpoint: {report.path}"))
 
 
@@ -156,7 +159,7 @@ def convert(
     bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION,
+    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
     embed_type: str = typer.Option("q8_0", "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0."),
     output_type: str = typer.Option("q8_0", "--output-type", help="Untied LM head type: f32, f16, bf16, q8_0."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
@@ -177,7 +180,7 @@ def convert(
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror}")
     ckpt_dir = checkpoint or _default_checkpoint(out)
-    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation)
+    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors)
     try:
         exported = export_gguf(report.path, out, embed_type, output_type)
     except KeyboardInterrupt:

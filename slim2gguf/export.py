@@ -105,15 +105,17 @@ def export_gguf(
     head ``output_type``: each one of f32, f16, bf16, q8_0. (Where a row is not a
     multiple of 32, the converter stores f16 instead of q8_0 and logs a warning; a
     SliM model never has such rows, its hidden size being a multiple of the group
-    size.) Norms and other 1-D tensors stay F32. Block weights missing from the
-    checkpoint stay F32, with an ExportWarning.
+    size.) Norms and other 1-D tensors stay F32. Block weights a ``tensors`` selection
+    left float are stored as F16 (as llama-quantize stores tensors it is told to keep);
+    other block weights missing from the checkpoint stay F32, with an ExportWarning.
 
     ``general.file_type`` is the type id of the SliM type holding most of the
     quantized weights (1000-1008, e.g. 1004 for SLIM3_G64), following llama.cpp's
     convention that the file type names the dominant weight type. The values lie
     clear of upstream's file types and of its GUESSED flag (1024): stock llama.cpp
     shows "unknown" (it cannot load the file anyway), a patched one can name them.
-    ``slim2gguf.{version,method,bits,group_size}`` record how the weights were made.
+    ``slim2gguf.{version,method,bits,group_size}`` (and ``slim2gguf.tensors`` for a
+    selection) record how the weights were made.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     settings = ckpt.settings

@@ -139,6 +139,8 @@ def _slim_model_class(base: type) -> type:
             self.gguf_writer.add_string(KV_PREFIX + "method", str(self.kvs["method"]))
             self.gguf_writer.add_uint32(KV_PREFIX + "bits", int(self.kvs["bits"]))
             self.gguf_writer.add_uint32(KV_PREFIX + "group_size", int(self.kvs["group_size"]))
+            if self.kvs["tensors"] is not None:
+                self.gguf_writer.add_string(KV_PREFIX + "tensors", ",".join(self.kvs["tensors"]))
 
         def modify_tensors(self, data_torch: torch.Tensor, name: str, bid: int | None) -> Iterable[tuple[str, Any]]:
             self.advance()
@@ -161,6 +163,8 @@ def _slim_model_class(base: type) -> type:
             if self.match_model_tensor_name(new_name, gguf.MODEL_TENSOR.OUTPUT, None):
                 return output
             if bid is not None and n_dims >= 2 and new_name.endswith(".weight"):
+                if self.kvs["tensors"] is not None:  # left float on purpose (--tensors): F16, as llama.cpp would
+                    return QT.F16
                 self.notes.append(f"{new_name} is not in the checkpoint; stored as F32")
             return super().tensor_force_quant(name, new_name, bid, n_dims)
 
@@ -241,7 +245,8 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not job["progress"]) as bar:
         packed, widths = _pack(ckpt, model_class, bar)
-        kvs = {"file_type": _file_type(packed), **{k: settings[k] for k in ("method", "bits", "group_size")}}
+        kvs = {"file_type": _file_type(packed), "tensors": settings.get("tensors")}
+        kvs.update({k: settings[k] for k in ("method", "bits", "group_size")})
         converting = bar.add_task("converting")
         with torch.inference_mode():
             model = model_class(

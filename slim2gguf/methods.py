@@ -9,6 +9,7 @@ import torch
 
 from . import format as fmt
 from .allocation import search_allocation
+from .architectures import TENSOR_CLASSES
 from .gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc
@@ -29,6 +30,7 @@ class QuantSettings:
     sba_tokens: int = 1024
     sba: bool = True
     sqc: bool = True
+    tensors: tuple[str, ...] | None = None  # llama.cpp class names to quantize (None: every linear)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -36,9 +38,15 @@ class QuantSettings:
         fmt.slim_type(self.bits, self.group_size)
         if self.damp <= 0:
             raise ValueError("--damp must be positive")
+        if self.tensors is not None and (not self.tensors or not set(self.tensors) <= set(TENSOR_CLASSES)):
+            raise ValueError(f"tensors must be a non-empty selection of {', '.join(TENSOR_CLASSES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready (a list for the selection, as it reads back from a manifest)."""
+        data = asdict(self)
+        if self.tensors is not None:
+            data["tensors"] = list(self.tensors)
+        return data
 
 
 def check_allocation(widths: list[int], n_groups: int, bits: int, name: str) -> None:

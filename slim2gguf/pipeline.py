@@ -24,12 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from . import __version__
+from .architectures import in_classes
 from .calib import calibration_windows
 from .checkpoint import CheckpointWriter
 from .gptq import few_threads
 from .methods import QuantSettings, check_allocation, quantize_linear
-from .qtensor import QuantizedTensor
 from .models import architecture_of, block_linears, decoder_layers, load_model, load_tokenizer, resolve_model
+from .qtensor import QuantizedTensor
 
 BATCH = 8
 
@@ -65,11 +66,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_shapes(model: nn.Module, group_size: int) -> None:
+def quantized_linears(model: nn.Module, index: int, quant: QuantSettings) -> dict[str, nn.Linear]:
+    """The linears of block ``index`` that ``quant`` quantizes (its ``tensors`` selection);
+    the others stay float, in calibration too."""
+    return {n: lin for n, lin in block_linears(model, index).items() if in_classes(n, quant.tensors)}
+
+
+def check_shapes(model: nn.Module, quant: QuantSettings) -> None:
     """Every quantized linear's input size must be a multiple of the group size."""
+    group_size = quant.group_size
     bad = {}
     for i in range(len(decoder_layers(model))):
-        for name, lin in block_linears(model, i).items():
+        for name, lin in quantized_linears(model, i, quant).items():
             if lin.in_features % group_size:
                 bad[name] = lin.in_features
     if not bad:
@@ -224,7 +232,7 @@ def quantize_model(
     if allocation is not None and quant.method != "slim":
         raise ValueError("--allocation applies to --method slim only")
     model = load_model(path)
-    check_shapes(model, quant.group_size)
+    check_shapes(model, quant)
     tokenizer = load_tokenizer(path)
     layers = decoder_layers(model)
     settings = {
@@ -253,7 +261,7 @@ def quantize_model(
         task = progress.add_task("quantizing blocks", total=len(layers))
         for i, layer in enumerate(layers):
             layer.to(dev)
-            linears = block_linears(model, i)
+            linears = quantized_linears(model, i, quant)
             if i < resumed:
                 for name, lin in linears.items():
                     lin.weight.data = stored[name].dequantize().to(dev, lin.weight.dtype)

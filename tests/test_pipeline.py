@@ -170,3 +170,37 @@ def test_self_generated_calibration_is_deterministic(tiny_model):
     a = self_generated(model, tok, nsamples=3, seqlen=16, seed=5)
     b = self_generated(model, tok, nsamples=3, seqlen=16, seed=5)
     assert a.shape == (3, 16) and torch.equal(a, b)
+
+
+def test_tensor_selection_quantizes_only_that_class(slim_ckpt, tiny_model, tiny_text, tmp_path):
+    out = tmp_path / "down"
+    quantize_model(str(tiny_model), out, QuantSettings("slim", 2, 32, sba_tokens=256, tensors=("ffn_down",)), calib(tiny_text))
+    ck = Checkpoint(out)
+    assert ck.settings["tensors"] == ["ffn_down"]
+    selected = dict(ck.tensors())
+    assert sorted(selected) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    # the other linears stay float in calibration too: block 1 sees block 0's output with
+    # only down_proj quantized, not the all-linears run's, so its weights come out otherwise
+    everything = dict(Checkpoint(slim_ckpt).tensors())
+    first, second = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
+    assert torch.equal(selected[first].dequantize(), everything[first].dequantize())  # same float inputs
+    assert not torch.equal(selected[second].dequantize(), everything[second].dequantize())
+
+
+def test_tensor_selection_checks_only_selected_shapes(tiny_text, tmp_path):
+    from conftest import make_tiny_model
+
+    odd = make_tiny_model(tmp_path / "odd", hidden=96, layers=1)  # ffn_down has 192 inputs
+    quantize_model(str(odd), tmp_path / "o", QuantSettings("gptq", 3, 64, tensors=("ffn_down",)), calib(tiny_text))
+    assert list(dict(Checkpoint(tmp_path / "o").tensors())) == ["model.layers.0.mlp.down_proj"]
+
+
+def test_tensor_classes_parse_and_validate():
+    from slim2gguf.architectures import parse_tensor_classes
+
+    assert parse_tensor_classes("ffn_down, attn_v,ffn_down") == ("attn_v", "ffn_down")
+    for bad in ("", "ffn_dwn", "attn_q,output"):
+        with pytest.raises(ValueError, match="--tensors takes a comma-separated list of attn_q"):
+            parse_tensor_classes(bad)
+    with pytest.raises(ValueError, match="non-empty selection"):
+        QuantSettings("slim", 3, 64, tensors=("lm_head",))

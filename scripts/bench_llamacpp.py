@@ -88,15 +88,25 @@ _NO_FALLBACK = re.compile(r"no tensor type fallback is defined for type (\S+)")
 _NOT_DIVISIBLE = re.compile(r"ncols\s+(\d+) not divisible by\s+(\d+)")
 
 
-def parse_kld_run(log: str) -> tuple[float, float]:
-    """(PPL, mean KL divergence) from a ``llama-perplexity --kl-divergence`` log.
+_KLD_STATS = (  # what a ``llama-perplexity --kl-divergence`` run reports, by record key
+    ("ppl", _MEAN_PPL_Q),
+    ("kld_mean", _MEAN_KLD),
+    ("kld_p99", re.compile(r"99\.0%\s+KLD:\s*" + _NUMBER)),
+    ("same_top_pct", re.compile(r"Same top p:\s*" + _NUMBER)),
+)
+
+
+def parse_kld_stats(log: str) -> dict[str, float]:
+    """PPL, mean and 99th-percentile KL divergence and same-top-token % from a
+    ``llama-perplexity --kl-divergence`` log.
 
     That run scores the same tokens as a plain perplexity run, so its "Mean PPL(Q)" is the
-    file's perplexity and one run gives both numbers."""
-    ppl, kld = _MEAN_PPL_Q.search(log), _MEAN_KLD.search(log)
-    if ppl is None or kld is None:
-        raise LlamaToolError(f"no 'Mean PPL(Q)' / 'Mean    KLD:' lines in the llama-perplexity log:\n{log_tail(log)}")
-    return float(ppl.group(1)), float(kld.group(1))
+    file's perplexity and one run gives every number."""
+    found = {key: rx.search(log) for key, rx in _KLD_STATS}
+    missing = [key for key, match in found.items() if match is None]
+    if missing:
+        raise LlamaToolError(f"no {', '.join(missing)} in the llama-perplexity log:\n{log_tail(log)}")
+    return {key: float(match.group(1)) for key, match in found.items()}
 
 
 def quantize_refusal(log: str) -> str | None:
@@ -177,18 +187,15 @@ def timed_tool(
     return result, seconds
 
 
-def convert_f16(work: Path, src: Path) -> Path:
-    """The demo model as F16 by the pinned upstream converter (run with its own gguf-py)."""
+def convert_f16(work: Path, src: Path, model_dir: Path) -> Path:
+    """The model as F16 by the pinned upstream converter (run with its own gguf-py)."""
     out = work / "convert-f16.gguf"
     if out.exists():
         return out
-    from slim2gguf.demo import demo_model_dir
-
-    model_dir = demo_model_dir()
     paths = [str(src / "gguf-py"), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
     t0 = time.perf_counter()
-    with atomic_path(out) as tmp, console.status("converting the demo model to F16 (upstream converter)…"):
+    with atomic_path(out) as tmp, console.status(f"converting {model_dir.name} to F16 (upstream converter)…"):
         cmd = [sys.executable, src / "convert_hf_to_gguf.py", model_dir, "--outtype", "f16", "--outfile", tmp]
         cmd = [str(c) for c in cmd]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace")
@@ -284,7 +291,9 @@ def make_file(entry: Entry, args: argparse.Namespace, work: Path, src: Path) -> 
         seconds = time.perf_counter() - t0
         console.print(f"  export {entry.label}: {seconds:.0f} s")
         return seconds
-    f16 = convert_f16(work, src)
+    from slim2gguf.named_models import demo_model_dir
+
+    f16 = convert_f16(work, src, demo_model_dir())
     opts: list[str | os.PathLike | int] = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
     if entry.label in IMATRIX_TYPES:
         opts += ["--imatrix", make_imatrix(work, f16, Path(args.calib), args.imatrix_chunks, args.ctx, args.threads)]
@@ -344,8 +353,8 @@ def measure(
         kld_args = [*base, "--kl-divergence-base", logits, "--kl-divergence"]
         what = f"{entry.label}: perplexity and KLD to F16"
         result, seconds = timed_tool("llama-perplexity", kld_args, what, logs / f"{entry.path.stem}-{key}.kld.log")
-        ppl, kld = parse_kld_run(result.stdout + result.stderr)
-        res.update(ppl=ppl, kld=kld, ppl_s=seconds)
+        stats = parse_kld_stats(result.stdout + result.stderr)
+        res.update(ppl=stats["ppl"], kld=stats["kld_mean"], ppl_s=seconds)
         _save(saved, res)
     elif "ppl" not in res:
         what, ppl_log = f"{entry.label}: perplexity", logs / f"{entry.path.stem}-{key}.ppl.log"
@@ -484,6 +493,13 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """Write a matplotlib figure (atomically, so a plot is whole or absent) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

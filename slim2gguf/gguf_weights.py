@@ -10,7 +10,6 @@ permutations, and a reader cannot drift from the writer.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -19,24 +18,11 @@ import torch
 from . import format as fmt
 from .export import converter_mapping
 from .inspect_gguf import open_gguf
-from .models import block_linears, decoder_layers, resolve_model
+from .models import block_linear_shapes, resolve_model
 
 
 class GGUFWeightsError(ValueError):
     """A file without SliM tensors, or one that was not made from the given model."""
-
-
-def _block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """[out, in] of every linear in the decoder blocks (the ones a checkpoint quantizes),
-    from a weightless (meta-device) instance of the model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    shapes: dict[str, tuple[int, int]] = {}
-    for index in range(len(decoder_layers(model))):
-        shapes.update({name: tuple(lin.weight.shape) for name, lin in block_linears(model, index).items()})
-    return shapes
 
 
 GGUFSource = str | os.PathLike | gguf.GGUFReader
@@ -56,7 +42,7 @@ def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dic
     slim = [t for t in reader.tensors if fmt.type_from_id(t.tensor_type) is not None]
     if not slim:
         raise GGUFWeightsError(f"{gguf_path} holds no SliM tensors (not a slim2gguf export?)")
-    shapes = _block_linear_shapes(model_dir)
+    shapes = block_linear_shapes(model_dir)
     mapping = converter_mapping(model_dir, shapes)
     packed: dict[str, tuple[np.ndarray, fmt.SlimType]] = {}
     for tensor in slim:

@@ -1,4 +1,5 @@
-"""Resolving and loading Hugging Face causal LMs: demo name, local directory or hub id."""
+"""Resolving and loading Hugging Face causal LMs: a named model, a GGUF file, a local
+directory or a hub id."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import named_models
 from .architectures import SUPPORTED_ARCHITECTURES
-from .demo import demo_model_dir, is_demo_name
+from .from_gguf import GGUFImportError, is_gguf, resolve_gguf
 
 
 class ModelError(ValueError):
@@ -17,11 +19,22 @@ class ModelError(ValueError):
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
-    """A local Hugging Face directory for ``name`` (demo name, directory or hub id)."""
+    """A local Hugging Face directory for ``name`` (named model, GGUF file, directory or hub id)."""
     text = str(name)
-    if is_demo_name(text):
-        return demo_model_dir()
+    named = named_models.find(text)
+    if named is not None:
+        try:
+            return named_models.model_dir(named)
+        except (named_models.NamedModelError, GGUFImportError) as err:
+            raise ModelError(str(err)) from err
     path = Path(text).expanduser()
+    if is_gguf(text):
+        if not path.is_file():
+            raise ModelError(f"no GGUF file at {path}")
+        try:
+            return resolve_gguf(path)
+        except GGUFImportError as err:
+            raise ModelError(str(err)) from err
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
@@ -34,7 +47,10 @@ def resolve_model(name: str | os.PathLike) -> Path:
             return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
         except (HfHubHTTPError, OSError, ValueError) as err:
             raise ModelError(f"could not fetch '{text}' from the Hugging Face hub (offline?): {err}") from err
-    raise ModelError(f"no model directory at {path} (give a directory, a hub id like org/name, or 'smollm2-135m')")
+    raise ModelError(
+        f"no model directory at {path} (give a directory, a GGUF file, a hub id like org/name, "
+        f"or one of {named_models.names()})"
+    )
 
 
 def architecture_of(path: Path) -> str:
@@ -75,6 +91,19 @@ def block_linears(model: nn.Module, index: int) -> dict[str, nn.Linear]:
     prefix = f"model.layers.{index}."
     layer = decoder_layers(model)[index]
     return {prefix + name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """[out, in] of every linear in the decoder blocks (the ones a checkpoint quantizes),
+    from a weightless (meta-device) instance of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    shapes: dict[str, tuple[int, int]] = {}
+    for index in range(len(decoder_layers(model))):
+        shapes.update({name: tuple(lin.weight.shape) for name, lin in block_linears(model, index).items()})
+    return shapes
 
 
 def set_linear_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -3,8 +3,13 @@ and the WikiText-2 files beside the project when present."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -18,7 +23,8 @@ try:
 except ImportError:
     pass
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_VALID = SHARED / "wikitext-2" / "valid.txt"
 
@@ -73,3 +79,18 @@ def make_tiny_model(directory: Path, architecture: str = "llama", hidden: int = 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@contextlib.contextmanager
+def imported_script(name: str) -> Iterator[ModuleType]:
+    """scripts/NAME.py imported by path (the scripts are no package), registered in
+    sys.modules while in use: dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setitem(sys.modules, name, module)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        monkeypatch.undo()

@@ -3,28 +3,20 @@ tensor sizes. No llama.cpp runs here; the log excerpts are what the pinned tools
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import imported_script
 
 from slim2gguf.run import LlamaToolError
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_llamacpp.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_llamacpp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    monkeypatch.undo()
+    with imported_script("bench_llamacpp") as module:
+        yield module
 
 
 KLD_LOG = """
@@ -37,20 +29,35 @@ Mean ln(PPL(Q)/PPL(base))     :   0.211300 ±   0.004000
 ====== KL divergence statistics ======
 Mean    KLD:   0.123456 ±   0.001234
 Maximum KLD:  12.345678
+99.9%   KLD:   4.500000
+99.0%   KLD:   1.250000
+99.0%   KLD:   1.250000
+Median  KLD:   0.050000
+
+====== Token probability statistics ======
+Mean    Δp: -1.234 ± 0.056 %
+99.0%   Δp: 12.345%
+RMS Δp    :  8.765 ± 0.123 %
+Same top p: 87.654 ± 0.321 %
 """
 
 
-def test_parse_kld_run(bench):
-    assert bench.parse_kld_run(KLD_LOG) == (33.271234, 0.123456)
+def test_parse_kld_stats(bench):
+    assert bench.parse_kld_stats(KLD_LOG) == {
+        "ppl": 33.271234, "kld_mean": 0.123456, "kld_p99": 1.25, "same_top_pct": 87.654,
+    }  # fmt: skip
 
 
-def test_parse_kld_run_huge_and_missing(bench):
-    ppl, kld = bench.parse_kld_run("Mean PPL(Q)                   : 3783243.123400 ± 1.0\nMean    KLD:   9.5 ± 0.1")
-    assert (ppl, kld) == (3783243.1234, 9.5)
-    ppl, _ = bench.parse_kld_run("Mean PPL(Q)                   :        inf ± nan\nMean    KLD:   1 ± 0")
-    assert math.isinf(ppl)
-    with pytest.raises(LlamaToolError, match="Mean PPL"):
-        bench.parse_kld_run("Final estimate: PPL = 26.9300 +/- 0.70000")
+def test_parse_kld_stats_huge_and_missing(bench):
+    tail = "\n99.0%   KLD:   3.0\nSame top p: 10.000 ± 0.1 %"
+    stats = bench.parse_kld_stats("Mean PPL(Q)                   : 3783243.123400 ± 1.0\nMean    KLD:   9.5 ± 0.1" + tail)
+    assert (stats["ppl"], stats["kld_mean"]) == (3783243.1234, 9.5)
+    stats = bench.parse_kld_stats("Mean PPL(Q)                   :        inf ± nan\nMean    KLD:   1 ± 0" + tail)
+    assert math.isinf(stats["ppl"])
+    with pytest.raises(LlamaToolError, match="ppl, kld_mean, kld_p99, same_top_pct"):
+        bench.parse_kld_stats("Final estimate: PPL = 26.9300 +/- 0.70000")
+    with pytest.raises(LlamaToolError, match="no same_top_pct"):
+        bench.parse_kld_stats(KLD_LOG.replace("Same top p", "Same top"))
 
 
 def test_parse_bench(bench):

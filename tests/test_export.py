@@ -18,19 +18,18 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from export_helpers import LINEARS, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
 from rich.console import Console
 from safetensors.torch import load_file
-
-from export_helpers import LINEARS, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
 
 from slim2gguf import __version__
 from slim2gguf import format as fmt
 from slim2gguf.architectures import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
 from slim2gguf.checkpoint import CheckpointWriter
-from slim2gguf.demo import demo_model_dir
 from slim2gguf.export import ExportError, ExportReport, ExportWarning, export_gguf
 from slim2gguf.inspect_gguf import GGUFFileError, dequantize_tensor, inspect_rows, open_gguf, print_inspect
 from slim2gguf.llamacpp import ensure_source
+from slim2gguf.named_models import demo_model_dir
 from slim2gguf.qtensor import QuantizedTensor
 
 GGUF_NAMES = {

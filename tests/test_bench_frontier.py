@@ -1,0 +1,92 @@
+"""The pure parts of scripts/bench_frontier.py: recipes, the plan of files, bits per weight
+and the plot's lines. The harness itself runs for real in tests/e2e/test_frontier.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import imported_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with imported_script("bench_frontier") as module:
+        yield module
+
+
+# SmolLM2-135M's linears: q/k/v/gate/up read 576 inputs, o 576, down 1536
+SHAPES = {
+    f"model.layers.0.{name}": shape
+    for name, shape in {
+        "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+        "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+        "mlp.down_proj": (576, 1536),
+    }.items()
+}  # fmt: skip
+
+
+def test_recipes(bench):
+    assert bench.Recipe.parse("slim3-g64") == bench.Recipe("slim", 3, 64)
+    assert bench.Recipe.parse("gptq2-g128").name == "gptq2-g128"
+    for bad in ("slim5-g64", "slim3", "awq3-g64", "slim3-g48"):
+        with pytest.raises(bench.BenchError, match="not a recipe like slim3-g64"):
+            bench.Recipe.parse(bad)
+
+
+def test_default_recipes_fit_the_quantized_inputs(bench):
+    whole = bench.default_recipes(SHAPES, None)  # 576 = 9 x 64: no group 128
+    assert whole == ["slim2-g64", "slim2-g32", "slim3-g64", "slim3-g32", "slim4-g64", "slim4-g32"]
+    assert len(bench.default_recipes(SHAPES, ("ffn_down",))) == 9  # 1536 = 12 x 128
+
+
+def test_plan_names_files_by_their_inputs(bench, tmp_path):
+    args = bench.parse_args(["--tensors", "ffn_down", "--types", "iq2_xs,Q4_K", "--ours", "slim2-g64"])
+    args.tensor_classes = ("ffn_down",)
+    jobs = bench.plan(args, tmp_path, SHAPES)
+    assert [(j.name, j.family) for j in jobs] == [
+        ("F16", "llama.cpp"), ("IQ2_XS", "llama.cpp"), ("Q4_K", "llama.cpp"), ("slim2-g64", "slim2gguf"),
+    ]  # fmt: skip
+    assert jobs[1].path.name == "IQ2_XS-ffn_down-imatrix-valid-32x512.gguf"
+    assert jobs[3].path.name == f"slim2-g64-ffn_down-valid-32x512-s0-{bench.code_key()}.gguf"
+    with pytest.raises(bench.BenchError, match="unknown type Q3_K_M for this mode"):
+        args.types = "Q3_K_M"  # a mix of types, so a whole-model type only
+        bench.plan(args, tmp_path, SHAPES)
+
+
+def test_quick_sets_only_what_is_not_given(bench):
+    quick = bench.parse_args(["--quick", "--chunks", "6"])
+    assert (quick.model, quick.tensors, quick.chunks, quick.calib_chunks) == ("smollm2-135m", "ffn_down", 6, 8)
+    full = bench.parse_args(["--model", "qwen2.5-coder-1.5b"])
+    assert (full.tensors, full.chunks, full.calib_chunks, full.types, full.ours) == (None, 40, 32, None, None)
+
+
+def _row(name: str, type_name: str, shape: tuple[int, ...], bpw: float) -> dict:
+    params = math.prod(shape)
+    return {"name": name, "type": type_name, "shape": list(shape), "params": params, "bytes": int(params * bpw / 8)}
+
+
+def test_bits_per_weight_of_file_and_quantized_tensors(bench):
+    rows = [
+        _row("token_embd.weight", "F16", (1024, 64), 16),
+        _row("blk.0.attn_norm.weight", "F32", (64,), 32),
+        _row("blk.0.attn_q.weight", "F16", (64, 64), 16),
+        _row("blk.0.ffn_down.weight", "IQ2_XS", (64, 256), 2.3125),
+    ]
+    total_bits = sum(8 * r["bytes"] for r in rows)
+    whole = bench.bits_per_weight(rows, None)
+    assert whole["bpw_file"] == pytest.approx(total_bits / sum(r["params"] for r in rows))
+    assert whole["bpw_blocks"] == pytest.approx((64 * 64 * 16 + 64 * 256 * 2.3125) / (64 * 64 + 64 * 256))
+    assert bench.bits_per_weight(rows, ("ffn_down",))["bpw_blocks"] == pytest.approx(2.3125)
+    with pytest.raises(bench.BenchError, match="no block weights"):
+        bench.bits_per_weight(rows, ("ffn_up",))
+
+
+def test_plot_lines(bench):
+    def line(family: str, type_name: str) -> str:
+        return bench.line_of({"family": family, "type": type_name})
+
+    assert line("llama.cpp", "IQ3_XXS") == line("llama.cpp", "IQ4_NL") == "llama.cpp i-quants"
+    assert line("llama.cpp", "Q3_K_M") == line("llama.cpp", "Q2_K") == "llama.cpp K-quants"
+    assert line("llama.cpp", "Q8_0") == "llama.cpp legacy (Q4_0, Q8_0)"
+    assert line("slim2gguf", "slim3-g128") == "slim2gguf slim g128"

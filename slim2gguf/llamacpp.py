@@ -11,6 +11,7 @@ Run ``python -m slim2gguf.llamacpp build`` (or ``slim2gguf llama-cpp build``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -210,10 +211,29 @@ def patch_files() -> list[Path]:
     return sorted(PATCH_DIR.glob("*.patch"))
 
 
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+@functools.lru_cache(maxsize=1)
+def native_targets_amx() -> bool:
+    """Whether ``-march=native`` makes the compiler target AMX (Intel Sapphire Rapids and
+    later). llama.cpp's AMX matmuls (Q4_0, Q8_0, K-quants, IQ4_XS) at the pinned commit die
+    with SIGILL at a tile instruction in `tinygemm_kernel_amx` on such a virtual machine
+    (a standalone AMX program runs there), so the native build leaves AMX out; SliM kernels
+    never use it."""
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        return False
+    defines = subprocess.run([cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True, text=True)
+    return defines.returncode == 0 and "__AMX_TILE__" in defines.stdout
+
+
 def cmake_options(cpu: str = "native") -> list[str]:
     if cpu not in CPU_VARIANTS:
         raise LlamaCppError(f"unknown CPU variant {cpu!r}; choose one of {', '.join(CPU_VARIANTS)}")
     options = list(CMAKE_OPTIONS) + list(CPU_VARIANTS[cpu])
+    if cpu == "native" and native_targets_amx():
+        options += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     if shutil.which("ninja"):
         options += ["-G", "Ninja"]
     return options

@@ -278,12 +278,12 @@ def markdown(records: list[dict[str, Any]], header: str, x: str) -> str:
     lines = [
         header,
         "",
-        "| file | by | bpw file | bpw blocks | PPL | mean KLD | 99% KLD | same top % | make s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| file | by | MiB | bpw file | bpw blocks | PPL | mean KLD | 99% KLD | same top % | make s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r[x], r["family"])):
         cells = [
-            r["name"], r["family"], f"{r['bpw_file']:.3f}", f"{r['bpw_blocks']:.3f}", f"{r['ppl']:.3f}",
+            r["name"], r["family"], f"{r['file_mib']:.1f}", f"{r['bpw_file']:.3f}", f"{r['bpw_blocks']:.3f}", f"{r['ppl']:.3f}",
             f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}", f"{r['same_top_pct']:.2f}",
             f"{r['quant_s']:.0f}" if "quant_s" in r else "", str(r.get("peak_rss_mib", "")),
         ]  # fmt: skip

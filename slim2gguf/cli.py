@@ -23,13 +23,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _settings(method: str, bits: int, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None):
+def _settings(method: str, bits: int, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str):
     from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
-        return QuantSettings(method, bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes)
+        return QuantSettings(method, bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit)
     except ValueError as err:
         _fail(str(err))
 
@@ -60,18 +60,19 @@ DAMP = typer.Option(0.01, "--damp", help="Hessian damping, fraction of mean diag
 LAMBDA = typer.Option(None, "--sqc-lambda", help="SQC weight on salient elements (default chosen by measurement, see docs/BENCHMARKS.md).")
 SBA_TOKENS = typer.Option(1024, "--sba-tokens", help="Calibration tokens used to score allocations (subsample).")
 SBA = typer.Option(True, "--sba/--no-sba", help="Salience-determined bit allocation (slim only).")
-SQC = typer.Option(True, "--sqc/--no-sqc", help="Salience-weighted quantizer calibration (slim only).")
+SQC = typer.Option(True, "--sqc/--no-sqc", help="Quantizer calibration (slim only; off: min-max scales).")
+FIT = typer.Option("wls", "--fit", help="Quantizer calibration objective: wls (least squares weighted by the inputs' energy, as an importance matrix) or sqc (SliM's salience-weighted grid).")
 ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths of a checkpoint manifest or {name: [widths]} JSON.")
 TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g. ffn_down or attn_v,ffn_down); the rest stay float (F16 in the file).")
 
 
-def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors):
+def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit):
     from .checkpoint import CheckpointError
     from .methods import DEFAULT_SQC_LAMBDA
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
-    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors)
+    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit)
     try:
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
@@ -89,10 +90,10 @@ def quantize(
     bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
+    sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
 ) -> None:
     """Quantize a model into a checkpoint (resumable; written atomically)."""
-    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors)
+    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit)
     console.print(_summary_table(report, f"{method} {bits}-bit checkpoint: {report.path}"))
 
 
@@ -159,7 +160,7 @@ def convert(
     bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: bool = SBA, sqc: bool = SQC, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
+    sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
     embed_type: str = typer.Option("q8_0", "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0."),
     output_type: str = typer.Option("q8_0", "--output-type", help="Untied LM head type: f32, f16, bf16, q8_0."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
@@ -180,7 +181,7 @@ def convert(
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror}")
     ckpt_dir = checkpoint or _default_checkpoint(out)
-    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors)
+    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit)
     try:
         exported = export_gguf(report.path, out, embed_type, output_type)
     except KeyboardInterrupt:

@@ -12,9 +12,10 @@ from .allocation import search_allocation
 from .architectures import TENSOR_CLASSES
 from .gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import QuantizedTensor
-from .quantizer import fit_minmax, fit_sqc
+from .quantizer import fit_minmax, fit_sqc, fit_wls
 
 METHODS = ("slim", "gptq", "rtn")
+FITS = ("wls", "sqc")  # quantizer calibration objectives; wls measured best: docs/BENCHMARKS.md
 DEFAULT_SQC_LAMBDA = 1.0  # measured best of {1, 4, 16} on the demo model: docs/BENCHMARKS.md
 
 
@@ -31,6 +32,7 @@ class QuantSettings:
     sba: bool = True
     sqc: bool = True
     tensors: tuple[str, ...] | None = None  # llama.cpp class names to quantize (None: every linear)
+    fit: str = "wls"  # with sqc on: importance-weighted least squares, or SliM's SQC grid search
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -38,6 +40,8 @@ class QuantSettings:
         fmt.slim_type(self.bits, self.group_size)
         if self.damp <= 0:
             raise ValueError("--damp must be positive")
+        if self.fit not in FITS:
+            raise ValueError(f"--fit must be one of {', '.join(FITS)}, got '{self.fit}'")
         if self.tensors is not None and (not self.tensors or not set(self.tensors) <= set(TENSOR_CLASSES)):
             raise ValueError(f"tensors must be a non-empty selection of {', '.join(TENSOR_CLASSES)}")
 
@@ -82,7 +86,12 @@ def quantize_linear(
             widths, info = search_allocation(w, upper, inputs, settings.bits, g)
         else:
             widths = uniform
-    if settings.sqc:
+    if settings.sqc and settings.fit == "wls":
+        importance = torch.diag(h)
+
+        def fit(wg: torch.Tensor, k: int, cols: slice):
+            return fit_wls(wg, k, importance[cols])
+    elif settings.sqc:
         inv_u2 = torch.diag(upper).pow(-2)
 
         def fit(wg: torch.Tensor, k: int, cols: slice):

@@ -112,3 +112,40 @@ def fit_sqc(w: torch.Tensor, width: int, salience: torch.Tensor, lam: float, chu
         best_d = torch.where(better, d[arg, rows], best_d)
         best_m = torch.where(better, m[arg, rows], best_m)
     return GroupParams(best_d, best_m, width)
+
+
+WLS_STEPS = 20  # candidate scales around min-max's, as llama.cpp's make_qkx2_quants
+
+
+def fit_wls(w: torch.Tensor, width: int, importance: torch.Tensor) -> GroupParams:
+    """Importance-weighted least squares, as llama.cpp fits K-quants with an importance
+    matrix: for each of a grid of scales around min-max's, round the group, then solve
+    min Σ_j a_j (d·q_j + m − w_j)² for (d, m) in closed form; keep per row the candidate
+    whose stored (fp16) quantizer has the least weighted error. ``importance`` [cols] is
+    a_j (diag H: the inputs' energy per column). Min-max is a candidate, so the weighted
+    error never exceeds min-max's."""
+    if width == 1:
+        return fit_binary(w)
+    maxq = (1 << width) - 1
+    a = importance.to(w.dtype).clamp_min(0)[None, None, :]
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    steps = torch.arange(-WLS_STEPS // 2, WLS_STEPS // 2 + 1, device=w.device, dtype=w.dtype)
+    iscale = (maxq + 0.1 * steps[:, None]) / (xmax - xmin).clamp_min(1e-30)[None, :]  # [steps, rows]
+    q = torch.round((w[None] - xmin[None, :, None]) * iscale[:, :, None]).clamp_(0, maxq)
+    sw, sl, sl2 = a.sum(dim=2), (a * q).sum(dim=2), (a * q * q).sum(dim=2)
+    sx, sxl = (a * w[None]).sum(dim=2), (a * q * w[None]).sum(dim=2)
+    det = sw * sl2 - sl * sl
+    ok = det > 0
+    safe = torch.where(ok, det, torch.ones_like(det))
+    d = torch.where(ok, (sw * sxl - sx * sl) / safe, torch.zeros_like(det))
+    m = torch.where(ok, (sl2 * sx - sl * sxl) / safe, sx / sw.clamp_min(1e-30))
+    base_d, base_m = _asymmetric(xmin, xmax, width)
+    d = torch.cat([storable_scale(d), base_d[None]]).float()
+    m = torch.cat([m.to(torch.float16), base_m[None]]).float()
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    codes = torch.round((w[None] - m[..., None]) * inv[..., None]).clamp_(0, maxq)
+    loss = (a * (codes * d[..., None] + m[..., None] - w[None]).pow(2)).sum(dim=2)
+    best = loss.argmin(dim=0)
+    rows = torch.arange(w.shape[0], device=w.device)
+    return GroupParams(d[best, rows].to(torch.float16), m[best, rows].to(torch.float16), width)

@@ -10,7 +10,7 @@ from slim2gguf import format as fmt
 from slim2gguf.allocation import allocation_for, group_salience, search_allocation
 from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper
 from slim2gguf.methods import QuantSettings, quantize_linear
-from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, salient_mask, storable_scale
+from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, fit_wls, salient_mask, storable_scale
 
 
 def layer_problem(seed: int, out: int = 96, inp: int = 256, tokens: int = 1024, outliers: bool = False):
@@ -134,6 +134,31 @@ def test_dead_columns_are_zeroed():
     assert float(deq.abs().max()) <= float(qt.d.float()[:, 0].max()) / 2 + 1e-6
 
 
+def weighted_loss(w, params, importance):
+    return ((params.dequantize(params.codes(w)) - w).pow(2) * importance).sum(1)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 5])
+def test_wls_never_worse_than_minmax_under_its_weights(width):
+    gen = torch.Generator().manual_seed(10 + width)
+    w = torch.randn(64, 128, generator=gen) * torch.linspace(0.1, 2, 128)
+    importance = torch.rand(128, generator=gen).pow(3) * 10  # a few columns carry most input energy
+    wls, base = fit_wls(w, width, importance), fit_minmax(w, width)
+    assert torch.all(weighted_loss(w, wls, importance) <= weighted_loss(w, base, importance) * (1 + 1e-6))
+    assert weighted_loss(w, wls, importance).sum() < 0.9 * weighted_loss(w, base, importance).sum()
+    # stored as the format requires: fp16, non-negative scale with the width-code bit clear
+    assert wls.d.dtype == wls.m.dtype == torch.float16 and torch.all(wls.d >= 0)
+    assert torch.equal(storable_scale(wls.d.float()), wls.d)
+
+
+def test_wls_handles_constant_and_zero_importance_groups():
+    w = torch.full((4, 32), 0.25)
+    p = fit_wls(w, 3, torch.ones(32))
+    assert torch.allclose(p.dequantize(p.codes(w)), w, atol=1e-3)
+    p = fit_wls(torch.randn(4, 32), 3, torch.zeros(32))  # no input energy: any finite quantizer
+    assert torch.isfinite(p.d.float()).all() and torch.isfinite(p.m.float()).all()
+
+
 def test_not_positive_definite_is_a_clear_error():
     with pytest.raises(RuntimeError, match="--damp"):
         inverse_cholesky_upper(-torch.eye(4))
@@ -146,4 +171,6 @@ def test_settings_reject_bad_values():
         QuantSettings("slim", 3, 48)
     with pytest.raises(ValueError, match="method"):
         QuantSettings("awq", 3, 64)
+    with pytest.raises(ValueError, match="--fit must be one of wls, sqc"):
+        QuantSettings("slim", 3, 64, fit="mse")
     assert np.isclose(fmt.slim_type(3, 64).bits_per_weight, 3.5)

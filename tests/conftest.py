@@ -94,3 +94,11 @@ def imported_script(name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         monkeypatch.undo()
+
+
+def tensor_row(name: str, type_name: str, shape: tuple[int, ...], bpw: float) -> dict:
+    """One tensor as ``inspect_gguf.inspect_rows`` reports it, at ``bpw`` bits per weight."""
+    import math
+
+    params = math.prod(shape)
+    return {"name": name, "type": type_name, "shape": list(shape), "params": params, "bytes": int(params * bpw / 8)}

@@ -3,10 +3,9 @@ and the plot's lines. The harness itself runs for real in tests/e2e/test_frontie
 
 from __future__ import annotations
 
-import math
 
 import pytest
-from conftest import imported_script
+from conftest import imported_script, tensor_row
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +60,12 @@ def test_quick_sets_only_what_is_not_given(bench):
     assert (full.tensors, full.chunks, full.calib_chunks, full.types, full.ours) == (None, 40, 32, None, None)
 
 
-def _row(name: str, type_name: str, shape: tuple[int, ...], bpw: float) -> dict:
-    params = math.prod(shape)
-    return {"name": name, "type": type_name, "shape": list(shape), "params": params, "bytes": int(params * bpw / 8)}
-
-
 def test_bits_per_weight_of_file_and_quantized_tensors(bench):
     rows = [
-        _row("token_embd.weight", "F16", (1024, 64), 16),
-        _row("blk.0.attn_norm.weight", "F32", (64,), 32),
-        _row("blk.0.attn_q.weight", "F16", (64, 64), 16),
-        _row("blk.0.ffn_down.weight", "IQ2_XS", (64, 256), 2.3125),
+        tensor_row("token_embd.weight", "F16", (1024, 64), 16),
+        tensor_row("blk.0.attn_norm.weight", "F32", (64,), 32),
+        tensor_row("blk.0.attn_q.weight", "F16", (64, 64), 16),
+        tensor_row("blk.0.ffn_down.weight", "IQ2_XS", (64, 256), 2.3125),
     ]
     total_bits = sum(8 * r["bytes"] for r in rows)
     whole = bench.bits_per_weight(rows, None)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import imported_script
+from conftest import imported_script, tensor_row
 
 from slim2gguf.run import LlamaToolError
 
@@ -84,18 +84,13 @@ def test_quantize_refusal(bench):
     assert bench.quantize_refusal("llama_quantize: failed to quantize model from 'x.gguf'") is None
 
 
-def _row(name: str, type_name: str, shape: tuple[int, ...], bpw: float) -> dict:
-    params = math.prod(shape)
-    return {"name": name, "type": type_name, "shape": list(shape), "params": params, "bytes": int(params * bpw / 8)}
-
-
 def test_summarize_tensors_counts_fallbacks_on_block_weights_only(bench):
     rows = [
-        _row("token_embd.weight", "Q8_0", (1024, 64), 8.5),
-        _row("blk.0.attn_norm.weight", "F32", (64,), 32),
-        _row("blk.0.attn_q.weight", "Q4_0", (64, 64), 4.5),
-        _row("blk.0.ffn_down.weight", "Q8_0", (64, 128), 8.5),
-        _row("blk.1.ffn_down.weight", "Q8_0", (64, 128), 8.5),
+        tensor_row("token_embd.weight", "Q8_0", (1024, 64), 8.5),
+        tensor_row("blk.0.attn_norm.weight", "F32", (64,), 32),
+        tensor_row("blk.0.attn_q.weight", "Q4_0", (64, 64), 4.5),
+        tensor_row("blk.0.ffn_down.weight", "Q8_0", (64, 128), 8.5),
+        tensor_row("blk.1.ffn_down.weight", "Q8_0", (64, 128), 8.5),
     ]
     s = bench.summarize_tensors(rows, "Q4_0")
     blocks = rows[2:]

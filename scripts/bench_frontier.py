@@ -119,12 +119,16 @@ def code_key() -> str:
     return h.hexdigest()[:12]
 
 
+def fitting_groups(shapes: dict[str, tuple[int, int]], tensors: tuple[str, ...] | None) -> list[int]:
+    """The group sizes that divide every quantized linear's input size."""
+    inputs = {cols for name, (_, cols) in shapes.items() if in_classes(name, tensors)}
+    return [g for g in (128, 64, 32) if all(c % g == 0 for c in inputs)]
+
+
 def default_recipes(shapes: dict[str, tuple[int, int]], tensors: tuple[str, ...] | None) -> list[str]:
     """Every SliM budget we offer (bits 2-4 × groups 128/64/32) that fits the quantized
     linears' input sizes."""
-    inputs = {cols for name, (_, cols) in shapes.items() if in_classes(name, tensors)}
-    groups = [g for g in (128, 64, 32) if all(c % g == 0 for c in inputs)]
-    return [f"slim{b}-g{g}" for b in (2, 3, 4) for g in groups]
+    return [f"slim{b}-g{g}" for b in (2, 3, 4) for g in fitting_groups(shapes, tensors)]
 
 
 def plan(args: argparse.Namespace, work: Path, shapes: dict[str, tuple[int, int]]) -> list[Job]:
@@ -141,8 +145,11 @@ def plan(args: argparse.Namespace, work: Path, shapes: dict[str, tuple[int, int]
     jobs += [Job(t, "llama.cpp", t, work / f"{t}{suffix}-imatrix-{calib}.gguf") for t in types if t != REFERENCE]
     recipes = args.ours.split(",") if args.ours is not None else default_recipes(shapes, tensors)
     code = code_key()
+    groups = fitting_groups(shapes, tensors)
     for text in (r for r in recipes if r):
         recipe = Recipe.parse(text)
+        if recipe.group_size not in groups:
+            raise BenchError(f"{recipe.name}: group {recipe.group_size} does not divide every quantized input size; use g{', g'.join(map(str, groups))}")
         path = work / f"{recipe.name}{suffix}-{calib}-s{args.seed}-{code}.gguf"
         jobs.append(Job(recipe.name, "slim2gguf", recipe.name, path, recipe))
     return jobs

@@ -84,3 +84,12 @@ def test_plot_lines(bench):
     assert line("llama.cpp", "Q3_K_M") == line("llama.cpp", "Q2_K") == "llama.cpp K-quants"
     assert line("llama.cpp", "Q8_0") == "llama.cpp legacy (Q4_0, Q8_0)"
     assert line("slim2gguf", "slim3-g128") == "slim2gguf slim g128"
+
+
+def test_plan_refuses_a_group_size_that_does_not_fit(bench, tmp_path):
+    args = bench.parse_args(["--types", "", "--ours", "slim2-g128"])
+    args.tensor_classes = None  # whole model: 576 inputs are no multiple of 128
+    with pytest.raises(bench.BenchError, match="slim2-g128: group 128 does not divide .*; use g64, g32"):
+        bench.plan(args, tmp_path, SHAPES)
+    args.tensor_classes = ("ffn_down",)  # 1536 inputs
+    assert [j.name for j in bench.plan(args, tmp_path, SHAPES)] == ["F16", "slim2-g128"]

@@ -3,7 +3,6 @@ and the plot's lines. The harness itself runs for real in tests/e2e/test_frontie
 
 from __future__ import annotations
 
-
 import pytest
 from conftest import imported_script, tensor_row
 

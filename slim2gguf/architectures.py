@@ -59,3 +59,8 @@ def parse_tensor_classes(text: str) -> tuple[str, ...]:
 def in_classes(module_name: str, classes: tuple[str, ...] | None) -> bool:
     """Whether a decoder linear (``model.layers.3.mlp.down_proj``) is in the selection (None: all)."""
     return classes is None or any(module_name.endswith("." + TENSOR_CLASSES[c]) for c in classes)
+
+
+def tensor_class(module_name: str) -> str | None:
+    """llama.cpp's class of a decoder linear (``model.layers.3.mlp.down_proj`` -> ffn_down)."""
+    return next((c for c, suffix in TENSOR_CLASSES.items() if module_name.endswith("." + suffix)), None)

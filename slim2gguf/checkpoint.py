@@ -90,6 +90,16 @@ class CheckpointWriter:
     def blocks_done(self) -> int:
         return self.manifest["blocks_done"]
 
+    @property
+    def budget(self) -> dict[str, Any] | None:
+        """The --bpw decision this run quantizes by (budget.Decision.to_dict()), once made."""
+        return self.manifest.get("budget")
+
+    def set_budget(self, decision: dict[str, Any]) -> None:
+        """Saved before the first block, so a resumed run quantizes by the same decision."""
+        self.manifest["budget"] = decision
+        _write_manifest(self.work, self.manifest)
+
     def finished_tensors(self) -> Iterator[tuple[str, QuantizedTensor]]:
         """Tensors of the blocks already saved (for a resumed run to replay)."""
         yield from _iter_tensors(self.work, self.manifest)
@@ -107,6 +117,7 @@ class CheckpointWriter:
                 "block": index,
                 "shape": list(qt.shape),
                 "bits": qt.bits,
+                "group_size": qt.group_size,
                 "widths": qt.widths.tolist(),
             }
         self.manifest["blocks"].append(info)
@@ -126,7 +137,7 @@ class CheckpointWriter:
 
 
 def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, QuantizedTensor]]:
-    group_size = manifest["settings"]["group_size"]
+    default_group = manifest["settings"]["group_size"]
     by_block: dict[int, list[str]] = {}
     for name, meta in manifest["tensors"].items():
         by_block.setdefault(meta["block"], []).append(name)
@@ -138,6 +149,7 @@ def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[s
             raise CheckpointError(f"{path} is missing or corrupt: {err}") from err
         for name in by_block[index]:
             try:
+                group_size = manifest["tensors"][name].get("group_size", default_group)
                 qt = QuantizedTensor.from_tensors(data, name, group_size)
             except KeyError as err:
                 raise CheckpointError(f"{path} lacks {err.args[0]}") from err
@@ -167,6 +179,11 @@ class Checkpoint:
     def tensors(self) -> Iterator[tuple[str, QuantizedTensor]]:
         """(module name, quantized weight) for every quantized linear, e.g. ``model.layers.0.mlp.up_proj``."""
         yield from _iter_tensors(self.directory, self.manifest)
+
+    @property
+    def budget(self) -> dict[str, Any] | None:
+        """The --bpw decision the checkpoint was made by (None for a uniform run)."""
+        return self.manifest.get("budget")
 
     def allocation(self) -> dict[str, list[int]]:
         return {name: meta["widths"] for name, meta in self.manifest["tensors"].items()}

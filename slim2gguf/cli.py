@@ -23,13 +23,15 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _settings(method: str, bits: int, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str):
+def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str):
     from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
+    if bits is not None and bpw is not None:
+        _fail("give --bits (every tensor the same width) or --bpw (a whole-file budget), not both")
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
-        return QuantSettings(method, bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit)
+        return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity)
     except ValueError as err:
         _fail(str(err))
 
@@ -47,8 +49,26 @@ def _summary_table(report, title: str) -> Table:
     return table
 
 
+def _print_decision(decision) -> None:
+    """Where a --bpw budget went: bits per weight by block and class, and the stock types."""
+    from .architectures import tensor_class
+    from .budget import Setting
+    from .inspect_gguf import bpw_table
+
+    cells = {}
+    for name, choice in decision.choices.items():
+        cls = tensor_class(name)
+        if cls is not None:
+            cells[int(name.split(".")[2]), cls] = Setting.parse(choice).bpw
+    stock = ", ".join(f"{k} {v.upper()}" for k, v in decision.choices.items() if tensor_class(k) is None)
+    title = f"--bpw {decision.target_bpw:g} by {decision.sensitivity} sensitivity: {decision.bpw:.3f} bpw; {stock}"
+    console.print(bpw_table(cells, title))
+
+
 # Options shared by quantize and convert.
-BITS = typer.Option(3, "--bits", help="Average bits per weight: 2, 3 or 4.")
+BITS = typer.Option(None, "--bits", help="Average width of every quantized tensor: 2, 3 or 4 (default 3).")
+BPW = typer.Option(None, "--bpw", help="Whole-file bits per weight (e.g. 2.75): each tensor's width, group size and the embedding/output types are chosen by measured sensitivity.")
+SENSITIVITY = typer.Option("fisher", "--sensitivity", help="How --bpw scores tensors: fisher (loss increase) or hessian (relative output error); see docs/BENCHMARKS.md.")
 METHOD = typer.Option("slim", "--method", help="slim (SBA + SQC + GPTQ), gptq or rtn.")
 GROUP = typer.Option(128, "--group-size", help="Columns per group: 128, 64 or 32 (must divide every input size).")
 CALIB = typer.Option("self", "--calib", help="self (sampled from the model, no download), wikitext2, c4, or a .txt/.jsonl/.parquet file.")
@@ -66,13 +86,13 @@ ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths of a chec
 TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g. ffn_down or attn_v,ffn_down); the rest stay float (F16 in the file).")
 
 
-def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit):
+def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity):
     from .checkpoint import CheckpointError
     from .methods import DEFAULT_SQC_LAMBDA
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
-    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit)
+    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity)
     try:
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
@@ -91,10 +111,14 @@ def quantize(
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
     sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
+    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY,
 ) -> None:
     """Quantize a model into a checkpoint (resumable; written atomically)."""
-    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit)
-    console.print(_summary_table(report, f"{method} {bits}-bit checkpoint: {report.path}"))
+    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity)
+    if report.decision is not None:
+        _print_decision(report.decision)
+    what = f"--bpw {bpw:g}" if bpw is not None else f"{bits or 3}-bit"
+    console.print(_summary_table(report, f"{method} {what} checkpoint: {report.path}"))
 
 
 @app.command("eval")
@@ -161,8 +185,9 @@ def convert(
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
     sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
-    embed_type: str = typer.Option("q8_0", "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0."),
-    output_type: str = typer.Option("q8_0", "--output-type", help="Untied LM head type: f32, f16, bf16, q8_0."),
+    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY,
+    embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default: --bpw's choice, else q8_0)."),
+    output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
 ) -> None:
     """Quantize a Hugging Face model and write one GGUF file for patched llama.cpp."""
@@ -180,8 +205,10 @@ def convert(
         probe.unlink()
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror}")
+    if bpw is not None and (embed_type or output_type):
+        _fail("--bpw chooses the token embedding's and output's types within the budget; drop --embed-type/--output-type")
     ckpt_dir = checkpoint or _default_checkpoint(out)
-    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit)
+    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity)
     try:
         exported = export_gguf(report.path, out, embed_type, output_type)
     except KeyboardInterrupt:
@@ -191,6 +218,8 @@ def convert(
         _fail(str(err))
     if checkpoint is None:
         shutil.rmtree(report.path, ignore_errors=True)
+    if report.decision is not None:
+        _print_decision(report.decision)
     table = _summary_table(report, f"{out}")
     table.add_row("SliM tensors bpw", f"{exported.slim_bpw:.3f}")
     table.add_row("whole file bpw", f"{exported.file_bpw:.3f}")

@@ -26,7 +26,7 @@ from .atomic import atomic_path
 from .checkpoint import Checkpoint
 from .llamacpp import ensure_source
 
-STANDARD_TYPES = ("f32", "f16", "bf16", "q8_0")
+STANDARD_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what gguf-py can write
 KV_PREFIX = "slim2gguf."
 CHILD_MODULE = "slim2gguf.export_child"
 
@@ -90,8 +90,8 @@ def _run_child(job: dict[str, Any], src: Path) -> dict[str, Any]:
 def export_gguf(
     checkpoint: Checkpoint | str | os.PathLike,
     out_path: str | os.PathLike,
-    embed_type: str = "q8_0",
-    output_type: str = "q8_0",
+    embed_type: str | None = None,
+    output_type: str | None = None,
     *,
     progress: bool = True,
 ) -> ExportReport:
@@ -102,7 +102,8 @@ def export_gguf(
     Quantized linears are stored in their SliM types (docs/FORMAT.md), with whole
     packed rows permuted where the converter permutes rows. The token embedding gets
     ``embed_type`` (it is also the LM head when the model ties them), an untied LM
-    head ``output_type``: each one of f32, f16, bf16, q8_0. (Where a row is not a
+    head ``output_type``: each one of STANDARD_TYPES; by default what a --bpw run
+    decided, else q8_0. (Where a row is not a
     multiple of 32, the converter stores f16 instead of q8_0 and logs a warning; a
     SliM model never has such rows, its hidden size being a multiple of the group
     size.) Norms and other 1-D tensors stay F32. Block weights a ``tensors`` selection
@@ -115,15 +116,17 @@ def export_gguf(
     clear of upstream's file types and of its GUESSED flag (1024): stock llama.cpp
     shows "unknown" (it cannot load the file anyway), a patched one can name them.
     ``slim2gguf.{version,method,bits,group_size}`` (and ``slim2gguf.tensors`` for a
-    selection) record how the weights were made.
+    selection) record how the weights were made; bits and group size are the
+    dominant type's (a --bpw file mixes several).
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     settings = ckpt.settings
     model_family(settings["architecture"])
+    decided = (ckpt.budget or {}).get("choices", {})
     job = {
         "checkpoint": str(ckpt.directory.resolve()),
-        "embed_type": _check_standard_type(embed_type, "embedding"),
-        "output_type": _check_standard_type(output_type, "output"),
+        "embed_type": _check_standard_type(embed_type or decided.get("token_embd", "q8_0"), "embedding"),
+        "output_type": _check_standard_type(output_type or decided.get("output", "q8_0"), "output"),
         "progress": progress,
     }
     model_dir = Path(settings["model_path"])

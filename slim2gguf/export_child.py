@@ -245,8 +245,9 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not job["progress"]) as bar:
         packed, widths = _pack(ckpt, model_class, bar)
-        kvs = {"file_type": _file_type(packed), "tensors": settings.get("tensors")}
-        kvs.update({k: settings[k] for k in ("method", "bits", "group_size")})
+        dominant = fmt.type_from_id(_file_type(packed))
+        kvs = {"file_type": dominant.type_id, "tensors": settings.get("tensors"), "method": settings["method"],
+               "bits": dominant.bits, "group_size": dominant.group_size}  # fmt: skip
         converting = bar.add_task("converting")
         with torch.inference_mode():
             model = model_class(

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import format as fmt
+from .architectures import TENSOR_CLASSES
 
 SHOWN_KEYS = ("general.architecture", "general.name", "general.file_type")
 SLIM_KEY_PREFIX = "slim2gguf."
@@ -103,6 +104,28 @@ def _totals(label: str, rows: list[dict[str, Any]]) -> str:
     return f"{len(rows)} {label}: {params:,} parameters, {size:,} bytes of data, {8 * size / params:.3f} bpw"
 
 
+def bpw_table(cells: dict[tuple[int, str], float], title: str) -> Table:
+    """Bits per weight of each decoder block (rows) by tensor class (columns)."""
+    classes = sorted({c for _, c in cells}, key=lambda c: (list(TENSOR_CLASSES).index(c) if c in TENSOR_CLASSES else 99, c))
+    table = Table(title=title)
+    table.add_column("block", justify="right")
+    for cls in classes:
+        table.add_column(cls, justify="right")
+    for block in sorted({b for b, _ in cells}):
+        table.add_row(str(block), *(f"{cells[block, c]:.2f}" if (block, c) in cells else "" for c in classes))
+    return table
+
+
+def block_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
+    """(block, class) -> bpw for the file's ``blk.N.CLASS.weight`` matrices."""
+    cells = {}
+    for row in rows:
+        parts = row["name"].split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdecimal() and parts[3] == "weight" and len(row["shape"]) == 2:
+            cells[int(parts[1]), parts[2]] = row["bpw"]
+    return cells
+
+
 def print_inspect(path: str | os.PathLike, console: Console | None = None) -> None:
     """A table of the file's tensors, the keys that say what it is, and totals."""
     console = console or Console()
@@ -128,6 +151,8 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
     slim = [r for r in rows if r["widths"] is not None]
     if slim:
         console.print(_totals("SliM tensors", slim))
+    if len({r["type"] for r in slim}) > 1:  # a --bpw file: where the bits went
+        console.print(bpw_table(block_cells(rows), "bits per weight by block and tensor class"))
 
 
 def dequantize_tensor(path_or_reader: str | os.PathLike | gguf.GGUFReader, name: str) -> np.ndarray:

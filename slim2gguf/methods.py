@@ -13,6 +13,7 @@ from .architectures import TENSOR_CLASSES
 from .gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc, fit_wls
+from .sensitivity import SENSITIVITIES
 
 METHODS = ("slim", "gptq", "rtn")
 FITS = ("wls", "sqc")  # quantizer calibration objectives; wls measured best: docs/BENCHMARKS.md
@@ -33,6 +34,8 @@ class QuantSettings:
     sqc: bool = True
     tensors: tuple[str, ...] | None = None  # llama.cpp class names to quantize (None: every linear)
     fit: str = "wls"  # with sqc on: importance-weighted least squares, or SliM's SQC grid search
+    bpw: float | None = None  # whole-file budget: per-tensor settings chosen by sensitivity (budget.py)
+    sensitivity: str = "fisher"  # how the budget scores tensors: fisher or hessian (sensitivity.py)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -42,6 +45,10 @@ class QuantSettings:
             raise ValueError("--damp must be positive")
         if self.fit not in FITS:
             raise ValueError(f"--fit must be one of {', '.join(FITS)}, got '{self.fit}'")
+        if self.bpw is not None and self.method == "rtn":
+            raise ValueError("--bpw measures sensitivity on calibration data: use --method slim or gptq")
+        if self.sensitivity not in SENSITIVITIES:
+            raise ValueError(f"--sensitivity must be one of {', '.join(SENSITIVITIES)}, got '{self.sensitivity}'")
         if self.tensors is not None and (not self.tensors or not set(self.tensors) <= set(TENSOR_CLASSES)):
             raise ValueError(f"tensors must be a non-empty selection of {', '.join(TENSOR_CLASSES)}")
 
@@ -53,13 +60,18 @@ class QuantSettings:
         return data
 
 
-def check_allocation(widths: list[int], n_groups: int, bits: int, name: str) -> None:
+def check_allocation(widths: list[int], n_groups: int, name: str) -> int:
+    """The average width of a saved allocation, checked against the weight's groups."""
     if len(widths) != n_groups:
         raise ValueError(f"allocation for {name} has {len(widths)} groups, the weight has {n_groups}")
+    if not widths or sum(widths) % len(widths) or sum(widths) // len(widths) not in (2, 3, 4):
+        raise ValueError(f"allocation for {name}: its widths do not average exactly 2, 3 or 4 bits")
+    bits = sum(widths) // len(widths)
     try:
         fmt.check_widths(torch.tensor(widths).numpy(), fmt.slim_type(bits, 32))
     except fmt.FormatError as err:
         raise ValueError(f"allocation for {name}: {err}") from err
+    return bits
 
 
 def quantize_linear(

@@ -14,7 +14,7 @@ import platform
 import resource
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from . import __version__
+from . import __version__, sensitivity
 from .architectures import in_classes
+from .budget import Decision, check_budget, model_shapes, solve
 from .calib import calibration_windows
 from .checkpoint import CheckpointWriter
 from .gptq import few_threads
@@ -55,6 +56,18 @@ class QuantizeReport:
     peak_device_mib: float | None
     width_groups: Counter = field(default_factory=Counter)
     resumed_from: int = 0
+    decision: Decision | None = None  # a --bpw run's per-tensor choices
+
+
+@dataclass
+class Allocation:
+    """Saved widths to reuse (``--allocation``): per tensor, with the group size where
+    the source records it, and a --bpw run's decision (which also fixes the token
+    embedding's and output's types)."""
+
+    widths: dict[str, list[int]]
+    group_sizes: dict[str, int] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -158,12 +171,31 @@ def _widths_summary(widths: Counter) -> str:
     return " ".join(f"{k}b:{widths[k]}" for k in sorted(widths))
 
 
+def tensor_settings(
+    name: str, lin: nn.Linear, quant: QuantSettings, allocation: Allocation | None, decision: Decision | None
+) -> tuple[QuantSettings, list[int] | None]:
+    """The settings one linear is quantized with, and the widths it reuses (if any)."""
+    if allocation is not None:
+        widths = allocation.widths.get(name)
+        if widths is None:
+            raise ValueError(f"--allocation has no widths for {name}")
+        group = allocation.group_sizes.get(name, quant.group_size)
+        if lin.in_features % group:
+            raise ValueError(f"--allocation gives {name} group size {group}, which does not divide {lin.in_features}")
+        bits = check_allocation(widths, lin.in_features // group, name)
+        return replace(quant, bits=bits, group_size=group), widths
+    if decision is not None:
+        setting = decision.setting(name)
+        return replace(quant, bits=setting.bits, group_size=setting.group_size), None
+    return quant, None
+
+
 def _quantize_block(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
     batches: list[tuple[torch.Tensor, dict]],
     quant: QuantSettings,
-    allocation: dict[str, list[int]] | None,
+    plan: tuple[Allocation | None, Decision | None],
     sampling: tuple[int, torch.Tensor],
     dev: torch.device,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, dict[str, float]], list[torch.Tensor], float | None]:
@@ -180,16 +212,11 @@ def _quantize_block(
             h.remove()
     tensors, searches = {}, {}
     for name, lin in linears.items():
-        given = None
-        if allocation is not None:
-            given = allocation.get(name)
-            if given is None:
-                raise ValueError(f"--allocation has no widths for {name}")
-            check_allocation(given, lin.in_features // quant.group_size, quant.bits, name)
+        settings, given = tensor_settings(name, lin, quant, *plan)
         col = collectors.get(name)
         hessian, sample = (col.h, torch.cat(col.sample).to(dev)) if col else (None, None)
         with few_threads(dev):
-            qt, search = quantize_linear(lin.weight.data.to(dev), hessian, sample, quant, given)
+            qt, search = quantize_linear(lin.weight.data.to(dev), hessian, sample, settings, given)
         lin.weight.data = qt.dequantize().to(dev, lin.weight.dtype)
         tensors[name] = qt
         if search:
@@ -202,16 +229,22 @@ def _quantize_block(
     return tensors, searches, outputs, num / max(den, 1e-30)
 
 
-def load_allocation(path: str | os.PathLike) -> dict[str, list[int]]:
-    """Widths per tensor from a checkpoint manifest or a plain {name: [widths]} JSON."""
+def load_allocation(path: str | os.PathLike) -> Allocation:
+    """Widths per tensor from a checkpoint manifest (with its group sizes and --bpw
+    decision) or a plain {name: [widths]} JSON."""
     import json
 
     data = json.loads(Path(path).read_text())
     if isinstance(data, dict) and "tensors" in data:
-        return {name: meta["widths"] for name, meta in data["tensors"].items()}
+        tensors = data["tensors"]
+        return Allocation(
+            {name: meta["widths"] for name, meta in tensors.items()},
+            {name: meta["group_size"] for name, meta in tensors.items() if "group_size" in meta},
+            data.get("budget"),
+        )
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise ValueError(f"{path} is neither a checkpoint manifest nor a {{name: [widths]}} JSON")
-    return data
+    return Allocation(data)
 
 
 def quantize_model(
@@ -220,10 +253,14 @@ def quantize_model(
     quant: QuantSettings,
     calib: CalibSettings,
     device: str = "auto",
-    allocation: dict[str, list[int]] | None = None,
+    allocation: Allocation | None = None,
     console: Console | None = None,
 ) -> QuantizeReport:
-    """Quantize every decoder-block linear of ``model_name`` into a checkpoint at ``out_dir``."""
+    """Quantize every decoder-block linear of ``model_name`` into a checkpoint at ``out_dir``.
+
+    With ``quant.bpw`` each linear's setting (and the token embedding's and output's
+    stock types) come from a budget spent by measured sensitivity, decided once before
+    the first block and kept in the manifest, so a resumed run keeps it."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
     dev = pick_device(device)
@@ -231,8 +268,15 @@ def quantize_model(
     arch = architecture_of(path)
     if allocation is not None and quant.method != "slim":
         raise ValueError("--allocation applies to --method slim only")
+    shapes = None
+    if quant.bpw is not None:
+        if allocation is not None:
+            raise ValueError("--allocation already fixes every tensor's widths; drop --bpw")
+        shapes = model_shapes(path, quant.tensors)
+        check_budget(quant.bpw, shapes)
     model = load_model(path)
-    check_shapes(model, quant)
+    if shapes is None and allocation is None:
+        check_shapes(model, quant)
     tokenizer = load_tokenizer(path)
     layers = decoder_layers(model)
     settings = {
@@ -248,8 +292,16 @@ def quantize_model(
     calibrated = quant.method != "rtn"
     batches: list[tuple[torch.Tensor, dict]] = []
     sample_idx, n_tokens = torch.empty(0, dtype=torch.long), 0
+    decision = None
     if calibrated:
         windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed)
+        if shapes is not None:
+            if writer.budget is None:
+                scores = sensitivity.measure(model, windows, shapes, quant.sensitivity, dev, console)
+                writer.set_budget(solve(quant.bpw, shapes, scores, quant.sensitivity).to_dict())
+            decision = Decision.from_dict(writer.budget)
+        elif allocation is not None and allocation.budget is not None and writer.budget is None:
+            writer.set_budget(allocation.budget)
         batches = capture_block_inputs(model, windows, dev)
         n_tokens = windows.numel()
         order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(calib.seed))
@@ -269,7 +321,7 @@ def quantize_model(
                 progress.update(task, description=f"block {i}: replayed from checkpoint")
             else:
                 tensors, searches, outputs, rel_err = _quantize_block(
-                    layer, linears, batches, quant, allocation, (n_tokens, sample_idx), dev
+                    layer, linears, batches, quant, (allocation, decision), (n_tokens, sample_idx), dev
                 )
                 info = {"block": i, "rel_output_error": rel_err, **({"sba_search": searches} if searches else {})}
                 writer.write_block(i, tensors, info)
@@ -291,4 +343,5 @@ def quantize_model(
         peak_device_mib=peak_dev,
         width_groups=width_groups,
         resumed_from=resumed,
+        decision=decision,
     )

@@ -361,8 +361,8 @@ def test_unsupported_architecture(tmp_path, demo_dir):
 
 def test_bad_standard_type(tmp_path, demo_dir):
     ckpt = _one_tensor_checkpoint(tmp_path / "ckpt", demo_dir, "LlamaForCausalLM")
-    with pytest.raises(ExportError, match="q4_0"):
-        export_gguf(ckpt, tmp_path / "out.gguf", embed_type="q4_0")
+    with pytest.raises(ExportError, match="q4_k"):
+        export_gguf(ckpt, tmp_path / "out.gguf", embed_type="q4_k")
 
 
 def test_failure_mid_write_leaves_nothing(tiny_models, tmp_path):

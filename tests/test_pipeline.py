@@ -15,7 +15,7 @@ from slim2gguf.checkpoint import Checkpoint, CheckpointError
 from slim2gguf.methods import QuantSettings
 from slim2gguf.models import ModelError, load_model, load_tokenizer, set_linear_weights
 from slim2gguf.perplexity import perplexity
-from slim2gguf.pipeline import CalibSettings, load_allocation, quantize_model
+from slim2gguf.pipeline import Allocation, CalibSettings, load_allocation, quantize_model
 
 SLIM = QuantSettings("slim", 2, 32, sba_tokens=256)
 
@@ -93,9 +93,10 @@ def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):
     quantize_model(str(tiny_model), out, SLIM, CalibSettings(str(tiny_text), 8, 64, seed=99), allocation=alloc)
     assert Checkpoint(out).allocation() == Checkpoint(slim_ckpt).allocation()
     assert all("sba_search" not in block for block in Checkpoint(out).manifest["blocks"])  # no search ran
-    bad = dict(alloc)
-    name = next(iter(bad))
-    bad[name] = [3] * len(bad[name])
+    widths = dict(alloc.widths)
+    name = next(iter(widths))
+    widths[name] = [3] * (len(widths[name]) - 1) + [2]
+    bad = Allocation(widths, alloc.group_sizes)
     with pytest.raises(ValueError, match="average"):
         quantize_model(str(tiny_model), tmp_path / "bad", SLIM, calib(tiny_text), allocation=bad)
 

@@ -1,0 +1,223 @@
+"""A whole-file bit budget (``--bpw``) spent across tensors by measured sensitivity.
+
+Each decoder linear may take any SliM setting its input size allows (average width
+2-4, group 128/64/32: 2.25-5 bits per weight), the token embedding and an untied
+output any stock type below; everything else is fixed (1-D tensors F32, linears a
+``--tensors`` selection leaves float F16). Sensitivity (``slim2gguf.sensitivity``)
+scores every tensor at every candidate; the budget then goes where the summed scores
+fall most (a multiple-choice knapsack, solved exactly up to a fine rounding of bits).
+
+Everything here reads shapes only (a weightless model), so an unreachable budget is
+refused before any weights load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .architectures import in_classes
+
+# Stock llama.cpp types for the token embedding and output, bits per weight. The
+# converter quantizes them with gguf-py (round to nearest within 32-wide blocks).
+STANDARD_BPW = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5}
+EMBED_CANDIDATES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+SLIM_BITS = (2, 3, 4)
+SLIM_GROUPS = (128, 64, 32)
+TOLERANCE = 0.02  # how far from the asked bits per weight a file may land
+EMBED, OUTPUT = "token_embd", "output"
+
+
+class BudgetError(ValueError):
+    """A budget the model's shapes cannot meet; the message says which budgets can."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One SliM setting of a linear: average width and group size."""
+
+    bits: int
+    group_size: int
+
+    @property
+    def bpw(self) -> float:
+        return self.bits + 32 / self.group_size  # fp16 scale and offset per group
+
+    @property
+    def label(self) -> str:
+        return f"slim{self.bits}-g{self.group_size}"
+
+    @classmethod
+    def parse(cls, label: str) -> Setting:
+        bits, group = label.removeprefix("slim").split("-g")
+        return cls(int(bits), int(group))
+
+
+def linear_settings(in_features: int) -> list[Setting]:
+    """Every SliM setting whose group size divides the linear's input size."""
+    return [Setting(b, g) for b in SLIM_BITS for g in SLIM_GROUPS if in_features % g == 0]
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the converter writes for a model, by role: budgeted tensors and fixed bits."""
+
+    linears: dict[str, tuple[int, int]]  # quantized decoder linears: [out, in]
+    embed: tuple[int, int]
+    output: tuple[int, int] | None  # None when tied to the embedding
+    fixed_params: int  # 1-D tensors (F32) and unselected linears (F16)
+    fixed_bits: float
+
+    @property
+    def params(self) -> int:
+        n = sum(r * c for r, c in self.linears.values()) + self.embed[0] * self.embed[1] + self.fixed_params
+        return n + (self.output[0] * self.output[1] if self.output else 0)
+
+    def candidates(self) -> dict[str, list[tuple[str, float]]]:
+        """Tensor -> (choice, bits of the whole tensor) for every choice it can take."""
+        out = {n: [(s.label, r * c * s.bpw) for s in linear_settings(c)] for n, (r, c) in self.linears.items()}
+        for name, shape in ((EMBED, self.embed), (OUTPUT, self.output)):
+            if shape is not None:
+                out[name] = [(t, shape[0] * shape[1] * STANDARD_BPW[t]) for t in EMBED_CANDIDATES if shape[1] % 32 == 0]
+        return out
+
+
+def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None) -> ModelShapes:
+    """Shapes of every tensor from a weightless (meta-device) instance of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import block_linear_shapes
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    block = block_linear_shapes(model_dir)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is embed
+    roles = {id(embed)} | ({id(head.weight)} if not tied else set())
+    linears = {n: s for n, s in block.items() if in_classes(n, tensors)}
+    fixed_params, fixed_bits = 0, 0.0
+    for name, param in model.named_parameters():
+        if id(param) in roles or name.removesuffix(".weight") in linears:
+            continue
+        n = param.numel()
+        fixed_params += n
+        fixed_bits += n * (16.0 if name.removesuffix(".weight") in block else 32.0)
+    return ModelShapes(linears, tuple(embed.shape), None if tied else tuple(head.weight.shape), fixed_params, fixed_bits)
+
+
+def reachable(shapes: ModelShapes) -> tuple[float, float]:
+    """The smallest and largest whole-file bits per weight the choices allow."""
+    cands = shapes.candidates()
+    lo = shapes.fixed_bits + sum(min(b for _, b in c) for c in cands.values())
+    hi = shapes.fixed_bits + sum(max(b for _, b in c) for c in cands.values())
+    return lo / shapes.params, hi / shapes.params
+
+
+def check_budget(bpw: float, shapes: ModelShapes) -> None:
+    """Refuse a budget outside what the shapes allow, naming the reachable range."""
+    cands = shapes.candidates()
+    stuck = [n for n, c in cands.items() if not c]
+    if stuck:
+        raise BudgetError(f"{stuck[0]} has {shapes.linears.get(stuck[0], shapes.embed)[1]} columns: no SliM group size "
+                          "(32, 64, 128) or 32-wide stock type divides it")  # fmt: skip
+    lo, hi = reachable(shapes)
+    if not lo - TOLERANCE <= bpw <= hi + TOLERANCE:
+        raise BudgetError(
+            f"--bpw {bpw:g} is out of reach for this model: from {lo:.2f} (every linear SliM 2-bit at its largest "
+            f"group, token embedding{'' if shapes.output is None else ' and output'} Q4_0, 1-D tensors F32) "
+            f"to {hi:.2f} (SliM 4-bit at its smallest group, Q8_0); choose a budget in that range"
+        )
+    sizes = _file_sizes(shapes)
+    if not np.any((sizes >= bpw - TOLERANCE) & (sizes <= bpw + 1e-9)):
+        below, above = sizes[sizes <= bpw].max(initial=lo), sizes[sizes > bpw].min(initial=hi)
+        raise BudgetError(
+            f"--bpw {bpw:g} cannot be met within {TOLERANCE} on this model: its tensors change the file in "
+            f"steps too coarse here (the token embedding's stock types above all); the nearest budgets are "
+            f"{below:.3f} and {above:.3f}"
+        )
+
+
+def _file_sizes(shapes: ModelShapes) -> np.ndarray:
+    """Every whole-file bits per weight the choices can make (each tensor's bits rounded to
+    1/50 of the tolerance: near enough to name budgets, exact enough to test one)."""
+    unit = TOLERANCE * shapes.params / 50
+    options = shapes.candidates().values()
+    floor = sum(min(b for _, b in c) for c in options)
+    span = sum(max(b for _, b in c) for c in options) - floor
+    can = np.zeros(int(span / unit) + 2, dtype=bool)
+    can[0] = True
+    for cands in options:
+        low = min(b for _, b in cands)
+        new = np.zeros_like(can)
+        for c in {round((b - low) / unit) for _, b in cands}:
+            new[c:] |= can[: len(can) - c]
+        can = new
+    return (shapes.fixed_bits + floor + unit * np.flatnonzero(can)) / shapes.params
+
+
+@dataclass
+class Decision:
+    """Per-tensor choices for a budget, with the scores they were chosen from."""
+
+    target_bpw: float
+    bpw: float  # whole file, as computed from the shapes
+    choices: dict[str, str]  # linear module / token_embd / output -> label or stock type
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    sensitivity: str = ""
+
+    def setting(self, name: str) -> Setting:
+        return Setting.parse(self.choices[name])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_bpw": self.target_bpw, "bpw": self.bpw, "choices": self.choices,
+                "scores": self.scores, "sensitivity": self.sensitivity}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Decision:
+        return cls(data["target_bpw"], data["bpw"], data["choices"], data.get("scores", {}), data.get("sensitivity", ""))
+
+
+RESOLUTION = 20000  # budget steps of the knapsack: rounding moves the total by ~0.01 % of the budget
+
+
+def solve(bpw: float, shapes: ModelShapes, scores: dict[str, dict[str, float]], sensitivity: str = "") -> Decision:
+    """Spend ``bpw`` × params bits to minimize the summed scores: a multiple-choice knapsack,
+    solved exactly by dynamic programming over the bits above every tensor's cheapest choice
+    (in RESOLUTION steps)."""
+    check_budget(bpw, shapes)
+    options = {name: sorted(cands, key=lambda c: c[1]) for name, cands in sorted(shapes.candidates().items())}
+    floor = sum(cands[0][1] for cands in options.values())
+    unit = max(bpw * shapes.params - shapes.fixed_bits - floor, 1.0) / RESOLUTION
+    best = np.full(RESOLUTION + 1, np.inf)
+    best[0] = 0.0
+    picks, costs = [], []
+    for name, cands in options.items():
+        cost = [round((bits - cands[0][1]) / unit) for _, bits in cands]
+        new, pick = np.full_like(best, np.inf), np.zeros(best.shape, dtype=np.int16)
+        for k, ((label, _), c) in enumerate(zip(cands, cost)):
+            if c > RESOLUTION:
+                continue
+            total = np.full_like(best, np.inf)
+            total[c:] = best[: RESOLUTION + 1 - c] + scores[name][label]
+            better = total < new
+            new[better], pick[better] = total[better], k
+        best = new
+        picks.append(pick)
+        costs.append(cost)
+    first = max(0, int(np.ceil(((bpw - TOLERANCE) * shapes.params - shapes.fixed_bits - floor) / unit)))
+    j = first + int(np.argmin(best[first:]))  # the least error among files within the tolerance below bpw
+    choices, spent = {}, floor
+    for (name, cands), pick, cost in zip(reversed(options.items()), reversed(picks), reversed(costs)):
+        k = int(pick[j])
+        choices[name] = cands[k][0]
+        spent += cands[k][1] - cands[0][1]
+        j -= cost[k]
+    achieved = (spent + shapes.fixed_bits) / shapes.params
+    if abs(achieved - bpw) > TOLERANCE:
+        raise BudgetError(f"--bpw {bpw:g}: the nearest file this model allows is {achieved:.3f} bpw")
+    return Decision(bpw, achieved, dict(sorted(choices.items())), scores, sensitivity)

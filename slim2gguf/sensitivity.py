@@ -1,0 +1,168 @@
+"""How much each tensor's quantization at each candidate setting costs, for the budget.
+
+Two estimators, compared by measurement in docs/BENCHMARKS.md:
+
+* ``fisher``: the increase of the calibration loss, ½ Σ F ⊙ ΔW², with F the diagonal
+  empirical Fisher (squared per-window gradients of the next-token loss). One unit
+  for every tensor, so a tensor near the output and one at the input compare fairly.
+* ``hessian``: each tensor's relative output error on the calibration inputs,
+  Σ_j h_j ΔW_ij² / Σ_j h_j W_ij² with h = diag(XᵀX) (the importance matrix llama.cpp
+  uses), forward passes only; every tensor's relative error counts the same.
+
+ΔW is round-to-nearest at the candidate (min-max per group for SliM settings, gguf-py's
+quantizer for the stock types the converter will use): cheap, and ordered like the
+calibrated quantizer's errors.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from .budget import EMBED, OUTPUT, ModelShapes, Setting
+from .quantizer import fit_minmax
+
+SENSITIVITIES = ("fisher", "hessian")
+WINDOWS = 16  # calibration windows the estimators read: enough to rank tensors, a minute on the demo model
+_ROWS_PER_CHUNK = 4096
+
+
+def slim_error(weight: torch.Tensor, setting: Setting) -> torch.Tensor:
+    """ΔW of min-max round-to-nearest at ``setting`` (every group at its average width)."""
+    rows, cols = weight.shape
+    w = weight.float().reshape(-1, setting.group_size)
+    params = fit_minmax(w, setting.bits)
+    return (params.dequantize(params.codes(w)) - w).view(rows, cols)
+
+
+def stock_error(weight: torch.Tensor, type_name: str) -> torch.Tensor:
+    """ΔW of gguf-py's quantizer for a stock type, as the converter stores the tensor."""
+    qtype = gguf.GGMLQuantizationType[type_name.upper()]
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+        w = weight[start : start + _ROWS_PER_CHUNK].detach().float().cpu().numpy()
+        back = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
+        out[start : start + _ROWS_PER_CHUNK] = torch.from_numpy(np.asarray(back, dtype=np.float32) - w)
+    return out
+
+
+def _targets(model: nn.Module, shapes: ModelShapes) -> dict[str, nn.Parameter]:
+    modules = dict(model.named_modules())
+    found = {name: modules[name].weight for name in shapes.linears}
+    found[EMBED] = model.get_input_embeddings().weight
+    if shapes.output is not None:
+        found[OUTPUT] = model.get_output_embeddings().weight
+    return found
+
+
+def fisher_weights(model: nn.Module, windows: torch.Tensor, shapes: ModelShapes, device: torch.device, progress: Progress) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of every budgeted tensor (mean over windows of the squared
+    gradient of the window's mean next-token loss)."""
+    targets = _targets(model, shapes)
+    fisher = {name: torch.zeros_like(p, device="cpu") for name, p in targets.items()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p in targets.items():
+        p.requires_grad_(True)
+
+        def accumulate(param: torch.Tensor, name: str = name) -> None:
+            fisher[name].addcmul_(param.grad.cpu(), param.grad.cpu())
+            param.grad = None
+
+        handles.append(p.register_post_accumulate_grad_hook(accumulate))
+    model.to(device)
+    task = progress.add_task("sensitivity: Fisher over calibration windows", total=len(windows))
+    try:
+        with torch.enable_grad():
+            for window in windows:
+                ids = window[None].to(device)
+                model(ids, labels=ids, use_cache=False).loss.backward()
+                progress.advance(task)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.to("cpu")
+    for f in fisher.values():
+        f /= len(windows)
+    return fisher
+
+
+@torch.no_grad()
+def input_energy(model: nn.Module, windows: torch.Tensor, shapes: ModelShapes, device: torch.device, progress: Progress) -> dict[str, torch.Tensor]:
+    """h = Σ x² per input column of every budgeted linear and of the LM head, and token
+    counts per embedding row (the embedding's "input energy")."""
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    watched = {name: modules[name] for name in shapes.linears} | {OUTPUT: head}
+    energy = {name: torch.zeros(mod.in_features) for name, mod in watched.items()}
+
+    def hook(name: str):
+        def record(_mod, inputs, _out) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            energy[name] += x.pow(2).sum(dim=0).cpu()
+
+        return record
+
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in watched.items()]
+    model.to(device)
+    task = progress.add_task("sensitivity: input energy over calibration windows", total=len(windows))
+    try:
+        for window in windows:
+            model(window[None].to(device), use_cache=False)
+            progress.advance(task)
+    finally:
+        for h in handles:
+            h.remove()
+        model.to("cpu")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    energy[EMBED] = torch.bincount(windows.flatten(), minlength=vocab).float()
+    return energy
+
+
+def _relative(delta: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, by_row: bool) -> float:
+    """Σ h ΔW² / Σ h W², with h over columns, or over rows (``by_row``: the embedding)."""
+    h = h[:, None] if by_row else h[None, :]
+    return float((h * delta.pow(2)).sum() / (h * weight.float().pow(2)).sum().clamp_min(1e-30))
+
+
+def measure(
+    model: nn.Module, windows: torch.Tensor, shapes: ModelShapes, method: str, device: torch.device, console: Console
+) -> dict[str, dict[str, float]]:
+    """Score of every budgeted tensor at every candidate: tensor -> {choice: score}."""
+    if method not in SENSITIVITIES:
+        raise ValueError(f"--sensitivity must be one of {', '.join(SENSITIVITIES)}, got {method!r}")
+    windows = windows[:WINDOWS]
+    targets = _targets(model, shapes)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    scores: dict[str, dict[str, float]] = {}
+    with Progress(*columns, console=console) as progress:
+        if method == "fisher":
+            weights = fisher_weights(model, windows, shapes, device, progress)
+        else:
+            weights = input_energy(model, windows, shapes, device, progress)
+        task = progress.add_task("sensitivity: candidates per tensor", total=len(targets))
+        for name, choices in shapes.candidates().items():
+            w = targets[name].detach()
+            scores[name] = {}
+            for label, _bits in choices:
+                stock = name in (EMBED, OUTPUT)
+                delta = stock_error(w, label) if stock else slim_error(w.to(device), Setting.parse(label)).cpu()
+                if method == "fisher":
+                    scores[name][label] = 0.5 * float((weights[name] * delta.pow(2)).sum())
+                elif name == EMBED:
+                    score = _relative(delta, w, weights[EMBED], by_row=True)
+                    if shapes.output is None:  # tied: the same rows are the LM head too
+                        score += _relative(delta, w, weights[OUTPUT], by_row=False)
+                    scores[name][label] = score
+                else:
+                    scores[name][label] = _relative(delta, w, weights[name], by_row=False)
+            progress.advance(task)
+    return scores

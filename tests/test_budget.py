@@ -1,0 +1,231 @@
+"""The --bpw budget: reachable ranges, the knapsack, the sensitivity pass and the
+per-tensor decision through quantize, resume, reuse and export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slim2gguf import budget
+from slim2gguf.budget import BudgetError, ModelShapes, Setting, check_budget, model_shapes, reachable, solve
+from slim2gguf.checkpoint import Checkpoint
+from slim2gguf.methods import QuantSettings
+from slim2gguf.pipeline import CalibSettings, load_allocation, quantize_model
+
+
+def toy_shapes() -> ModelShapes:
+    linears = {f"model.layers.{b}.mlp.down_proj": (64, 256) for b in range(4)}
+    return ModelShapes(linears, embed=(100, 64), output=None, fixed_params=640, fixed_bits=640 * 32.0)
+
+
+def toy_scores(shapes: ModelShapes) -> dict[str, dict[str, float]]:
+    """Error falling by 4x per bit and by 1.3x per group halving; later blocks weigh more."""
+    scores = {}
+    for name, cands in shapes.candidates().items():
+        weight = 1.0 + (int(name.split(".")[2]) if name.startswith("model.") else 2)
+        scores[name] = {}
+        for label, _ in cands:
+            if name == budget.EMBED:
+                bits = budget.STANDARD_BPW[label]
+                scores[name][label] = weight * 4.0 ** -bits
+            else:
+                s = Setting.parse(label)
+                scores[name][label] = weight * 4.0 ** -s.bits * 1.3 ** -(128 // s.group_size)
+    return scores
+
+
+def test_settings_and_bits():
+    assert [s.label for s in budget.linear_settings(192)] == ["slim2-g64", "slim2-g32", "slim3-g64", "slim3-g32", "slim4-g64", "slim4-g32"]
+    assert Setting.parse("slim3-g64") == Setting(3, 64) and Setting(3, 64).bpw == 3.5
+
+
+def test_solve_finds_the_optimum():
+    import itertools
+
+    shapes = ModelShapes({f"model.layers.{b}.self_attn.k_proj": (32, 128) for b in range(3)}, (10, 64), None, 0, 0.0)
+    scores = toy_scores(shapes)
+    names = sorted(shapes.candidates())
+    cands = [shapes.candidates()[n] for n in names]
+    for target in (3.0, 3.6, 4.4):
+        decision = solve(target, shapes, scores)
+        limit = target * shapes.params
+        feasible = [combo for combo in itertools.product(*cands) if sum(b for _, b in combo) <= limit]
+        optimum = min(sum(scores[n][label] for n, (label, _) in zip(names, combo)) for combo in feasible)
+        assert sum(scores[n][c] for n, c in decision.choices.items()) == pytest.approx(optimum)
+
+
+def test_solve_lands_on_the_budget_and_spends_it_well():
+    shapes = toy_shapes()
+    scores = toy_scores(shapes)
+    lo, hi = reachable(shapes)
+    previous = float("inf")
+    for target in (lo + 0.05, (lo + hi) / 2, hi - 0.3):
+        decision = solve(target, shapes, scores)
+        assert abs(decision.bpw - target) <= budget.TOLERANCE and decision.bpw <= target + 1e-9
+        total = sum(scores[n][c] for n, c in decision.choices.items())
+        assert total < previous  # more bits, less estimated error
+        previous = total
+    mid = solve((lo + hi) / 2, shapes, scores).choices
+    bits = [Setting.parse(mid[f"model.layers.{b}.mlp.down_proj"]).bpw for b in range(4)]
+    assert bits == sorted(bits) and bits[0] < bits[-1]  # the more sensitive blocks get more
+
+
+@pytest.mark.parametrize("target", [1.0, 30.0])
+def test_out_of_reach_names_the_range(target):
+    shapes = toy_shapes()
+    lo, hi = reachable(shapes)
+    with pytest.raises(BudgetError, match=rf"from {lo:.2f} .* to {hi:.2f}"):
+        check_budget(target, shapes)
+
+
+def test_coarse_steps_name_the_nearest_budgets():
+    shapes = toy_shapes()
+    _, hi = reachable(shapes)  # one step down from the top: a whole down_proj from g32 to g64 (8192 bits)
+    step = 64 * 256 * 0.5 / shapes.params
+    with pytest.raises(BudgetError, match="nearest budgets are") as err:
+        check_budget(hi - step / 2, shapes)
+    below, above = (float(x) for x in str(err.value).removesuffix(".").split("are ")[1].split(" and "))
+    assert below == pytest.approx(hi - step, abs=2e-3) and above == pytest.approx(hi, abs=2e-3)
+
+
+def test_model_shapes_count_every_parameter(tiny_model):
+    from slim2gguf.models import load_model
+
+    model = load_model(tiny_model)
+    shapes = model_shapes(tiny_model, None)
+    assert shapes.params == sum(p.numel() for p in model.parameters())
+    assert shapes.output == tuple(model.lm_head.weight.shape) and len(shapes.linears) == 14
+    down = model_shapes(tiny_model, ("ffn_down",))
+    assert len(down.linears) == 2 and down.params == shapes.params
+    assert down.fixed_bits == shapes.fixed_bits + 16 * sum(r * c for n, (r, c) in shapes.linears.items() if "down" not in n)
+
+
+def calib(text) -> CalibSettings:
+    return CalibSettings(str(text), nsamples=8, seqlen=64, seed=3)
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "hessian"])
+def test_sensitivity_scores_fall_with_bits(tiny_model, tiny_text, sensitivity):
+    from rich.console import Console
+
+    from slim2gguf.calib import calibration_windows
+    from slim2gguf.models import load_model, load_tokenizer
+    from slim2gguf.sensitivity import measure
+
+    model = load_model(tiny_model)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    windows = calibration_windows(str(tiny_text), model, load_tokenizer(tiny_model), 4, 64, 0)
+    shapes = model_shapes(tiny_model, None)
+    scores = measure(model, windows, shapes, sensitivity, torch.device("cpu"), Console(quiet=True))
+    assert set(scores) == set(shapes.candidates())
+    for name, by_choice in scores.items():
+        if name.startswith("model."):
+            assert by_choice["slim2-g32"] > by_choice["slim3-g32"] > by_choice["slim4-g32"] > 0
+        else:
+            assert by_choice["q4_0"] > by_choice["q5_0"] > by_choice["q8_0"] > 0
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def bpw_ckpt(tiny_model, tiny_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpw") / "ck"
+    report = quantize_model(str(tiny_model), out, QuantSettings("slim", sba_tokens=256, bpw=4.0), calib(tiny_text))
+    return out, report
+
+
+def test_bpw_checkpoint_follows_the_decision(bpw_ckpt):
+    out, report = bpw_ckpt
+    ck = Checkpoint(out)
+    decision = ck.budget
+    assert decision["target_bpw"] == 4.0 and abs(decision["bpw"] - 4.0) <= budget.TOLERANCE
+    assert decision["sensitivity"] == "fisher" and set(decision["scores"]) == set(decision["choices"])
+    tensors = dict(ck.tensors())
+    assert len({(qt.bits, qt.group_size) for qt in tensors.values()}) > 1  # really mixed
+    for name, qt in tensors.items():
+        assert Setting(qt.bits, qt.group_size).label == decision["choices"][name]
+        assert ck.manifest["tensors"][name]["group_size"] == qt.group_size
+    assert decision["choices"]["token_embd"] in budget.EMBED_CANDIDATES
+    assert report.decision.choices == decision["choices"]
+
+
+def test_bpw_is_deterministic_and_resumes(bpw_ckpt, tiny_model, tiny_text, tmp_path, monkeypatch):
+    from test_pipeline import files_of
+
+    from slim2gguf import checkpoint as ckpt_mod
+    from slim2gguf import sensitivity
+
+    out = tmp_path / "again"
+    original = ckpt_mod.CheckpointWriter.write_block
+
+    def write_then_stop(self, index, tensors, info):
+        original(self, index, tensors, info)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.CheckpointWriter, "write_block", write_then_stop)
+    quant = QuantSettings("slim", sba_tokens=256, bpw=4.0)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(str(tiny_model), out, quant, calib(tiny_text))
+    monkeypatch.setattr(ckpt_mod.CheckpointWriter, "write_block", original)
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: pytest.fail("a resumed run measures again"))
+    report = quantize_model(str(tiny_model), out, quant, calib(tiny_text))
+    assert report.resumed_from == 1
+    assert files_of(out) == files_of(bpw_ckpt[0])
+
+
+def test_allocation_reuse_covers_per_tensor_settings(bpw_ckpt, tiny_model, tiny_text, tmp_path):
+    alloc = load_allocation(bpw_ckpt[0] / "manifest.json")
+    out = tmp_path / "reused"
+    quantize_model(str(tiny_model), out, QuantSettings("slim", 2, 128), CalibSettings(str(tiny_text), 8, 64, seed=9), allocation=alloc)
+    reused, source = Checkpoint(out), Checkpoint(bpw_ckpt[0])
+    assert reused.allocation() == source.allocation() and reused.budget == source.budget
+    assert {n: q.group_size for n, q in reused.tensors()} == {n: q.group_size for n, q in source.tensors()}
+    with pytest.raises(ValueError, match="drop --bpw"):
+        quantize_model(str(tiny_model), tmp_path / "x", QuantSettings("slim", bpw=3.0), calib(tiny_text), allocation=alloc)
+
+
+def test_cli_refuses_bad_budgets_before_loading_weights(tiny_model, tiny_text, tmp_path, monkeypatch):
+    from slim2gguf import pipeline
+    from slim2gguf.cli import app
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("weights loaded"))
+    runner = CliRunner()
+    base = ["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--calib", str(tiny_text)]
+    for extra, message in (
+        (["--bpw", "1.5"], "out of reach for this model: from"),
+        (["--bpw", "3", "--bits", "3"], "not both"),
+        (["--bpw", "3", "--method", "rtn"], "use --method slim or gptq"),
+        (["--bpw", "3", "--sensitivity", "guess"], "--sensitivity must be one of fisher, hessian"),
+    ):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["convert", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--bpw", "4", "--embed-type", "q8_0"])
+    assert result.exit_code == 2 and "drop --embed-type" in result.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_bpw_file_lands_on_the_budget(tiny_text, tmp_path):
+    """Through the real exporter: the file's bits per weight (every tensor) is what the
+    decision computed from shapes, within the tolerance of --bpw, and inspect shows the mix."""
+    from export_helpers import tiny_model_dir
+    from rich.console import Console
+
+    from slim2gguf.export import export_gguf
+    from slim2gguf.inspect_gguf import print_inspect
+    from slim2gguf.named_models import demo_model_dir
+
+    model = tiny_model_dir(tmp_path / "llama", "LlamaForCausalLM", demo_model_dir(), tie_word_embeddings=False)
+    sizes = budget._file_sizes(model_shapes(model, None))  # its vocabulary is most of it: budgets come in clusters
+    target = float(sizes[len(sizes) // 2])
+    quantize_model(str(model), tmp_path / "ck", QuantSettings("slim", sba_tokens=256, bpw=target), calib(tiny_text))
+    decision = Checkpoint(tmp_path / "ck").budget
+    report = export_gguf(tmp_path / "ck", tmp_path / "out.gguf", progress=False)
+    assert report.file_bpw == pytest.approx(decision["bpw"], abs=1e-9)
+    assert abs(report.file_bpw - target) <= budget.TOLERANCE
+    console = Console(record=True, width=200)
+    print_inspect(tmp_path / "out.gguf", console)
+    text = console.export_text()
+    assert "bits per weight by block and tensor class" in text
+    for stock in ("token_embd", "output"):
+        assert f"{decision['choices'][stock].upper()}" in text

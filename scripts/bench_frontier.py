@@ -75,26 +75,41 @@ TENSOR_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K"
 QUICK = {"model": "smollm2-135m", "tensors": "ffn_down", "chunks": 4, "calib_chunks": 8,
          "types": "IQ2_XS,Q3_K,IQ4_NL", "ours": "slim2-g64"}  # fmt: skip
 _RECIPE = re.compile(r"^(slim|gptq|rtn)([234])-g(32|64|128)$")
+_BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?$")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One of our files: method, average bits and group size, e.g. 'slim3-g64'."""
+    """One of our files: method, average bits and group size ('slim3-g64'), or a SliM
+    whole-file budget spent by sensitivity ('bpw3.1', 'bpw3.1-hessian')."""
 
     method: str
     bits: int
     group_size: int
+    bpw: float | None = None
+    sensitivity: str = "fisher"
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
+        budget = _BUDGET.match(text)
+        if budget is not None:
+            return cls("slim", 0, 0, float(budget[1]), budget[2] or "fisher")
         match = _RECIPE.match(text)
         if match is None:
-            raise BenchError(f"{text!r} is not a recipe like slim3-g64 (method slim/gptq/rtn, bits 2-4, group 32/64/128)")
+            raise BenchError(f"{text!r} is not a recipe like slim3-g64 (method slim/gptq/rtn, bits 2-4, group 32/64/128) or bpw3.1[-hessian]")
         return cls(match[1], int(match[2]), int(match[3]))
 
     @property
     def name(self) -> str:
+        if self.bpw is not None:
+            return f"bpw{self.bpw:g}" + ("" if self.sensitivity == "fisher" else f"-{self.sensitivity}")
         return f"{self.method}{self.bits}-g{self.group_size}"
+
+    def options(self) -> list[str | int | float]:
+        """What `slim2gguf convert` is told."""
+        if self.bpw is not None:
+            return ["--method", self.method, "--bpw", self.bpw, "--sensitivity", self.sensitivity]
+        return ["--method", self.method, "--bits", self.bits, "--group-size", self.group_size]
 
 
 @dataclass
@@ -148,7 +163,9 @@ def plan(args: argparse.Namespace, work: Path, shapes: dict[str, tuple[int, int]
     groups = fitting_groups(shapes, tensors)
     for text in (r for r in recipes if r):
         recipe = Recipe.parse(text)
-        if recipe.group_size not in groups:
+        if recipe.bpw is not None and tensors:
+            raise BenchError(f"{recipe.name} is a whole-file budget: measure it without --tensors")
+        if recipe.bpw is None and recipe.group_size not in groups:
             raise BenchError(f"{recipe.name}: group {recipe.group_size} does not divide every quantized input size; use g{', g'.join(map(str, groups))}")
         path = work / f"{recipe.name}{suffix}-{calib}-s{args.seed}-{code}.gguf"
         jobs.append(Job(recipe.name, "slim2gguf", recipe.name, path, recipe))
@@ -186,8 +203,7 @@ def convert_ours(job: Job, args: argparse.Namespace, work: Path) -> dict[str, fl
     assert recipe is not None
     ckpt = work / "checkpoints" / job.path.stem
     cmd = [
-        sys.executable, "-m", "slim2gguf", "convert", args.model, "-o", job.path, "--method", recipe.method,
-        "--bits", recipe.bits, "--group-size", recipe.group_size, "--calib", args.calib,
+        sys.executable, "-m", "slim2gguf", "convert", args.model, "-o", job.path, *recipe.options(), "--calib", args.calib,
         "--nsamples", args.calib_chunks, "--seqlen", args.ctx, "--seed", args.seed, "--checkpoint", ckpt,
     ]  # fmt: skip
     if args.tensor_classes:
@@ -302,6 +318,8 @@ def line_of(record: dict[str, Any]) -> str:
     """The plot line a file belongs to: llama.cpp's i-, K- and legacy quants, our group sizes."""
     if record["family"] == "slim2gguf":
         recipe = Recipe.parse(record["type"])
+        if recipe.bpw is not None:
+            return f"slim2gguf --bpw ({recipe.sensitivity})"
         return f"slim2gguf {recipe.method} g{recipe.group_size}"
     name = record["type"]
     if name.startswith("IQ"):
@@ -348,7 +366,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="demo model, ffn_down, 3 llama.cpp types and slim2-g64, 4 chunks")
     ap.add_argument("--json", help="write the records (a list, one per file) here")
     ap.add_argument("--types", help="comma-separated llama.cpp types (default: all of the mode)")
-    ap.add_argument("--ours", help="comma-separated recipes like slim3-g64 (default: every budget that fits)")
+    ap.add_argument("--ours", help="comma-separated recipes like slim3-g64 or bpw3.1[-hessian] (default: every uniform budget that fits)")
     ap.add_argument("--calib", default=str(SHARED / "wikitext-2" / "valid.txt"), help="calibration text (both sides)")
     ap.add_argument("--calib-chunks", type=int, help="calibration windows of --ctx tokens (default 32; --quick 8)")
     ap.add_argument("--text", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), help="eval text (CRLF -> LF)")

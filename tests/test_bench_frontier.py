@@ -27,6 +27,10 @@ SHAPES = {
 def test_recipes(bench):
     assert bench.Recipe.parse("slim3-g64") == bench.Recipe("slim", 3, 64)
     assert bench.Recipe.parse("gptq2-g128").name == "gptq2-g128"
+    budget = bench.Recipe.parse("bpw3.25-hessian")
+    assert (budget.bpw, budget.sensitivity, budget.name) == (3.25, "hessian", "bpw3.25-hessian")
+    assert bench.Recipe.parse("bpw3").options() == ["--method", "slim", "--bpw", 3.0, "--sensitivity", "fisher"]
+    assert bench.line_of({"family": "slim2gguf", "type": "bpw3"}) == "slim2gguf --bpw (fisher)"
     for bad in ("slim5-g64", "slim3", "awq3-g64", "slim3-g48"):
         with pytest.raises(bench.BenchError, match="not a recipe like slim3-g64"):
             bench.Recipe.parse(bad)
@@ -49,6 +53,9 @@ def test_plan_names_files_by_their_inputs(bench, tmp_path):
     assert jobs[3].path.name == f"slim2-g64-ffn_down-valid-32x512-s0-{bench.code_key()}.gguf"
     with pytest.raises(bench.BenchError, match="unknown type Q3_K_M for this mode"):
         args.types = "Q3_K_M"  # a mix of types, so a whole-model type only
+        bench.plan(args, tmp_path, SHAPES)
+    args.types, args.ours = "", "bpw3"
+    with pytest.raises(bench.BenchError, match="bpw3 is a whole-file budget: measure it without --tensors"):
         bench.plan(args, tmp_path, SHAPES)
 
 

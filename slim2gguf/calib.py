@@ -33,15 +33,42 @@ def read_text(source: str) -> str:
     if not path.is_file():
         raise CalibrationError(f"calibration source '{source}' is neither {', '.join(BUILTIN)} nor a file")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet"):
-        from datasets import load_dataset
+    if suffix in (".jsonl", ".json"):
+        rows = _json_rows(path)
+    elif suffix == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        return path.read_text(encoding="utf-8", errors="replace")
+    texts = [row.get("text") if isinstance(row, dict) else None for row in rows]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise CalibrationError(f"{path} must hold records with a 'text' string each")
+    return "\n\n".join(texts)
 
-        kind = "parquet" if suffix == ".parquet" else "json"
-        data = load_dataset(kind, data_files=str(path), split="train")
-        if "text" not in data.column_names:
-            raise CalibrationError(f"{path} has no 'text' column (columns: {data.column_names})")
-        return "\n\n".join(data["text"])
-    return path.read_text(encoding="utf-8", errors="replace")
+
+def _json_rows(path: Path) -> list:
+    """Records of a JSON Lines file, or of a .json file holding one list of records."""
+    import json
+
+    try:
+        content = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
+            return json.loads(content)
+        return [json.loads(line) for line in content.splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CalibrationError(f"{path} is not valid JSON{' Lines' if path.suffix == '.jsonl' else ''}: {err}") from None
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise CalibrationError(f"{path} is not a readable Parquet file: {err}") from None
+    if "text" not in table.column_names:
+        raise CalibrationError(f"{path} has no 'text' column (columns: {table.column_names})")
+    return [{"text": t} for t in table.column("text").to_pylist()]
 
 
 def windows_from_text(text: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -78,9 +105,12 @@ def self_generated(model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed
     return torch.cat(out)
 
 
-def calibration_windows(source: str, model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(
+    source: str, model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int, text: str | None = None
+) -> torch.Tensor:
+    """[nsamples, seqlen] token windows; ``text`` is ``read_text(source)`` when read already."""
     if nsamples < 1 or seqlen < 2:
         raise CalibrationError("--nsamples must be ≥ 1 and --seqlen ≥ 2")
     if source == "self":
         return self_generated(model, tokenizer, nsamples, seqlen, seed)
-    return windows_from_text(read_text(source), tokenizer, nsamples, seqlen, seed)
+    return windows_from_text(read_text(source) if text is None else text, tokenizer, nsamples, seqlen, seed)

@@ -56,7 +56,41 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     for key in ("settings", "tensors", "blocks_done", "num_blocks"):
         if key not in manifest:
             raise CheckpointError(f"{path} is corrupt: no '{key}'")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{path} is corrupt: {problem}")
     return manifest
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure (None: what readers index is there and typed)."""
+    settings, tensors = manifest["settings"], manifest["tensors"]
+    if not isinstance(settings, dict) or not isinstance(tensors, dict):
+        return "'settings' and 'tensors' must be objects"
+    num = manifest["num_blocks"]
+    if not _is_int(num, 1, 1 << 16) or not _is_int(manifest["blocks_done"], 0, num):
+        return "'num_blocks'/'blocks_done' are not block counts"
+    if "group_size" in settings and settings["group_size"] not in (32, 64, 128):
+        return "settings.group_size is not 32, 64 or 128"
+    if not isinstance(manifest.get("blocks", []), list):
+        return "'blocks' must be a list"
+    for name, meta in tensors.items():
+        if not isinstance(meta, dict):
+            return f"the entry of {name} is not an object"
+        shape, widths = meta.get("shape"), meta.get("widths")
+        if not _is_int(meta.get("block"), 0, num - 1):
+            return f"{name} has no valid block index"
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(n, 1, 1 << 24) for n in shape)):
+            return f"{name} has no valid shape"
+        if not (isinstance(widths, list) and widths and all(_is_int(w, 1, 5) for w in widths)):
+            return f"{name} has no valid widths"
+        if meta.get("group_size", settings.get("group_size")) not in (32, 64, 128):
+            return f"{name} has no valid group size"
+    return None
 
 
 class CheckpointWriter:
@@ -156,6 +190,15 @@ def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[s
             if list(qt.shape) != manifest["tensors"][name]["shape"]:
                 raise CheckpointError(f"{name} in {path} does not have the manifest's shape")
             yield name, qt
+
+
+def finished_with(directory: str | os.PathLike, settings: dict[str, Any]) -> Checkpoint | None:
+    """The finished checkpoint at ``directory`` if it was made with exactly ``settings``."""
+    try:
+        done = Checkpoint(directory)
+    except CheckpointError:
+        return None
+    return done if done.settings == settings else None
 
 
 class Checkpoint:

@@ -190,11 +190,32 @@ def convert(
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
 ) -> None:
-    """Quantize a Hugging Face model and write one GGUF file for patched llama.cpp."""
+    """Quantize a Hugging Face model and write one GGUF file for patched llama.cpp.
+
+    A rerun with the same settings reuses the finished checkpoint of an earlier run
+    whose export failed or was interrupted, and only exports."""
     import shutil
 
-    from .export import ExportError, export_gguf
+    _check_writable(out)
+    if bpw is not None and (embed_type or output_type):
+        _fail("--bpw chooses the token embedding's and output's types within the budget; drop --embed-type/--output-type")
+    try:
+        llamacpp.ensure_source()  # the export needs llama.cpp's converter: know before quantizing
+    except llamacpp.LlamaCppError as err:
+        _fail(f"llama.cpp's source (its converter writes the file) cannot be obtained: {err}")
+    ckpt_dir = checkpoint or _default_checkpoint(out)
+    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity)
+    exported = _export(report.path, out, embed_type, output_type)
+    if checkpoint is None:
+        shutil.rmtree(report.path, ignore_errors=True)
+    if report.decision is not None:
+        _print_decision(report.decision)
+    table = _summary_table(report, f"{out}")
+    _add_export_rows(table, exported)
+    console.print(table)
 
+
+def _check_writable(out: Path) -> None:
     if out.is_dir():
         _fail(f"{out} is a directory")
     if not out.parent.is_dir():
@@ -205,25 +226,43 @@ def convert(
         probe.unlink()
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror}")
-    if bpw is not None and (embed_type or output_type):
-        _fail("--bpw chooses the token embedding's and output's types within the budget; drop --embed-type/--output-type")
-    ckpt_dir = checkpoint or _default_checkpoint(out)
-    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity)
+
+
+def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | None):
+    from .checkpoint import CheckpointError
+    from .export import ExportError, export_gguf
+
     try:
-        exported = export_gguf(report.path, out, embed_type, output_type)
+        return export_gguf(ckpt, out, embed_type, output_type)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: no output written; the checkpoint in {report.path} is complete, rerun to export")
+        console.print(
+            f"[yellow]interrupted[/]: no output written; the checkpoint in {ckpt} is complete: rerun the same "
+            f"command (it exports without quantizing again) or run slim2gguf export {ckpt} -o {out}"
+        )
         raise typer.Exit(130)
-    except ExportError as err:
+    except (ExportError, CheckpointError, llamacpp.LlamaCppError) as err:
         _fail(str(err))
-    if checkpoint is None:
-        shutil.rmtree(report.path, ignore_errors=True)
-    if report.decision is not None:
-        _print_decision(report.decision)
-    table = _summary_table(report, f"{out}")
+
+
+def _add_export_rows(table: Table, exported) -> None:
     table.add_row("SliM tensors bpw", f"{exported.slim_bpw:.3f}")
     table.add_row("whole file bpw", f"{exported.file_bpw:.3f}")
-    table.add_row("file size", f"{out.stat().st_size / 2**20:.1f} MiB")
+    table.add_row("file size", f"{exported.path.stat().st_size / 2**20:.1f} MiB")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="A finished checkpoint (from quantize, or convert --checkpoint)."),
+    out: Path = typer.Option(..., "-o", "--out", help="GGUF file to write."),
+    embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type, as for convert (default: the checkpoint's --bpw choice, else q8_0)."),
+    output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),
+) -> None:
+    """Write a finished checkpoint as one GGUF file for patched llama.cpp."""
+    _check_writable(out)
+    table = Table(title=str(out))
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    _add_export_rows(table, _export(checkpoint, out, embed_type, output_type))
     console.print(table)
 
 

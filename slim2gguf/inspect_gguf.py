@@ -77,6 +77,8 @@ def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[di
         stype = fmt.type_from_id(tensor.tensor_type)
         widths = None
         if stype is not None:
+            if int(tensor.n_elements) == 0:
+                raise GGUFFileError(f"tensor {tensor.name} is corrupt: a {stype.name} tensor with no rows or columns")
             packed = _slim_rows(tensor, stype)
             try:
                 pattern = fmt.read_widths(packed[0], stype, int(tensor.shape[0]))
@@ -133,7 +135,7 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
     for key, field in reader.fields.items():
         if key in SHOWN_KEYS or key.startswith(SLIM_KEY_PREFIX):
             value = field.contents()
-            stype = fmt.type_from_id(value) if key == "general.file_type" else None
+            stype = fmt.type_from_id(value) if key == "general.file_type" and isinstance(value, int) else None
             console.print(f"{key} = {value}" + (f" ({stype.name})" if stype else ""))
     rows = inspect_rows(reader)
     table = Table(title=str(path))

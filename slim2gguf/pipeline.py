@@ -26,11 +26,11 @@ from torch import nn
 from . import __version__, sensitivity
 from .architectures import in_classes
 from .budget import Decision, check_budget, model_shapes, solve
-from .calib import calibration_windows
-from .checkpoint import CheckpointWriter
+from .calib import calibration_windows, read_text
+from .checkpoint import CheckpointWriter, finished_with
 from .gptq import few_threads
 from .methods import QuantSettings, check_allocation, quantize_linear
-from .models import architecture_of, block_linears, decoder_layers, load_model, load_tokenizer, resolve_model
+from .models import architecture_of, block_linear_shapes, block_linears, decoder_layers, load_model, load_tokenizer, resolve_model
 from .qtensor import QuantizedTensor
 
 BATCH = 8
@@ -234,16 +234,30 @@ def load_allocation(path: str | os.PathLike) -> Allocation:
     decision) or a plain {name: [widths]} JSON."""
     import json
 
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and "tensors" in data:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--allocation {path} cannot be read as JSON: {err}") from None
+
+    def widths_ok(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(type(w) is int and 1 <= w <= 5 for w in value)
+
+    wrong = ValueError(f"--allocation {path} is neither a checkpoint manifest nor a {{name: [widths 1-5]}} JSON")
+    if not isinstance(data, dict):
+        raise wrong
+    if "tensors" in data:
         tensors = data["tensors"]
-        return Allocation(
-            {name: meta["widths"] for name, meta in tensors.items()},
-            {name: meta["group_size"] for name, meta in tensors.items() if "group_size" in meta},
-            data.get("budget"),
-        )
-    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise ValueError(f"{path} is neither a checkpoint manifest nor a {{name: [widths]}} JSON")
+        if not isinstance(tensors, dict) or not all(isinstance(m, dict) and widths_ok(m.get("widths")) for m in tensors.values()):
+            raise wrong
+        groups = {name: meta["group_size"] for name, meta in tensors.items() if "group_size" in meta}
+        if not all(g in (32, 64, 128) for g in groups.values()):
+            raise wrong
+        budget = data.get("budget")
+        if budget is not None and not (isinstance(budget, dict) and isinstance(budget.get("choices"), dict)):
+            raise wrong
+        return Allocation({name: meta["widths"] for name, meta in tensors.items()}, groups, budget)
+    if not all(widths_ok(v) for v in data.values()):
+        raise wrong
     return Allocation(data)
 
 
@@ -268,17 +282,16 @@ def quantize_model(
     arch = architecture_of(path)
     if allocation is not None and quant.method != "slim":
         raise ValueError("--allocation applies to --method slim only")
+    if allocation is not None:
+        missing = sorted(n for n in block_linear_shapes(path) if in_classes(n, quant.tensors) and n not in allocation.widths)
+        if missing:
+            raise ValueError(f"--allocation has no widths for {missing[0]} ({len(missing)} linears missing)")
     shapes = None
     if quant.bpw is not None:
         if allocation is not None:
             raise ValueError("--allocation already fixes every tensor's widths; drop --bpw")
         shapes = model_shapes(path, quant.tensors)
         check_budget(quant.bpw, shapes)
-    model = load_model(path)
-    if shapes is None and allocation is None:
-        check_shapes(model, quant)
-    tokenizer = load_tokenizer(path)
-    layers = decoder_layers(model)
     settings = {
         "model": str(model_name),
         "model_path": str(path),
@@ -287,14 +300,26 @@ def quantize_model(
         "calibration": asdict(calib),
         "allocation_given": allocation is not None,
     }
+    done = finished_with(out_dir, settings)
+    if done is not None:
+        console.print(f"{out_dir} is a finished checkpoint with these settings: reused, nothing quantized again")
+        widths = Counter(w for meta in done.manifest["tensors"].values() for w in meta["widths"])
+        return QuantizeReport(done.directory, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              None, widths, done.manifest["num_blocks"], Decision.from_dict(done.budget) if quant.bpw else None)  # fmt: skip
+    calibrated = quant.method != "rtn"
+    text = read_text(calib.source) if calibrated and calib.source != "self" else None  # bad files stop here, first
+    model = load_model(path)
+    if shapes is None and allocation is None:
+        check_shapes(model, quant)
+    tokenizer = load_tokenizer(path)
+    layers = decoder_layers(model)
     writer = CheckpointWriter(out_dir, settings, len(layers))
     resumed = writer.blocks_done
-    calibrated = quant.method != "rtn"
     batches: list[tuple[torch.Tensor, dict]] = []
     sample_idx, n_tokens = torch.empty(0, dtype=torch.long), 0
     decision = None
     if calibrated:
-        windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed)
+        windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
         if shapes is not None:
             if writer.budget is None:
                 scores = sensitivity.measure(model, windows, shapes, quant.sensitivity, dev, console)

@@ -63,7 +63,10 @@ def default_threshold(reader: gguf.GGUFReader) -> float:
     field = reader.fields.get(BITS_KEY)
     if field is None:
         raise ValidationError(f"the file has no {BITS_KEY} key (not a slim2gguf export?); give a threshold")
-    return THRESHOLDS.get(int(field.contents()), DEFAULT_THRESHOLD)
+    bits = field.contents()
+    if not isinstance(bits, int):
+        raise ValidationError(f"the file's {BITS_KEY} key is {bits!r}, not a number of bits; give a threshold")
+    return THRESHOLDS.get(bits, DEFAULT_THRESHOLD)
 
 
 def parse_llama_perplexity(log: str) -> float:

@@ -1,0 +1,244 @@
+"""Hostile and malformed inputs: every command answers with one line and exit code 2,
+never a traceback, whatever the bytes of a GGUF file, checkpoint manifest, allocation
+JSON or calibration file. Targeted cases first, then property-based mutations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from export_helpers import random_qtensor
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from slim2gguf import format as fmt
+from slim2gguf.cli import app
+
+RUNNER = CliRunner()
+
+
+def run_cli(*args: str):
+    result = RUNNER.invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"{' '.join(map(str, args))} raised {result.exception!r}:\n{result.output}")
+    assert "Traceback" not in result.output
+    return result
+
+
+def assert_refused(result, *words: str) -> None:
+    """Exit code 2 and one line of error, the last thing printed (after any progress)."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def write_gguf(path: Path, kvs: dict | None = None, rows: int = 64, stype: fmt.SlimType | None = None) -> Path:
+    """A small GGUF with one SliM tensor (``rows`` rows; 0 allowed) and one F32 tensor."""
+    fmt.register_gguf_types()
+    stype = stype or fmt.slim_type(3, 64)
+    writer = gguf.GGUFWriter(path, arch="llama")
+    for key, value in (kvs or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint32(key, value)
+    packed = random_qtensor(max(rows, 1), 128, stype.bits, stype.group_size, torch.Generator().manual_seed(0)).pack()[:rows]
+    writer.add_tensor("blk.0.ffn_up.weight", packed, raw_shape=(rows, packed.shape[1]), raw_dtype=gguf.GGMLQuantizationType(stype.type_id))
+    writer.add_tensor("output_norm.weight", np.ones(128, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_inspect_with_a_string_file_type(tmp_path):
+    path = write_gguf(tmp_path / "a.gguf", {"general.file_type": "SLIM3_G64"})
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0 and "general.file_type = SLIM3_G64" in result.output
+
+
+def test_inspect_with_a_zero_row_slim_tensor(tmp_path):
+    result = run_cli("inspect", write_gguf(tmp_path / "z.gguf", rows=0))
+    assert_refused(result, "blk.0.ffn_up.weight", "no rows")
+
+
+def test_validate_with_a_string_bits_key(tmp_path, tiny_model, tiny_text):
+    path = write_gguf(tmp_path / "b.gguf", {"slim2gguf.bits": "three"})
+    result = run_cli("validate", path, "--model", tiny_model, "--text", tiny_text)
+    assert_refused(result, "slim2gguf.bits")
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory) -> bytes:
+    path = write_gguf(tmp_path_factory.mktemp("g") / "s.gguf", {"general.file_type": 1004, "slim2gguf.bits": 3})
+    return path.read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_inspect_never_crashes_on_mutated_files(small_gguf, tmp_path, data):
+    raw = bytearray(small_gguf)
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(bytes(raw[:cut]))
+    result = run_cli("inspect", path)
+    assert result.exit_code in (0, 2)
+    if result.exit_code == 2:
+        assert_refused(result)
+
+
+# --- checkpoints, manifests, allocations, calibration files -------------------------------
+
+
+@pytest.fixture(scope="module")
+def gptq_ckpt(tiny_model, tiny_text, tmp_path_factory) -> Path:
+    from slim2gguf.methods import QuantSettings
+    from slim2gguf.pipeline import CalibSettings, quantize_model
+
+    out = tmp_path_factory.mktemp("ck") / "gptq"
+    quantize_model(str(tiny_model), out, QuantSettings("gptq", 3, 32), CalibSettings(str(tiny_text), 4, 32, seed=0))
+    return out
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) inside a JSON document."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+def _replace(node, path, value):
+    if not path:
+        return value
+    node[path[0]] = _replace(node[path[0]], path[1:], value)
+    return node
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_eval_never_crashes_on_mutated_manifests(gptq_ckpt, tiny_model, tiny_text, tmp_path, data):
+    broken = tmp_path / "ck"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(gptq_ckpt, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    places = [p for p, _ in _paths(manifest) if len(p) <= 4]
+    path = data.draw(st.sampled_from(places))
+    manifest = _replace(manifest, path, data.draw(JSON_VALUES))
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("eval", tiny_model, "--checkpoint", broken, "--text", tiny_text, "--chunks", "1", "--ctx", "32")
+    if result.exit_code != 0:
+        assert_refused(result)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{", "[]", '{"model.layers.0.mlp.up_proj": "x"}', '{"tensors": 3}', '{"tensors": {"a": {}}}',
+     '{"model.layers.0.mlp.up_proj": [3, "x"]}', '{"model.layers.0.mlp.up_proj": [9, 9, 9, 9]}', "\x00\xff"],
+)  # fmt: skip
+def test_quantize_refuses_bad_allocation_files(tiny_model, tiny_text, tmp_path, content):
+    bad = tmp_path / "alloc.json"
+    bad.write_bytes(content.encode("latin-1"))
+    result = run_cli("quantize", tiny_model, "-o", tmp_path / "o", "--calib", tiny_text, "--nsamples", "2",
+                     "--seqlen", "32", "--allocation", bad)  # fmt: skip
+    assert_refused(result)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("c.txt", b"\xff\xfe\x00garbage\x80"), ("c.txt", b""), ("c.jsonl", b"{not json\n"), ("c.jsonl", b'{"other": 1}\n'),
+     ("c.parquet", b"PAR1 not really"), ("c.json", b"[1, 2, 3]")],
+)  # fmt: skip
+def test_quantize_refuses_bad_calibration_files(tiny_model, tmp_path, name, content):
+    calib = tmp_path / name
+    calib.write_bytes(content)
+    result = run_cli("quantize", tiny_model, "-o", tmp_path / "o", "--calib", calib, "--nsamples", "2", "--seqlen", "32")
+    assert_refused(result)
+
+
+# --- failure paths of convert; export of a finished checkpoint ----------------------------
+
+
+@pytest.fixture(scope="module")
+def convertible(tmp_path_factory) -> Path:
+    """A tiny LLaMA with the demo model's tokenizer, which llama.cpp's converter accepts."""
+    from export_helpers import tiny_model_dir
+
+    from slim2gguf.named_models import demo_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("conv") / "llama", "LlamaForCausalLM", demo_model_dir())
+
+
+def convert_args(model: Path, out: Path, text: Path, *extra: str) -> list:
+    return ["convert", model, "-o", out, "--method", "gptq", "--group-size", "32", "--calib", text,
+            "--nsamples", "2", "--seqlen", "32", "--checkpoint", out.with_suffix(".ckpt"), *extra]  # fmt: skip
+
+
+def test_convert_without_llama_cpp_source_stops_before_quantizing(convertible, tiny_text, tmp_path, monkeypatch):
+    from slim2gguf import llamacpp, pipeline
+
+    def unreachable():
+        raise llamacpp.LlamaCppError("no git host and no sdist")
+
+    monkeypatch.setattr(llamacpp, "ensure_source", unreachable)
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("quantized before checking the export"))
+    result = run_cli(*convert_args(convertible, tmp_path / "o.gguf", tiny_text))
+    assert_refused(result, "llama.cpp's source", "no git host")
+
+
+def test_cholesky_failure_is_one_line(tiny_model, tiny_text, tmp_path, monkeypatch):
+    def not_positive(*_args, **_kwargs):
+        raise torch.linalg.LinAlgError("not positive-definite")
+
+    monkeypatch.setattr(torch.linalg, "cholesky", not_positive)
+    result = run_cli("quantize", tiny_model, "-o", tmp_path / "o", "--method", "gptq", "--group-size", "32",
+                     "--calib", tiny_text, "--nsamples", "2", "--seqlen", "32")  # fmt: skip
+    assert_refused(result, "raise --damp")
+
+
+def test_interrupted_export_then_rerun_only_exports(convertible, tiny_text, tmp_path, monkeypatch):
+    from slim2gguf import export, pipeline
+
+    out = tmp_path / "o.gguf"
+    real_export = export.export_gguf
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_gguf", interrupted)
+    first = run_cli(*convert_args(convertible, out, tiny_text))
+    assert first.exit_code == 130 and "exports without quantizing again" in first.output and not out.exists()
+    monkeypatch.setattr(export, "export_gguf", real_export)
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("quantized again"))
+    second = run_cli(*convert_args(convertible, out, tiny_text))
+    assert second.exit_code == 0, second.output
+    assert "reused, nothing quantized again" in second.output and out.stat().st_size > 0
+
+    again = tmp_path / "again.gguf"
+    third = run_cli("export", out.with_suffix(".ckpt"), "-o", again)
+    assert third.exit_code == 0, third.output
+    assert again.read_bytes() == out.read_bytes()
+    assert_refused(run_cli("export", tmp_path / "nothing", "-o", tmp_path / "x.gguf"), "no checkpoint at")

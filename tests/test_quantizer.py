@@ -160,7 +160,7 @@ def test_wls_handles_constant_and_zero_importance_groups():
 
 
 def test_not_positive_definite_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="--damp"):
+    with pytest.raises(ValueError, match="--damp"):
         inverse_cholesky_upper(-torch.eye(4))
 
 

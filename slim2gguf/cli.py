@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,35 @@ app.add_typer(llamacpp.app, name="llama-cpp", help="Build the patched llama.cpp 
 console = Console(stderr=True)
 
 ModelArg = typer.Argument(..., help="Hugging Face model directory, GGUF file, hub id (online), 'smollm2-135m' (demo) or 'qwen2.5-coder-1.5b' (benchmark).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"slim2gguf {__version__}, patch series {llamacpp.patch_series_hash()}, llama.cpp {llamacpp.PINNED_COMMIT}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version, the patch series' hash and the pinned llama.cpp commit."),
+) -> None:
+    """SliM-LLM mixed-precision quantization, exported to GGUF files for llama.cpp."""
+
+
+LLAMA_BIN = typer.Option(None, "--llama-cpp-bin", help=f"bin/ folder of your own patched llama.cpp build (or ${llamacpp.BIN_ENV}); default: slim2gguf builds one.")
+
+
+def _use_build(directory: Optional[Path]) -> None:
+    """Point every tool lookup at the user's build, checked before anything runs."""
+    if directory is not None:
+        os.environ[llamacpp.BIN_ENV] = str(directory)
+    if os.environ.get(llamacpp.BIN_ENV):
+        try:
+            llamacpp.checked_user_build(os.environ[llamacpp.BIN_ENV])
+        except llamacpp.LlamaCppError as err:
+            _fail(str(err))
 
 
 def _fail(message: str) -> None:
@@ -277,6 +307,7 @@ def validate(
     backend: str = typer.Option("torch", "--backend", help="torch (dequantize, then matmul) or triton (kernels on the packed bytes)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama-perplexity threads."),
     device: Optional[str] = typer.Option(None, "--device", help="PyTorch device (default: CUDA when present)."),
+    llama_cpp_bin: Optional[Path] = LLAMA_BIN,
 ) -> None:
     """Perplexity of the packed weights in PyTorch and in patched llama.cpp; fails on a gap."""
     from .gguf_weights import GGUFWeightsError
@@ -286,6 +317,7 @@ def validate(
     from .validate import ValidationError, print_validation
     from .validate import validate as run_validation
 
+    _use_build(llama_cpp_bin)
     try:
         result = run_validation(path, model, text, ctx, chunks, threshold, backend, threads, device)
     except (GGUFFileError, GGUFWeightsError, ModelError, LlamaToolError, ValidationError, FileNotFoundError, llamacpp.LlamaCppError) as err:
@@ -295,19 +327,23 @@ def validate(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
+    ctx: typer.Context,
     path: Path = typer.Argument(..., help="A SliM GGUF file."),
     prompt: str = typer.Option(..., "-p", "--prompt"),
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="Tokens to generate."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     seed: int = typer.Option(0, "--seed"),
+    llama_cpp_bin: Optional[Path] = LLAMA_BIN,
 ) -> None:
-    """Generate text from a SliM GGUF file with patched llama-completion (greedy)."""
+    """Generate text from a SliM GGUF file with patched llama-completion: greedy unless
+    llama.cpp flags after the options say otherwise (e.g. -c 4096 --temp 0.7 --top-p 0.9)."""
     from .run import LlamaToolError, run_completion
 
+    _use_build(llama_cpp_bin)
     try:
-        generated = run_completion(path, prompt, n_predict, threads, seed)
+        generated = run_completion(path, prompt, n_predict, threads, seed, ctx.args)
     except (LlamaToolError, FileNotFoundError, llamacpp.LlamaCppError) as err:
         _fail(str(err))
     typer.echo(prompt + generated)

@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -239,11 +240,15 @@ def cmake_options(cpu: str = "native") -> list[str]:
     return options
 
 
-def build_key(cpu: str = "native") -> str:
-    """Names the build folder: the pinned commit, every patch's bytes and the build options."""
-    h = hashlib.sha256(PINNED_COMMIT.encode())
+def _hash_patches(h: Any) -> Any:
     for patch in patch_files():
         h.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
+    return h
+
+
+def build_key(cpu: str = "native") -> str:
+    """Names the build folder: the pinned commit, every patch's bytes and the build options."""
+    h = _hash_patches(hashlib.sha256(PINNED_COMMIT.encode()))
     h.update(json.dumps(cmake_options(cpu)).encode())
     return h.hexdigest()[:16]
 
@@ -418,8 +423,67 @@ def build(
     return bin_dir
 
 
+def patch_series_hash() -> str:
+    """Names the patch series a build carries (``slim2gguf --version``)."""
+    return _hash_patches(hashlib.sha256()).hexdigest()[:12]
+
+
+BIN_ENV = "SLIM2GGUF_LLAMA_CPP_BIN"  # a patched build of the user's own (run, validate, tests)
+_PROBE_TENSOR = "probe.weight"
+
+
+def _write_probe(path: Path) -> None:
+    """A GGUF file with one small SliM tensor: only a build that knows the types reads it."""
+    import gguf
+    import numpy as np
+
+    from . import format as fmt
+
+    fmt.register_gguf_types()
+    stype = fmt.slim_type(3, 64)
+    rows, cols = 8, 128
+    codes = np.zeros((rows, cols), dtype=np.uint8)
+    scales = np.full((rows, cols // 64), 0.5, dtype=np.float16)
+    packed = fmt.pack(codes, scales, -scales, np.full(cols // 64, 3, dtype=np.uint8), stype)
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_tensor(_PROBE_TENSOR, packed, raw_shape=(rows, packed.shape[1]), raw_dtype=gguf.GGMLQuantizationType(stype.type_id))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@functools.lru_cache(maxsize=4)
+def checked_user_build(directory: str) -> Path:
+    """The user's build folder (its bin/), once its dump tool has read a SliM tensor."""
+    bin_dir = Path(directory).expanduser().resolve()
+    if not bin_dir.is_dir():
+        raise LlamaCppError(f"llama.cpp build folder {bin_dir} does not exist")
+    dump = bin_dir / DUMP_TOOL
+    if not dump.is_file():
+        raise LlamaCppError(
+            f"{bin_dir} has no {DUMP_TOOL}: not a llama.cpp built with slim2gguf's patches (apply "
+            f"patches/*.patch to commit {PINNED_COMMIT[:10]} and build every tool), or not its bin/ folder"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.gguf"
+        _write_probe(probe)
+        result = subprocess.run([dump, probe, "validate", _PROBE_TENSOR], capture_output=True, text=True)
+    if result.returncode != 0:
+        said = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise LlamaCppError(f"{dump} cannot read a SliM tensor ({said}): rebuild it with this slim2gguf's patches")
+    return bin_dir
+
+
 def binary(name: str, cpu: str = "native") -> Path:
-    """Path to one patched llama.cpp tool, building it first when needed."""
+    """Path to one patched llama.cpp tool: the user's build when $SLIM2GGUF_LLAMA_CPP_BIN
+    names one (checked once), else ours, built first when needed."""
+    user = os.environ.get(BIN_ENV)
+    if user and cpu == "native":
+        tool = checked_user_build(user) / name
+        if not tool.is_file():
+            raise LlamaCppError(f"{tool.parent} has no {name}: build that target too")
+        return tool
     return build((name,), cpu=cpu) / name
 
 

@@ -89,3 +89,30 @@ def test_calibration_from_jsonl_and_parquet(tiny_model, tmp_path):
         read_text(str(tmp_path / "no_text.parquet"))
     with pytest.raises(CalibrationError, match="neither"):
         read_text(str(tmp_path / "absent.txt"))
+
+
+def test_version_names_patches_and_commit():
+    from slim2gguf import __version__, llamacpp
+
+    code, out = invoke("--version")
+    assert code == 0 and out.strip() == (
+        f"slim2gguf {__version__}, patch series {llamacpp.patch_series_hash()}, llama.cpp {llamacpp.PINNED_COMMIT}"
+    )
+
+
+def test_own_build_is_checked_before_running(tmp_path, monkeypatch):
+    from slim2gguf import llamacpp
+
+    monkeypatch.setenv(llamacpp.BIN_ENV, "")  # restored after the test: the command sets it
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path / "nowhere")
+    assert code == 2 and "does not exist" in out
+    code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
+    assert code == 2 and "has no llama-slim-dump" in out
+    fake = tmp_path / "llama-slim-dump"  # an unpatched tool of that name: exits with ggml's complaint
+    fake.write_text("#!/bin/sh\necho 'gguf_init_from_file_impl: tensor has invalid ggml type 1004' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    llamacpp.checked_user_build.cache_clear()
+    code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
+    assert code == 2 and "cannot read a SliM tensor (gguf_init_from_file_impl: tensor has invalid ggml type 1004)" in out

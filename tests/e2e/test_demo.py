@@ -106,6 +106,24 @@ def test_completion_generates_text(demo_file):
     assert "Paris" in r.stdout and len(r.stdout.split()) >= 8
 
 
+def test_own_build_and_llama_flags(demo_file, tmp_path):
+    """`run --llama-cpp-bin` takes a patched build it checks first (here ours), passes
+    llama.cpp's own flags through, and refuses a folder without the patched tools."""
+    own = llamacpp.build()
+    args = ["run", demo_file(4), "-p", "The capital of France is", "-n", 12]
+    default = slim2gguf(*args)
+    r = slim2gguf(*args, "--llama-cpp-bin", own, "-c", 256, "--top-k", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == default.stdout
+    sampled = slim2gguf(*args, "--temp", "0.9", "--seed", 7, "-c", 256)
+    assert sampled.returncode == 0 and sampled.stdout != default.stdout
+    stock = tmp_path / "bin"
+    stock.mkdir()
+    shutil.copy(own / "llama-completion", stock)
+    r = slim2gguf(*args, "--llama-cpp-bin", stock)
+    assert r.returncode == 2 and "has no llama-slim-dump" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_validate_fails_on_mismatched_file(demo_file, eval_text, tmp_path):
     """A copy whose RoPE base no longer matches the model: llama.cpp computes something
     else than PyTorch, and validate must say so with a non-zero exit."""

@@ -299,8 +299,8 @@ def export_cmd(
 @app.command()
 def validate(
     path: Path = typer.Argument(..., help="A SliM GGUF file."),
-    model: str = typer.Option(..., "--model", help="The float model the file was made from."),
-    text: Path = typer.Option(..., "--text", help="Text file to score (read as bytes, as llama-perplexity does)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The float model the file was made from (default: the file alone, rebuilt from its own metadata and tensors)."),
+    text: str = typer.Option(..., "--text", help="Text file to score (read as bytes, as llama-perplexity does), or 'wikitext2' (test split, online)."),
     ctx: int = typer.Option(512, "--ctx"),
     chunks: int = typer.Option(20, "--chunks"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Largest relative gap that passes (default 0.02 at 2 bits, else 0.01)."),

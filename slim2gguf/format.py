@@ -284,3 +284,23 @@ def register_gguf_types() -> None:
             QT._member_map_[t.name] = member
             QT._member_names_.append(t.name)
         GGML_QUANT_SIZES[QT(t.type_id)] = (t.group_size, t.block_bytes)
+        try:
+            from gguf import quants
+        except ImportError:  # the export child's tree gguf-py may lack it: it only writes
+            continue
+        quants._type_traits[QT(t.type_id)] = GGUFDequantizer(t)
+
+
+class GGUFDequantizer:
+    """gguf-py's per-type dequantizer interface (``quants.dequantize(data, type)``) for one
+    SliM type, so gguf-py, and transformers' GGUF loader through it, read SliM tensors."""
+
+    def __init__(self, stype: SlimType):
+        self.stype = stype
+
+    def dequantize(self, data: np.ndarray) -> np.ndarray:
+        """Packed rows ``[..., row_bytes]`` (uint8) -> float32 ``[..., n_cols]``."""
+        data = np.asarray(data, dtype=np.uint8)
+        n_cols = data.shape[-1] // self.stype.block_bytes * self.stype.group_size
+        rows = dequantize(data.reshape(-1, data.shape[-1]), self.stype, n_cols)
+        return rows.reshape(*data.shape[:-1], n_cols)

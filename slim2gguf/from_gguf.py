@@ -85,6 +85,16 @@ def resolve_gguf(path: Path) -> Path:
     kind = _file_kind(path)
     if kind not in ("mostly F32", "mostly F16", "mostly BF16"):
         console.print(f"[yellow]warning:[/] {COMPOUND_WARNING.format(path=path.name, kind=kind)}", highlight=False, soft_wrap=True)
+    return model_dir_of_file(path)
+
+
+def model_dir_of_file(path: Path) -> Path:
+    """The Hugging Face directory holding exactly the file's weights (SliM tensors too),
+    cached by path, size and mtime: what validating a file on its own evaluates."""
+    from . import format as fmt
+
+    fmt.register_gguf_types()  # transformers dequantizes through gguf-py: teach it SliM
+    path = Path(path).expanduser().resolve()
     st = path.stat()
     key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return hf_dir_from_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}")

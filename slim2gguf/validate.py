@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from .from_gguf import model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import dequantize_tensor, open_gguf
 from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
@@ -128,7 +130,7 @@ def torch_perplexity(
 
 def validate(
     gguf_path: str | os.PathLike,
-    model: str | os.PathLike,
+    model: str | os.PathLike | None,
     text_path: str | os.PathLike,
     ctx: int = 512,
     chunks: int = 20,
@@ -140,22 +142,31 @@ def validate(
     """Compare PyTorch's and patched llama.cpp's perplexity of the file on a text file.
 
     ``model`` is the float model the file was made from (directory, hub id or demo
-    name): it supplies everything but the SliM weights. ``threshold`` defaults to
+    name): it supplies everything but the SliM weights. Without it the file is read
+    alone: transformers rebuilds the model from the file's metadata and tensors (SliM
+    ones through format.GGUFDequantizer). ``text_path`` is a file or ``wikitext2``
+    (written to a temporary file for llama-perplexity). ``threshold`` defaults to
     2 % for 2-bit files and 1 % otherwise; ``threads`` goes to llama-perplexity,
     ``device`` to PyTorch (default: CUDA when present).
     """
     if backend not in BACKENDS:
         raise ValidationError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = check_gguf_path(gguf_path)
-    text_file = Path(text_path).expanduser()
     try:
-        text = read_eval_text(str(text_file))
+        text = read_eval_text(str(text_path))
     except UnicodeDecodeError as err:
-        raise ValidationError(f"{text_file} is not UTF-8 text: {err}") from err
+        raise ValidationError(f"{text_path} is not UTF-8 text: {err}") from err
     reader = open_gguf(path)  # a broken file fails here, not after llama-perplexity's run
     if threshold is None:
         threshold = default_threshold(reader)
-    ppl_llama = llama_perplexity(path, text_file, ctx, chunks, threads)
+    if model is None:
+        model = model_dir_of_file(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(text_path).expanduser()
+        if str(text_path) == "wikitext2":
+            text_file = Path(tmp) / "wikitext2-test.txt"
+            text_file.write_bytes(text.encode("utf-8"))
+        ppl_llama = llama_perplexity(path, text_file, ctx, chunks, threads)
     ours = torch_perplexity(reader, model, text, ctx, chunks, backend, device)
     return judge(ours.ppl, ppl_llama, threshold, ours.tokens_scored)
 

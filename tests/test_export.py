@@ -189,6 +189,15 @@ def test_file_size_is_the_promised_budget(exported):
     assert end == report.path.stat().st_size
 
 
+def test_gguf_py_dequantizes_slim_tensors(exported):
+    """gguf-py's own entry point (what transformers' GGUF loader calls) reads SliM rows."""
+    for tensor in exported.reader.tensors:
+        if fmt.type_from_id(tensor.tensor_type) is not None:
+            ours = dequantize_tensor(exported.reader, tensor.name)
+            theirs = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+            assert theirs.dtype == np.float32 and np.array_equal(theirs.reshape(ours.shape), ours)
+
+
 def test_inspect_rows_reports_types_and_widths(exported):
     rows = inspect_rows(exported.reader)
     assert [row["name"] for row in rows] == [t.name for t in exported.reader.tensors]

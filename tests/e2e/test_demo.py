@@ -106,6 +106,13 @@ def test_completion_generates_text(demo_file):
     assert "Paris" in r.stdout and len(r.stdout.split()) >= 8
 
 
+def test_validate_a_file_alone(demo_file, eval_text):
+    """No --model: the model is rebuilt from the file (SliM tensors read through gguf-py)."""
+    r = slim2gguf("validate", demo_file(4), "--text", eval_text, "--chunks", 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pass" in r.stdout.lower()
+
+
 def test_own_build_and_llama_flags(demo_file, tmp_path):
     """`run --llama-cpp-bin` takes a patched build it checks first (here ours), passes
     llama.cpp's own flags through, and refuses a folder without the patched tools."""

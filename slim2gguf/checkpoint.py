@@ -78,6 +78,14 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
         return "settings.group_size is not 32, 64 or 128"
     if not isinstance(manifest.get("blocks", []), list):
         return "'blocks' must be a list"
+    budget = manifest.get("budget")
+    if budget is not None and not (
+        isinstance(budget, dict)
+        and all(isinstance(budget.get(k), (int, float)) for k in ("target_bpw", "bpw"))
+        and isinstance(budget.get("choices"), dict)
+        and all(isinstance(c, str) for c in budget["choices"].values())
+    ):
+        return "'budget' is not a --bpw decision"
     for name, meta in tensors.items():
         if not isinstance(meta, dict):
             return f"the entry of {name} is not an object"

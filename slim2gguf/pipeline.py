@@ -185,6 +185,8 @@ def tensor_settings(
         bits = check_allocation(widths, lin.in_features // group, name)
         return replace(quant, bits=bits, group_size=group), widths
     if decision is not None:
+        if name not in decision.choices:
+            raise ValueError(f"the checkpoint's --bpw decision has no setting for {name}")
         setting = decision.setting(name)
         return replace(quant, bits=setting.bits, group_size=setting.group_size), None
     return quant, None
@@ -305,7 +307,7 @@ def quantize_model(
         console.print(f"{out_dir} is a finished checkpoint with these settings: reused, nothing quantized again")
         widths = Counter(w for meta in done.manifest["tensors"].values() for w in meta["widths"])
         return QuantizeReport(done.directory, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                              None, widths, done.manifest["num_blocks"], Decision.from_dict(done.budget) if quant.bpw else None)  # fmt: skip
+                              None, widths, done.manifest["num_blocks"], Decision.from_dict(done.budget) if done.budget else None)  # fmt: skip
     calibrated = quant.method != "rtn"
     text = read_text(calib.source) if calibrated and calib.source != "self" else None  # bad files stop here, first
     model = load_model(path)

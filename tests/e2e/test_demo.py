@@ -106,6 +106,22 @@ def test_completion_generates_text(demo_file):
     assert "Paris" in r.stdout and len(r.stdout.split()) >= 8
 
 
+def test_bpw_file_lands_and_agrees(eval_text, tmp_path):
+    """A --bpw file (per-tensor SliM types, a stock embedding type) lands on its size, and
+    patched llama.cpp and PyTorch agree on it."""
+    out = tmp_path / "smollm2-bpw4.gguf"
+    calib = str(WIKI_VALID) if WIKI_VALID.exists() else "self"
+    r = slim2gguf("convert", "smollm2-135m", "-o", out, "--bpw", 4.0, "--calib", calib, "--nsamples", 16, "--seqlen", 256)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reader = open_gguf(out)
+    slim_types = {t.tensor_type for t in reader.tensors if fmt.type_from_id(t.tensor_type) is not None}
+    assert len(slim_types) > 1
+    bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
+    assert abs(bpw - 4.0) <= 0.02
+    v = slim2gguf("validate", out, "--model", "smollm2-135m", "--text", eval_text, "--chunks", 10)
+    assert v.returncode == 0, v.stdout[-2000:] + v.stderr[-2000:]
+
+
 def test_validate_a_file_alone(demo_file, eval_text):
     """No --model: the model is rebuilt from the file (SliM tensors read through gguf-py)."""
     r = slim2gguf("validate", demo_file(4), "--text", eval_text, "--chunks", 4)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import format as fmt
 from .architectures import in_classes
 
 # Stock llama.cpp types for the token embedding and output, bits per weight. The
@@ -36,30 +37,19 @@ class BudgetError(ValueError):
     """A budget the model's shapes cannot meet; the message says which budgets can."""
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One SliM setting of a linear: average width and group size."""
-
-    bits: int
-    group_size: int
-
-    @property
-    def bpw(self) -> float:
-        return self.bits + 32 / self.group_size  # fp16 scale and offset per group
-
-    @property
-    def label(self) -> str:
-        return f"slim{self.bits}-g{self.group_size}"
-
-    @classmethod
-    def parse(cls, label: str) -> Setting:
-        bits, group = label.removeprefix("slim").split("-g")
-        return cls(int(bits), int(group))
+def label(stype: fmt.SlimType) -> str:
+    """A linear's choice as the decision records it, e.g. 'slim3-g64'."""
+    return f"slim{stype.bits}-g{stype.group_size}"
 
 
-def linear_settings(in_features: int) -> list[Setting]:
-    """Every SliM setting whose group size divides the linear's input size."""
-    return [Setting(b, g) for b in SLIM_BITS for g in SLIM_GROUPS if in_features % g == 0]
+def parse_label(text: str) -> fmt.SlimType:
+    bits, group = text.removeprefix("slim").split("-g")
+    return fmt.slim_type(int(bits), int(group))
+
+
+def linear_settings(in_features: int) -> list[fmt.SlimType]:
+    """Every SliM type whose group size divides the linear's input size."""
+    return [fmt.SlimType(b, g) for b in SLIM_BITS for g in SLIM_GROUPS if in_features % g == 0]
 
 
 @dataclass(frozen=True)
@@ -79,7 +69,7 @@ class ModelShapes:
 
     def candidates(self) -> dict[str, list[tuple[str, float]]]:
         """Tensor -> (choice, bits of the whole tensor) for every choice it can take."""
-        out = {n: [(s.label, r * c * s.bpw) for s in linear_settings(c)] for n, (r, c) in self.linears.items()}
+        out = {n: [(label(t), r * c * t.bits_per_weight) for t in linear_settings(c)] for n, (r, c) in self.linears.items()}
         for name, shape in ((EMBED, self.embed), (OUTPUT, self.output)):
             if shape is not None:
                 out[name] = [(t, shape[0] * shape[1] * STANDARD_BPW[t]) for t in EMBED_CANDIDATES if shape[1] % 32 == 0]
@@ -90,11 +80,13 @@ def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None) -> ModelShape
     """Shapes of every tensor from a weightless (meta-device) instance of the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import block_linear_shapes
+    from .models import block_linears, decoder_layers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    block = block_linear_shapes(model_dir)
+    block = {}
+    for index in range(len(decoder_layers(model))):
+        block.update({name: tuple(lin.weight.shape) for name, lin in block_linears(model, index).items()})
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is None or head.weight is embed
@@ -170,8 +162,8 @@ class Decision:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     sensitivity: str = ""
 
-    def setting(self, name: str) -> Setting:
-        return Setting.parse(self.choices[name])
+    def setting(self, name: str) -> fmt.SlimType:
+        return parse_label(self.choices[name])
 
     def to_dict(self) -> dict[str, Any]:
         return {"target_bpw": self.target_bpw, "bpw": self.bpw, "choices": self.choices,
@@ -199,11 +191,11 @@ def solve(bpw: float, shapes: ModelShapes, scores: dict[str, dict[str, float]], 
     for name, cands in options.items():
         cost = [round((bits - cands[0][1]) / unit) for _, bits in cands]
         new, pick = np.full_like(best, np.inf), np.zeros(best.shape, dtype=np.int16)
-        for k, ((label, _), c) in enumerate(zip(cands, cost)):
+        for k, ((choice, _), c) in enumerate(zip(cands, cost)):
             if c > RESOLUTION:
                 continue
             total = np.full_like(best, np.inf)
-            total[c:] = best[: RESOLUTION + 1 - c] + scores[name][label]
+            total[c:] = best[: RESOLUTION + 1 - c] + scores[name][choice]
             better = total < new
             new[better], pick[better] = total[better], k
         best = new

@@ -82,14 +82,14 @@ def _summary_table(report, title: str) -> Table:
 def _print_decision(decision) -> None:
     """Where a --bpw budget went: bits per weight by block and class, and the stock types."""
     from .architectures import tensor_class
-    from .budget import Setting
+    from .budget import parse_label
     from .inspect_gguf import bpw_table
 
     cells = {}
     for name, choice in decision.choices.items():
         cls = tensor_class(name)
         if cls is not None:
-            cells[int(name.split(".")[2]), cls] = Setting.parse(choice).bpw
+            cells[int(name.split(".")[2]), cls] = parse_label(choice).bits_per_weight
     stock = ", ".join(f"{k} {v.upper()}" for k, v in decision.choices.items() if tensor_class(k) is None)
     title = f"--bpw {decision.target_bpw:g} by {decision.sensitivity} sensitivity: {decision.bpw:.3f} bpw; {stock}"
     console.print(bpw_table(cells, title))

@@ -23,10 +23,11 @@ from typing import Any
 
 from .architectures import model_family
 from .atomic import atomic_path
+from .budget import STANDARD_BPW
 from .checkpoint import Checkpoint
 from .llamacpp import ensure_source
 
-STANDARD_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what gguf-py can write
+STANDARD_TYPES = tuple(STANDARD_BPW)  # what gguf-py can write
 KV_PREFIX = "slim2gguf."
 CHILD_MODULE = "slim2gguf.export_child"
 

@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from .budget import EMBED, OUTPUT, ModelShapes, Setting
+from . import format as fmt
+from .budget import EMBED, OUTPUT, ModelShapes, parse_label
 from .quantizer import fit_minmax
 
 SENSITIVITIES = ("fisher", "hessian")
@@ -31,11 +32,11 @@ WINDOWS = 16  # calibration windows the estimators read: enough to rank tensors,
 _ROWS_PER_CHUNK = 4096
 
 
-def slim_error(weight: torch.Tensor, setting: Setting) -> torch.Tensor:
-    """ΔW of min-max round-to-nearest at ``setting`` (every group at its average width)."""
+def slim_error(weight: torch.Tensor, stype: fmt.SlimType) -> torch.Tensor:
+    """ΔW of min-max round-to-nearest at ``stype`` (every group at its average width)."""
     rows, cols = weight.shape
-    w = weight.float().reshape(-1, setting.group_size)
-    params = fit_minmax(w, setting.bits)
+    w = weight.float().reshape(-1, stype.group_size)
+    params = fit_minmax(w, stype.bits)
     return (params.dequantize(params.codes(w)) - w).view(rows, cols)
 
 
@@ -72,7 +73,8 @@ def fisher_weights(model: nn.Module, windows: torch.Tensor, shapes: ModelShapes,
         p.requires_grad_(True)
 
         def accumulate(param: torch.Tensor, name: str = name) -> None:
-            fisher[name].addcmul_(param.grad.cpu(), param.grad.cpu())
+            grad = param.grad.cpu()
+            fisher[name].addcmul_(grad, grad)
             param.grad = None
 
         handles.append(p.register_post_accumulate_grad_hook(accumulate))
@@ -154,7 +156,7 @@ def measure(
             scores[name] = {}
             for label, _bits in choices:
                 stock = name in (EMBED, OUTPUT)
-                delta = stock_error(w, label) if stock else slim_error(w.to(device), Setting.parse(label)).cpu()
+                delta = stock_error(w, label) if stock else slim_error(w.to(device), parse_label(label)).cpu()
                 if method == "fisher":
                     scores[name][label] = 0.5 * float((weights[name] * delta.pow(2)).sum())
                 elif name == EMBED:

@@ -8,8 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from slim2gguf import budget
-from slim2gguf.budget import BudgetError, ModelShapes, Setting, check_budget, model_shapes, reachable, solve
+from slim2gguf.budget import BudgetError, ModelShapes, check_budget, model_shapes, parse_label, reachable, solve
 from slim2gguf.checkpoint import Checkpoint
+from slim2gguf.format import slim_type
 from slim2gguf.methods import QuantSettings
 from slim2gguf.pipeline import CalibSettings, load_allocation, quantize_model
 
@@ -30,14 +31,14 @@ def toy_scores(shapes: ModelShapes) -> dict[str, dict[str, float]]:
                 bits = budget.STANDARD_BPW[label]
                 scores[name][label] = weight * 4.0 ** -bits
             else:
-                s = Setting.parse(label)
+                s = parse_label(label)
                 scores[name][label] = weight * 4.0 ** -s.bits * 1.3 ** -(128 // s.group_size)
     return scores
 
 
 def test_settings_and_bits():
-    assert [s.label for s in budget.linear_settings(192)] == ["slim2-g64", "slim2-g32", "slim3-g64", "slim3-g32", "slim4-g64", "slim4-g32"]
-    assert Setting.parse("slim3-g64") == Setting(3, 64) and Setting(3, 64).bpw == 3.5
+    assert [budget.label(t) for t in budget.linear_settings(192)] == ["slim2-g64", "slim2-g32", "slim3-g64", "slim3-g32", "slim4-g64", "slim4-g32"]
+    assert parse_label("slim3-g64") == slim_type(3, 64) and slim_type(3, 64).bits_per_weight == 3.5
 
 
 def test_solve_finds_the_optimum():
@@ -67,7 +68,7 @@ def test_solve_lands_on_the_budget_and_spends_it_well():
         assert total < previous  # more bits, less estimated error
         previous = total
     mid = solve((lo + hi) / 2, shapes, scores).choices
-    bits = [Setting.parse(mid[f"model.layers.{b}.mlp.down_proj"]).bpw for b in range(4)]
+    bits = [parse_label(mid[f"model.layers.{b}.mlp.down_proj"]).bits_per_weight for b in range(4)]
     assert bits == sorted(bits) and bits[0] < bits[-1]  # the more sensitive blocks get more
 
 
@@ -143,7 +144,7 @@ def test_bpw_checkpoint_follows_the_decision(bpw_ckpt):
     tensors = dict(ck.tensors())
     assert len({(qt.bits, qt.group_size) for qt in tensors.values()}) > 1  # really mixed
     for name, qt in tensors.items():
-        assert Setting(qt.bits, qt.group_size).label == decision["choices"][name]
+        assert budget.label(qt.stype) == decision["choices"][name]
         assert ck.manifest["tensors"][name]["group_size"] == qt.group_size
     assert decision["choices"]["token_embd"] in budget.EMBED_CANDIDATES
     assert report.decision.choices == decision["choices"]

@@ -3,7 +3,9 @@
 ``llama`` method (as llama.cpp's perplexity tool): tokenize the whole text (BOS first
 when the tokenizer adds one), cut it into windows of ``ctx`` tokens, put BOS at the
 start of each window when the tokenizer uses one, and score only the second half of
-each window. ``full`` scores every position of each window.
+each window. ``full`` scores every position of each window. Given a ``reference``
+model, the same scored positions also give the mean KL divergence from the
+reference's next-token distribution to the model's (as llama-perplexity's --kl-divergence).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class PerplexityResult:
     nll: float
     tokens_scored: int
     chunks: int
+    kld: float | None = None  # mean KL(reference || model) per scored token, when a reference ran
+    reference_ppl: float | None = None
 
 
 def read_eval_text(source: str) -> str:
@@ -54,6 +58,7 @@ def perplexity(
     method: str = "llama",
     batch: int = 4,
     device: torch.device | str = "cpu",
+    reference: nn.Module | None = None,
 ) -> PerplexityResult:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
@@ -69,7 +74,9 @@ def perplexity(
         windows[:, 0] = tokenizer.bos_token_id
     first = ctx // 2 if method == "llama" else 0
     model.to(device)
-    total_nll, scored = 0.0, 0
+    if reference is not None:
+        reference.to(device)
+    total_nll, total_kld, ref_nll, scored = 0.0, 0.0, 0.0, 0
     with Progress(transient=True) as progress:
         task = progress.add_task("perplexity", total=n_chunks)
         for start in range(0, n_chunks, batch):
@@ -80,6 +87,14 @@ def perplexity(
             nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             total_nll += float(nll.double().sum())
             scored += nll.numel()
+            if reference is not None:
+                del logits, nll
+                ref = torch.log_softmax(reference(x, use_cache=False).logits[:, first : ctx - 1].float(), dim=-1)
+                total_kld += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+                ref_nll -= float(ref.gather(-1, target.unsqueeze(-1)).double().sum())
             progress.advance(task, x.shape[0])
     mean = total_nll / scored
-    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens_scored=scored, chunks=n_chunks)
+    result = PerplexityResult(ppl=math.exp(mean), nll=mean, tokens_scored=scored, chunks=n_chunks)
+    if reference is not None:
+        result.kld, result.reference_ppl = total_kld / scored, math.exp(ref_nll / scored)
+    return result

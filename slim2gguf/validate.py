@@ -51,6 +51,8 @@ class ValidationResult:
     threshold: float
     passed: bool
     tokens: int
+    ppl_float: float | None = None  # the float model's, when it was given
+    kld_float: float | None = None  # mean KL divergence from the float model to the file's (PyTorch)
 
 
 def judge(ppl_torch: float, ppl_llama: float, threshold: float, tokens: int) -> ValidationResult:
@@ -111,11 +113,15 @@ def torch_perplexity(
     chunks: int,
     backend: str = "torch",
     device: str | None = None,
+    against_float: bool = False,
 ) -> PerplexityResult:
     """Perplexity of the float model with its linears replaced by the file's SliM weights:
     dequantized (``torch``) or packed and run by the Triton kernels (``triton``); the
-    token embedding and LM head are the file's too (e.g. dequantized q8_0)."""
+    token embedding and LM head are the file's too (e.g. dequantized q8_0). With
+    ``against_float``, the untouched float model runs on the same windows and the
+    result carries its perplexity and the KL divergence from it."""
     model_dir = resolve_model(model)
+    reference = load_model(model_dir) if against_float else None
     hf_model = load_model(model_dir)
     _use_file_embeddings(hf_model, gguf_path)
     if backend == "torch":
@@ -125,7 +131,8 @@ def torch_perplexity(
 
         swap_linears(hf_model, packed_from_gguf(gguf_path, model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return perplexity(hf_model, load_tokenizer(model_dir), text, ctx, chunks, method="llama", device=device)
+    tokenizer = load_tokenizer(model_dir)
+    return perplexity(hf_model, tokenizer, text, ctx, chunks, method="llama", device=device, reference=reference)
 
 
 def validate(
@@ -142,7 +149,8 @@ def validate(
     """Compare PyTorch's and patched llama.cpp's perplexity of the file on a text file.
 
     ``model`` is the float model the file was made from (directory, hub id or demo
-    name): it supplies everything but the SliM weights. Without it the file is read
+    name): it supplies everything but the SliM weights, and the result also says how
+    far the file is from it (perplexity and KL divergence). Without it the file is read
     alone: transformers rebuilds the model from the file's metadata and tensors (SliM
     ones through format.GGUFDequantizer). ``text_path`` is a file or ``wikitext2``
     (written to a temporary file for llama-perplexity). ``threshold`` defaults to
@@ -159,6 +167,7 @@ def validate(
     reader = open_gguf(path)  # a broken file fails here, not after llama-perplexity's run
     if threshold is None:
         threshold = default_threshold(reader)
+    against_float = model is not None
     if model is None:
         model = model_dir_of_file(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,8 +176,10 @@ def validate(
             text_file = Path(tmp) / "wikitext2-test.txt"
             text_file.write_bytes(text.encode("utf-8"))
         ppl_llama = llama_perplexity(path, text_file, ctx, chunks, threads)
-    ours = torch_perplexity(reader, model, text, ctx, chunks, backend, device)
-    return judge(ours.ppl, ppl_llama, threshold, ours.tokens_scored)
+    ours = torch_perplexity(reader, model, text, ctx, chunks, backend, device, against_float)
+    result = judge(ours.ppl, ppl_llama, threshold, ours.tokens_scored)
+    result.ppl_float, result.kld_float = ours.reference_ppl, ours.kld
+    return result
 
 
 def print_validation(result: ValidationResult, console: Console | None = None) -> None:
@@ -182,5 +193,8 @@ def print_validation(result: ValidationResult, console: Console | None = None) -
     table.add_row("relative gap", f"{100 * result.rel_gap:.3f} %")
     table.add_row("threshold", f"{100 * result.threshold:.3f} %")
     table.add_row("tokens scored", f"{result.tokens:,}")
+    if result.kld_float is not None:
+        table.add_row("float model perplexity", f"{result.ppl_float:.4f}")
+        table.add_row("KL divergence to the float model", f"{result.kld_float:.5f}")
     table.add_row("verdict", "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]")
     console.print(table)

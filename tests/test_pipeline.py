@@ -115,6 +115,20 @@ def test_eval_uses_stored_values(slim_ckpt, tiny_model, tiny_text):
     assert torch.equal(layer, stored)
 
 
+def test_kl_divergence_to_a_reference_model(slim_ckpt, tiny_model, tiny_text):
+    """Against itself a model is 0 nats away; the quantized one is not, and the float
+    perplexity reported beside it is the reference's own."""
+    tok, text = load_tokenizer(tiny_model), tiny_text.read_text()
+    reference, model = load_model(tiny_model), load_model(tiny_model)
+    base = perplexity(reference, tok, text, ctx=64, chunks=4)
+    same = perplexity(model, tok, text, ctx=64, chunks=4, reference=reference)
+    assert abs(same.kld) < 1e-6 and same.reference_ppl == pytest.approx(base.ppl, rel=1e-6)
+    set_linear_weights(model, {n: qt.dequantize() for n, qt in Checkpoint(slim_ckpt).tensors()})
+    quant = perplexity(model, tok, text, ctx=64, chunks=4, reference=reference)
+    assert quant.kld > 1e-4 and quant.reference_ppl == pytest.approx(base.ppl, rel=1e-6)
+    assert base.kld is None and base.reference_ppl is None
+
+
 def test_full_method_scores_every_position(tiny_model, tiny_text):
     model = load_model(tiny_model)
     res = perplexity(model, load_tokenizer(tiny_model), tiny_text.read_text(), ctx=64, chunks=2, method="full")

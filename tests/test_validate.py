@@ -239,7 +239,7 @@ def test_validate_compares_both_sides(monkeypatch, tmp_path, small_slim_gguf, ll
     ]
     reader, *rest = torch_side[0]
     assert isinstance(reader, gguf.GGUFReader)
-    assert rest == ["some-model", "some text\r\nwith CRLF\n", 256, 2, "triton", None]
+    assert rest == ["some-model", "some text\r\nwith CRLF\n", 256, 2, "triton", None, True]
     # a 2-bit file: 2 % by default
     assert result == ValidationResult(1005.0, llama_ppl, abs(1005.0 - llama_ppl) / llama_ppl, 0.02, passed, 254)
 
@@ -252,6 +252,7 @@ def test_validate_torch_side_on_the_tiny_model(monkeypatch, exported, tiny_text)
     assert result.tokens == 2 * (64 - 32 - 1)
     assert np.isfinite(result.ppl_torch) and result.ppl_torch > 1
     assert result.ppl_llama == 48956.1869 and result.threshold == 0.01
+    assert result.kld_float > 0 and np.isfinite(result.ppl_float)  # the float model was given
 
 
 def test_validate_checks_inputs_before_running_anything(monkeypatch, tmp_path, small_slim_gguf, tiny_text):

@@ -120,6 +120,7 @@ def test_bpw_file_lands_and_agrees(eval_text, tmp_path):
     assert abs(bpw - 4.0) <= 0.02
     v = slim2gguf("validate", out, "--model", "smollm2-135m", "--text", eval_text, "--chunks", 10)
     assert v.returncode == 0, v.stdout[-2000:] + v.stderr[-2000:]
+    assert "KL divergence to the float model" in v.stdout  # --model given: how far the file is from it
 
 
 def test_validate_a_file_alone(demo_file, eval_text):
@@ -145,6 +146,30 @@ def test_own_build_and_llama_flags(demo_file, tmp_path):
     shutil.copy(own / "llama-completion", stock)
     r = slim2gguf(*args, "--llama-cpp-bin", stock)
     assert r.returncode == 2 and "has no llama-slim-dump" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_llama_cpp_refuses_a_corrupt_row_before_reading_it(demo_file, tmp_path):
+    """One SliM row with an invalid width code: llama.cpp validates every SliM row before
+    load-time repacking or any kernel reads it, from a memory-mapped file or read into
+    memory, and refuses the file with the row named (an error, not a crash)."""
+    from gguf import GGUFReader
+
+    bad = tmp_path / "corrupt.gguf"
+    shutil.copyfile(demo_file(4), bad)
+    fmt.register_gguf_types()
+    reader = GGUFReader(bad, "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    rows = np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)
+    rows[8, 0] |= 0x01  # group 0 of row 8: width code 3
+    rows[8, 1] |= 0x80
+    reader.data.flush()
+    del reader, tensor, rows
+    completion = llamacpp.binary("llama-completion")
+    for extra in ([], ["--no-mmap"]):
+        cmd = [completion, "-m", bad, "-p", "Hi", "-n", 4, "-no-cnv", *extra]
+        r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300)
+        assert r.returncode > 0, f"{extra}: exit {r.returncode}\n{r.stderr[-2000:]}"
+        assert "row 8 is invalid" in r.stderr and "blk.0.ffn_down.weight" in r.stderr, r.stderr[-2000:]
 
 
 def test_validate_fails_on_mismatched_file(demo_file, eval_text, tmp_path):

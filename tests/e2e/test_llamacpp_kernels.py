@@ -332,6 +332,70 @@ def test_corrupt_data_is_rejected(dump_tool, tmp_path, how, message, stype):
         assert message in r.stderr and "row 2 is invalid" in r.stderr, r.stderr
 
 
+def _unvalidated_rows(stype: fmt.SlimType, rows: int, codes: list[int], rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Rows whose groups, by their width codes, do not tile the row: the groups laid end to end
+    (scale 1, offset 0, random codes), cut or zero-padded to the row's size. Returns the rows and
+    how many whole groups lie inside each (a kernel must read none past them)."""
+    n_groups, g = len(codes), stype.group_size
+    row_bytes = stype.row_bytes(n_groups * g)
+    parts, inside, end = [], 0, 0
+    for code in codes:
+        width = stype.widths[code]
+        header = fmt.encode_header(np.float16(1.0), np.float16(0.0), np.uint16(code))
+        parts.append(np.concatenate([header, rng.integers(0, 256, fmt.group_bytes(width, g) - 4, dtype=np.uint8)]))
+        end += fmt.group_bytes(width, g)
+        inside += end <= row_bytes
+    row = np.concatenate(parts)[:row_bytes]
+    row = np.pad(row, (0, row_bytes - row.size))
+    return np.tile(row, (rows, 1)), inside
+
+
+# (type, width codes per group): G32 rows whose wider groups fill the row one group early (the
+# last header would lie past the row: past the tensor for the last rows), and rows whose groups
+# run past the row's end
+UNVALIDATED = {
+    "slim2_g32-fills": (fmt.slim_type(2, 32), [2, 2, 2, 2, 0, 1]),
+    "slim3_g32-fills": (fmt.slim_type(3, 32), [2, 2, 2, 2, 1, 1]),
+    "slim4_g32-fills": (fmt.slim_type(4, 32), [2, 2, 2, 2, 2, 1]),
+    "slim2_g64-overruns": (fmt.slim_type(2, 64), [2, 2, 2, 2, 2, 2]),
+    "slim3_g128-overruns": (fmt.slim_type(3, 128), [1, 2, 2, 2, 2, 0]),
+}
+
+
+@pytest.mark.parametrize("case", UNVALIDATED)
+def test_kernels_stay_inside_rows_that_skipped_validation(variant, dump_tool, tmp_path, case):
+    """The loader validates every SliM row before anything reads it; rows that skipped
+    validation anyway (llama-slim-dump --unchecked) are read only up to their end: dequantization
+    gives the groups inside the row and zeros after, mul_mat agrees with it, and load-time
+    repacking (16 rows, one width pattern) checks the row's extent before reading a header."""
+    stype, codes = UNVALIDATED[case]
+    g, n_groups = stype.group_size, len(codes)
+    packed, inside = _unvalidated_rows(stype, 16, codes, np.random.default_rng(11))
+    assert inside < n_groups
+    path = tmp_path / "unvalidated.gguf"
+    _write_gguf(path, {"t": (packed, stype)})
+    assert _run(dump_tool, path, "validate", "t", check=False).returncode == 2
+
+    deq_file = tmp_path / "deq.f32"
+    _run(dump_tool, "--unchecked", path, "dequant", "t", deq_file)
+    deq = np.fromfile(deq_file, dtype=np.float32).reshape(16, n_groups * g)
+    assert np.all(deq[:, inside * g :] == 0), "values from past the row's end"
+    limit = 1 << max(stype.widths[c] for c in codes[:inside])
+    assert np.all((deq[:, : inside * g] >= 0) & (deq[:, : inside * g] < limit) & (deq[:, : inside * g] == np.round(deq[:, : inside * g])))
+
+    x = np.random.default_rng(3).standard_normal((3, n_groups * g)).astype(np.float32)
+    x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
+    x.tofile(x_file)
+    buffers = [[], ["--repack"]] if _interleaves(variant) else [[]]
+    for options in buffers:
+        r = _run(dump_tool, *options, "--unchecked", path, "mul-mat", "t", x_file, 3, out, THREADS)
+        if options:
+            assert "kept as is" in r.stderr, r.stderr
+        got = np.fromfile(out, dtype=np.float32).reshape(3, 16).astype(np.float64)
+        ref = x.astype(np.float64) @ deq.astype(np.float64).T
+        assert np.all(np.abs(got - ref) <= 0.02 * (np.abs(x) @ np.abs(deq).T) + 1e-3), f"{options}: {np.abs(got - ref).max()}"
+
+
 def test_ops_inside_rows_are_refused(dump_tool, model):
     path, tensors = model
     for name in ("slim2_g32.a", "slim3_g64.a", "slim4_g128.a"):

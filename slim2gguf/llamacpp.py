@@ -35,8 +35,17 @@ SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"  # vendors llama.cpp at PINNED_COMMIT
 SDIST_NAME = f"llama_cpp_python-{SDIST_VERSION}"
 
-# the patch series lives in the repository (override with $SLIM2GGUF_PATCH_DIR)
-PATCH_DIR = Path(os.environ.get("SLIM2GGUF_PATCH_DIR") or Path(__file__).resolve().parent.parent / "patches")
+
+def _patch_dir() -> Path:
+    """$SLIM2GGUF_PATCH_DIR, else the series an installed wheel carries, else the checkout's patches/."""
+    if os.environ.get("SLIM2GGUF_PATCH_DIR"):
+        return Path(os.environ["SLIM2GGUF_PATCH_DIR"])
+    here = Path(__file__).resolve().parent
+    packaged = here / "patches"
+    return packaged if packaged.is_dir() else here.parent / "patches"
+
+
+PATCH_DIR = _patch_dir()
 DUMP_TOOL = "llama-slim-dump"
 DEFAULT_TARGETS = (
     "llama-perplexity",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -14,10 +15,14 @@ from pathlib import Path
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` on success.
 
-    On any exception (Ctrl-C included) the temporary file or folder is removed.
+    On any exception (Ctrl-C included) the temporary file or folder is removed; one that a
+    killed run (SIGKILL, power loss) left behind for the same target is removed when the
+    target is written again.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        _remove(stale)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     os.unlink(tmp)
@@ -26,11 +31,15 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
-        if tmp_path.is_dir():
-            shutil.rmtree(tmp_path, ignore_errors=True)
-        else:
-            tmp_path.unlink(missing_ok=True)
+        _remove(tmp_path)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:

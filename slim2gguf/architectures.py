@@ -1,10 +1,13 @@
 """The model architectures slim2gguf quantizes and exports: the one list everything checks.
 
 Keys are Hugging Face ``config.json`` architecture names; values are short family
-names. Every family listed here has the seven SliM-quantized linears per decoder
-block (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``), and
-llama.cpp's converter maps each of them to one GGUF tensor, permuting rows at most
-(LLaMA's q/k head permutation), which is what the exporter can apply to packed rows.
+names. Every decoder linear of these families (``nn.Linear`` in a decoder block) is
+quantized, and llama.cpp's converter maps each to one GGUF tensor, permuting rows at
+most (LLaMA's q/k head order), which is what the exporter applies to packed rows; it
+checks that with a probe, so a family whose converter does more is refused at export.
+Where families differ in the forward pass (Gemma's sliding-window and global layers,
+its norm offsets and soft-capping), transformers and llama.cpp's converter each do their
+part from the config; what the pipeline needs of that is the config's ``layer_types``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",  # fused qkv_proj and gate_up_proj, kept fused as llama.cpp stores them
 }
 
 
@@ -32,16 +37,18 @@ def model_family(architecture: str) -> str:
         ) from None
 
 
-# llama.cpp's name for each quantized linear of a decoder block -> its Hugging Face module
-# suffix: what `--tensors` takes, so one class of tensors can be quantized alone.
-TENSOR_CLASSES: dict[str, str] = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+# llama.cpp's name for each class of decoder linear -> the Hugging Face module suffixes it
+# covers (Phi-3's fused linears are stored as llama.cpp's attn_qkv and ffn_up): what
+# `--tensors` takes, so one class of tensors can be quantized alone.
+TENSOR_CLASSES: dict[str, tuple[str, ...]] = {
+    "attn_q": ("self_attn.q_proj",),
+    "attn_k": ("self_attn.k_proj",),
+    "attn_v": ("self_attn.v_proj",),
+    "attn_qkv": ("self_attn.qkv_proj",),
+    "attn_output": ("self_attn.o_proj",),
+    "ffn_gate": ("mlp.gate_proj",),
+    "ffn_up": ("mlp.up_proj", "mlp.gate_up_proj"),
+    "ffn_down": ("mlp.down_proj",),
 }
 
 
@@ -56,11 +63,13 @@ def parse_tensor_classes(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def in_classes(module_name: str, classes: tuple[str, ...] | None) -> bool:
-    """Whether a decoder linear (``model.layers.3.mlp.down_proj``) is in the selection (None: all)."""
-    return classes is None or any(module_name.endswith("." + TENSOR_CLASSES[c]) for c in classes)
-
-
 def tensor_class(module_name: str) -> str | None:
     """llama.cpp's class of a decoder linear (``model.layers.3.mlp.down_proj`` -> ffn_down)."""
-    return next((c for c, suffix in TENSOR_CLASSES.items() if module_name.endswith("." + suffix)), None)
+    return next(
+        (c for c, suffixes in TENSOR_CLASSES.items() if any(module_name.endswith("." + s) for s in suffixes)), None
+    )
+
+
+def in_classes(module_name: str, classes: tuple[str, ...] | None) -> bool:
+    """Whether a decoder linear (``model.layers.3.mlp.down_proj``) is in the selection (None: all)."""
+    return classes is None or tensor_class(module_name) in classes

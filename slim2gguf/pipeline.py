@@ -14,6 +14,7 @@ import platform
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -113,31 +114,54 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def layer_types(model: nn.Module) -> list[str]:
+    """Each decoder layer's kind, as the model's forward tells them apart (Gemma alternates
+    sliding-window and global layers, with their own masks and rotary embeddings); one kind
+    where the config names none."""
+    n = len(decoder_layers(model))
+    types = getattr(model.config, "layer_types", None)
+    return list(types[:n]) if types else ["full_attention"] * n
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, layer kwargs) per batch at the input of block 0, kept on the CPU."""
-    first = decoder_layers(model)[0]
-    captured: list[tuple[torch.Tensor, dict]] = []
+def capture_block_inputs(
+    model: nn.Module, windows: torch.Tensor, device: torch.device
+) -> tuple[list[torch.Tensor], dict[str, list[dict]]]:
+    """Per batch, the hidden states at the input of block 0 and the keyword arguments (mask,
+    rotary embeddings) that each kind of layer gets, read at the first layer of that kind;
+    kept on the CPU. The float model runs only as far as the last of those layers."""
+    layers = decoder_layers(model)
+    types = layer_types(model)
+    first_of = {kind: types.index(kind) for kind in dict.fromkeys(types)}
+    last = max(first_of.values())
+    hidden: list[torch.Tensor] = []
+    kwargs_of: dict[str, list[dict]] = {kind: [] for kind in first_of}
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kept = {k: _to(v, torch.device("cpu")) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        captured.append((hidden.cpu(), kept))
-        raise StopCapture
+    def hook_for(kind: str, index: int) -> Callable:
+        def hook(_module, args, kwargs):
+            if index == 0:
+                hidden.append((args[0] if args else kwargs["hidden_states"]).cpu())
+            skip = ("hidden_states", "past_key_values", "past_key_value")
+            kwargs_of[kind].append({k: _to(v, torch.device("cpu")) for k, v in kwargs.items() if k not in skip})
+            if index == last:
+                raise StopCapture
 
-    outer = [model.model.embed_tokens, model.model.rotary_emb]
+        return hook
+
+    outer = [model.model.embed_tokens, model.model.rotary_emb, *layers[:last]]
     for mod in outer:
         mod.to(device)
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layers[i].register_forward_pre_hook(hook_for(kind, i), with_kwargs=True) for kind, i in first_of.items()]
     try:
         for start in range(0, windows.shape[0], BATCH):
             with contextlib.suppress(StopCapture):
                 model(windows[start : start + BATCH].to(device), use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for mod in outer:
             mod.to("cpu")
-    return captured
+    return hidden, kwargs_of
 
 
 def _run_block(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], device: torch.device) -> list[torch.Tensor]:
@@ -317,7 +341,9 @@ def quantize_model(
     layers = decoder_layers(model)
     writer = CheckpointWriter(out_dir, settings, len(layers))
     resumed = writer.blocks_done
-    batches: list[tuple[torch.Tensor, dict]] = []
+    hidden: list[torch.Tensor] = []
+    kwargs_of: dict[str, list[dict]] = {}
+    kinds = layer_types(model)
     sample_idx, n_tokens = torch.empty(0, dtype=torch.long), 0
     decision = None
     if calibrated:
@@ -329,7 +355,7 @@ def quantize_model(
             decision = Decision.from_dict(writer.budget)
         elif allocation is not None and allocation.budget is not None and writer.budget is None:
             writer.set_budget(allocation.budget)
-        batches = capture_block_inputs(model, windows, dev)
+        hidden, kwargs_of = capture_block_inputs(model, windows, dev)
         n_tokens = windows.numel()
         order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(calib.seed))
         sample_idx = order[: quant.sba_tokens].sort().values
@@ -340,6 +366,7 @@ def quantize_model(
         task = progress.add_task("quantizing blocks", total=len(layers))
         for i, layer in enumerate(layers):
             layer.to(dev)
+            batches = list(zip(hidden, kwargs_of.get(kinds[i], [])))
             linears = quantized_linears(model, i, quant)
             if i < resumed:
                 for name, lin in linears.items():
@@ -356,7 +383,7 @@ def quantize_model(
                 width_groups.update(block_widths)
                 error = f"  out err {rel_err:.2e}" if rel_err is not None else ""
                 progress.update(task, description=f"block {i}: {_widths_summary(block_widths)}{error}")
-            batches = [(o, kw) for o, (_h, kw) in zip(outputs, batches)]
+            hidden = outputs
             layer.to("cpu")
             progress.advance(task)
     wall = time.perf_counter() - started

@@ -41,11 +41,18 @@ def random_qtensor(rows: int, cols: int, bits: int, group_size: int, gen: torch.
 
 
 def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """[out, in] of each decoder-block linear of a LLaMA/Qwen-style config."""
+    """[out, in] of each decoder-block linear of a LLaMA/Qwen/Gemma-style config (Phi-3's fused)."""
     hidden, ffn = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q = config["num_attention_heads"] * head_dim
     kv = config["num_key_value_heads"] * head_dim
+    if config["architectures"][0] == "Phi3ForCausalLM":
+        return {
+            "self_attn.qkv_proj": (q + 2 * kv, hidden),
+            "self_attn.o_proj": (hidden, q),
+            "mlp.gate_up_proj": (2 * ffn, hidden),
+            "mlp.down_proj": (hidden, ffn),
+        }
     return {
         "self_attn.q_proj": (q, hidden),
         "self_attn.k_proj": (kv, hidden),
@@ -92,7 +99,8 @@ def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overr
     """A randomly initialized small model saved as a HF directory, with the demo model's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                  "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3"}  # fmt: skip
     params = {
         "architectures": [architecture],
         "hidden_size": 128,
@@ -111,6 +119,10 @@ def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overr
     model.save_pretrained(target)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, target / name)
+    if architecture == "Phi3ForCausalLM":  # a GPT-2 style BPE tokenizer, as Phi-4 has (Phi-3's is SentencePiece)
+        tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
+        tokenizer_config["tokenizer_class"] = "GPT2Tokenizer"
+        (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return target
 
 

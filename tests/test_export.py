@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from export_helpers import LINEARS, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
+from export_helpers import LINEARS, linear_shapes, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -40,6 +40,8 @@ GGUF_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv",
+    "mlp.gate_up_proj": "ffn_up",
 }
 # KVs that legitimately differ from `convert_hf_to_gguf.py --outtype f32`:
 # general.file_type names the SliM type instead of ALL_F32 (see export_gguf), and the
@@ -58,6 +60,7 @@ class Family:
     output: str
     config: dict
     skip: tuple[str, ...] = ()  # linears left out of the checkpoint: exported as F32
+    norm_shift: float = 0.0  # what llama.cpp's converter adds to norm weights (Gemma's 1 + w)
 
 
 FAMILIES = {
@@ -65,6 +68,13 @@ FAMILIES = {
     "qwen3": Family(
         "Qwen3ForCausalLM", 2, 128, "bf16", "q8_0", {"hidden_size": 256, "tie_word_embeddings": True},
         skip=("model.layers.1.mlp.down_proj",),
+    ),
+    "gemma3": Family(
+        "Gemma3ForCausalLM", 4, 32, "q8_0", "q8_0", {"tie_word_embeddings": True, "sliding_window": 16}, norm_shift=1.0
+    ),
+    "phi3": Family(
+        "Phi3ForCausalLM", 3, 32, "q4_0", "q8_0", {"tie_word_embeddings": False, "num_key_value_heads": 4},
+        skip=("model.layers.0.mlp.gate_up_proj",),
     ),
 }
 
@@ -134,7 +144,7 @@ def test_roundtrip_bit_exact(exported):
 
     report = exported.report
     assert report.slim_tensors == len(exported.reference)
-    assert len(exported.reference) + len(exported.family.skip) == config["num_hidden_layers"] * len(LINEARS)
+    assert len(exported.reference) + len(exported.family.skip) == config["num_hidden_layers"] * len(linear_shapes(config))
     assert report.slim_bpw == exported.bits + 32 / exported.group
     assert report.file_type == stype.type_id
     assert set(report.width_groups) <= {exported.bits - 1, exported.bits, exported.bits + 1}
@@ -155,7 +165,7 @@ def test_standard_tensors(exported):
         assert types["output.weight"] == gguf.GGMLQuantizationType[exported.family.output.upper()]
     assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
     norm = dequantize_tensor(exported.reader, "output_norm.weight")
-    assert np.array_equal(norm, weights["model.norm.weight"].numpy())
+    assert np.array_equal(norm, weights["model.norm.weight"].numpy() + np.float32(exported.family.norm_shift))
 
 
 def test_linears_missing_from_checkpoint_stay_f32(exported):

@@ -146,7 +146,7 @@ def test_unknown_architecture(tiny_model, tiny_text, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="not supported; supported: LlamaForCausalLM"):
+    with pytest.raises(ModelError, match="not supported; supported: .*LlamaForCausalLM"):
         quantize_model(str(other), tmp_path / "o", SLIM, calib(tiny_text))
 
 

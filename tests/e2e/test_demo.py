@@ -165,7 +165,7 @@ def test_llama_cpp_refuses_a_corrupt_row_before_reading_it(demo_file, tmp_path):
     reader.data.flush()
     del reader, tensor, rows
     completion = llamacpp.binary("llama-completion")
-    for extra in ([], ["--no-mmap"]):
+    for extra in ([], ["--load-mode", "none"], ["--no-repack"]):  # mapped, read into memory, no repacking
         cmd = [completion, "-m", bad, "-p", "Hi", "-n", 4, "-no-cnv", *extra]
         r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300)
         assert r.returncode > 0, f"{extra}: exit {r.returncode}\n{r.stderr[-2000:]}"

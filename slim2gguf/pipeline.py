@@ -86,14 +86,11 @@ def quantized_linears(model: nn.Module, index: int, quant: QuantSettings) -> dic
     return {n: lin for n, lin in block_linears(model, index).items() if in_classes(n, quant.tensors)}
 
 
-def check_shapes(model: nn.Module, quant: QuantSettings) -> None:
-    """Every quantized linear's input size must be a multiple of the group size."""
+def check_shapes(shapes: dict[str, tuple[int, int]], quant: QuantSettings) -> None:
+    """Every quantized linear's input size must be a multiple of the group size (checked on
+    the config's shapes, before any weight loads)."""
     group_size = quant.group_size
-    bad = {}
-    for i in range(len(decoder_layers(model))):
-        for name, lin in quantized_linears(model, i, quant).items():
-            if lin.in_features % group_size:
-                bad[name] = lin.in_features
+    bad = {name: cols for name, (_, cols) in shapes.items() if in_classes(name, quant.tensors) and cols % group_size}
     if not bad:
         return
     sizes = sorted(set(bad.values()))
@@ -312,6 +309,8 @@ def quantize_model(
         missing = sorted(n for n in block_linear_shapes(path) if in_classes(n, quant.tensors) and n not in allocation.widths)
         if missing:
             raise ValueError(f"--allocation has no widths for {missing[0]} ({len(missing)} linears missing)")
+    if allocation is None and quant.bpw is None:
+        check_shapes(block_linear_shapes(path), quant)
     shapes = None
     if quant.bpw is not None:
         if allocation is not None:
@@ -335,8 +334,6 @@ def quantize_model(
     calibrated = quant.method != "rtn"
     text = read_text(calib.source) if calibrated and calib.source != "self" else None  # bad files stop here, first
     model = load_model(path)
-    if shapes is None and allocation is None:
-        check_shapes(model, quant)
     tokenizer = load_tokenizer(path)
     layers = decoder_layers(model)
     writer = CheckpointWriter(out_dir, settings, len(layers))

@@ -150,10 +150,14 @@ def test_unknown_architecture(tiny_model, tiny_text, tmp_path):
         quantize_model(str(other), tmp_path / "o", SLIM, calib(tiny_text))
 
 
-def test_non_dividing_shape(tiny_text, tmp_path):
+def test_non_dividing_shape(tiny_text, tmp_path, monkeypatch):
+    """Refused from the config's shapes, before any weight loads."""
     from conftest import make_tiny_model
 
+    from slim2gguf import pipeline
+
     odd = make_tiny_model(tmp_path / "odd", hidden=96, layers=1)
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("weights loaded before the shape check"))
     with pytest.raises(ValueError, match="use --group-size 32"):
         quantize_model(str(odd), tmp_path / "o", QuantSettings("gptq", 3, 64), calib(tiny_text))
 

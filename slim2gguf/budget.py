@@ -80,13 +80,11 @@ def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None) -> ModelShape
     """Shapes of every tensor from a weightless (meta-device) instance of the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import block_linears, decoder_layers
+    from .models import linear_shapes_of
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    block = {}
-    for index in range(len(decoder_layers(model))):
-        block.update({name: tuple(lin.weight.shape) for name, lin in block_linears(model, index).items()})
+    block = linear_shapes_of(model)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is None or head.weight is embed

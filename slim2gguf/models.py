@@ -100,6 +100,11 @@ def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return linear_shapes_of(model)
+
+
+def linear_shapes_of(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """[out, in] of every linear in the model's decoder blocks."""
     shapes: dict[str, tuple[int, int]] = {}
     for index in range(len(decoder_layers(model))):
         shapes.update({name: tuple(lin.weight.shape) for name, lin in block_linears(model, index).items()})

@@ -17,13 +17,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     On any exception (Ctrl-C included) the temporary file or folder is removed; one that a
     killed run (SIGKILL, power loss) left behind for the same target is removed when the
-    target is written again.
+    target is written again. The temporary name carries the writer's process id, so a
+    run writing the same target at the same time keeps its file: the one whose rename
+    comes last wins, whole.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        _remove(stale)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        if not _writer_alive(stale, target.name):
+            _remove(stale)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent)
     os.close(fd)
     os.unlink(tmp)
     tmp_path = Path(tmp)
@@ -33,6 +36,20 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp_path)
         raise
+
+
+def _writer_alive(temp: Path, name: str) -> bool:
+    """Whether the process that named ``temp`` (``.NAME.PID-XXXX.tmp``) still runs."""
+    pid = temp.name[len(name) + 2 :].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -1,17 +1,24 @@
 """SBA: salience-determined bit allocation over column groups.
 
 Candidates lower the i least salient groups to b−1 and raise the i most salient to
-b+1 (i = 0 is uniform), so every candidate averages exactly b bits. Each is scored
-by the KL divergence between softmax outputs of the round-to-nearest quantized layer
-and the original one on calibration tokens; the search is incremental (candidate i
-differs from i−1 in two groups), so all candidates cost about two full matmuls.
+b+1 (i = 0 is uniform), so every candidate averages exactly b bits. Each is scored on
+calibration tokens by comparing the round-to-nearest quantized layer with the original;
+the search is incremental (candidate i differs from i−1 in two groups), so all
+candidates cost about two full matmuls.
+
+Two scorings: SliM's (min-max rounding, KL divergence between the softmax of the two
+outputs), kept with SliM's own quantizer calibration (SQC); and, with an importance
+(the least-squares fit), each group rounded by the fit the quantizer uses and the
+candidate scored by the squared output error, the quantity GPTQ minimizes. SliM's
+scoring judges groups by a quantizer the file does not use, and lost to uniform widths
+on the demo model (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .quantizer import fit_minmax
+from .quantizer import fit_minmax, fit_wls
 
 
 def group_salience(weight: torch.Tensor, upper: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -30,38 +37,51 @@ def allocation_for(order: torch.Tensor, i: int, bits: int) -> list[int]:
     return widths
 
 
-def _rtn_group(weight: torch.Tensor, width: int) -> torch.Tensor:
-    params = fit_minmax(weight, width)
-    return params.dequantize(params.codes(weight))
-
-
-def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over tokens of KL(softmax(ref) || softmax(logits)) over output features."""
-    logq = torch.log_softmax(logits, dim=-1)
+def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean over tokens of KL(softmax(ref) || softmax(out)) over output features."""
+    ref_logp, logq = torch.log_softmax(ref, dim=-1), torch.log_softmax(out, dim=-1)
     return float((ref_logp.exp() * (ref_logp - logq)).sum(dim=-1).mean())
 
 
+def _squared_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Squared output error relative to the output's energy."""
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+
+
 def search_allocation(
-    weight: torch.Tensor, upper: torch.Tensor, inputs: torch.Tensor, bits: int, group_size: int
+    weight: torch.Tensor,
+    upper: torch.Tensor,
+    inputs: torch.Tensor,
+    bits: int,
+    group_size: int,
+    importance: torch.Tensor | None = None,
 ) -> tuple[list[int], dict[str, float]]:
     """Best balanced allocation for ``weight`` [out, in] given calibration ``inputs`` [tokens, in].
 
-    Returns the widths per group and a summary (chosen i, its KL, uniform KL)."""
+    Without ``importance``, SliM's scoring (min-max, KL); with it ([in], the least-squares
+    fit's weights), groups rounded by that fit and scored by squared output error.
+    Returns the widths per group and a summary (chosen i, its score, the uniform one's)."""
     w = weight.float()
     x = inputs.float()
     n_groups = w.shape[1] // group_size
     order = torch.argsort(group_salience(w, upper, group_size), stable=True)
-    ref_logp = torch.log_softmax(x @ w.T, dim=-1)
     cols = [slice(g * group_size, (g + 1) * group_size) for g in range(n_groups)]
-    base = torch.cat([_rtn_group(w[:, c], bits) for c in cols], dim=1)
-    logits = x @ base.T
-    best_i, best_kl = 0, _kl(ref_logp, logits)
-    uniform_kl = best_kl
+    score = _kl if importance is None else _squared_error
+
+    def rounded(c: slice, width: int) -> torch.Tensor:
+        params = fit_minmax(w[:, c], width) if importance is None else fit_wls(w[:, c], width, importance[c])
+        return params.dequantize(params.codes(w[:, c]))
+
+    ref = x @ w.T
+    base = torch.cat([rounded(c, bits) for c in cols], dim=1)
+    out = x @ base.T
+    best_i, best = 0, score(ref, out)
+    uniform = best
     for i in range(1, n_groups // 2):
         lo, hi = cols[int(order[i - 1])], cols[int(order[n_groups - i])]
-        logits += x[:, lo] @ (_rtn_group(w[:, lo], bits - 1) - base[:, lo]).T
-        logits += x[:, hi] @ (_rtn_group(w[:, hi], bits + 1) - base[:, hi]).T
-        kl = _kl(ref_logp, logits)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return allocation_for(order, best_i, bits), {"i": best_i, "kl": best_kl, "kl_uniform": uniform_kl}
+        out += x[:, lo] @ (rounded(lo, bits - 1) - base[:, lo]).T
+        out += x[:, hi] @ (rounded(hi, bits + 1) - base[:, hi]).T
+        value = score(ref, out)
+        if value < best:
+            best_i, best = i, value
+    return allocation_for(order, best_i, bits), {"i": best_i, "score": best, "score_uniform": uniform}

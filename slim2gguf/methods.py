@@ -13,6 +13,7 @@ from .architectures import TENSOR_CLASSES
 from .gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc, fit_wls
+from .refit import refit_scales
 from .sensitivity import SENSITIVITIES
 
 METHODS = ("slim", "gptq", "rtn")
@@ -36,6 +37,7 @@ class QuantSettings:
     fit: str = "wls"  # with sqc on: importance-weighted least squares, or SliM's SQC grid search
     bpw: float | None = None  # whole-file budget: per-tensor settings chosen by sensitivity (budget.py)
     sensitivity: str = "fisher"  # how the budget scores tensors: fisher or hessian (sensitivity.py)
+    refit: bool = True  # slim: re-solve scales and offsets for GPTQ's codes (refit.py); measured: docs/BENCHMARKS.md
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,13 +95,14 @@ def quantize_linear(
     info: dict[str, float] = {}
     if settings.method == "gptq":
         return gptq_quantize(w, upper, widths or uniform, g, lambda w_, k, _: fit_minmax(w_, k)), info
+    wls = settings.sqc and settings.fit == "wls"
+    importance = torch.diag(h)
     if widths is None:
         if settings.sba:
-            widths, info = search_allocation(w, upper, inputs, settings.bits, g)
+            widths, info = search_allocation(w, upper, inputs, settings.bits, g, importance if wls else None)
         else:
             widths = uniform
-    if settings.sqc and settings.fit == "wls":
-        importance = torch.diag(h)
+    if wls:
 
         def fit(wg: torch.Tensor, k: int, cols: slice):
             return fit_wls(wg, k, importance[cols])
@@ -113,4 +116,5 @@ def quantize_linear(
         def fit(wg: torch.Tensor, k: int, cols: slice):
             return fit_minmax(wg, k)
 
-    return gptq_quantize(w, upper, widths, g, fit), info
+    qt = gptq_quantize(w, upper, widths, g, fit)
+    return (refit_scales(w, h, qt) if settings.refit else qt), info

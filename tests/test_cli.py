@@ -64,10 +64,11 @@ def test_corrupt_gguf_for_inspect(tmp_path):
 def test_quantize_then_eval(tiny_model, tiny_text, tmp_path):
     ck = tmp_path / "ck"
     code, out = invoke("quantize", tiny_model, "-o", ck, "--bits", 3, "--group-size", 32, "--method", "gptq",
-                       "--calib", tiny_text, "--nsamples", 4, "--seqlen", 64)
+                       "--calib", tiny_text, "--nsamples", 4, "--seqlen", 64, "--no-refit")
     assert code == 0, out
     manifest = json.loads((ck / "manifest.json").read_text())
     assert manifest["settings"]["method"] == "gptq" and manifest["blocks_done"] == 2
+    assert manifest["settings"]["refit"] is False
     code, out = invoke("eval", tiny_model, "--checkpoint", ck, "--text", tiny_text, "--ctx", 64, "--chunks", 2)
     assert code == 0, out
     assert "perplexity" in out and "62 tokens" in out

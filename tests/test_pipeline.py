@@ -50,8 +50,8 @@ def test_checkpoint_is_complete_and_self_describing(slim_ckpt):
         searches = block["sba_search"]
         assert len(searches) == 7
         for found in searches.values():
-            assert found["i"] >= 0 and found["kl"] <= found["kl_uniform"]
-            assert (found["i"] == 0) == (found["kl"] == found["kl_uniform"])
+            assert found["i"] >= 0 and found["score"] <= found["score_uniform"]
+            assert (found["i"] == 0) == (found["score"] == found["score_uniform"])
 
 
 def test_same_seed_gives_identical_checkpoint(slim_ckpt, tiny_model, tiny_text, tmp_path):
@@ -180,6 +180,17 @@ def test_truncated_block_file(slim_ckpt, tmp_path):
     block.write_bytes(block.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="missing or corrupt"):
         dict(Checkpoint(broken).tensors())
+
+
+def test_refit_setting_reaches_the_quantizer(slim_ckpt, tiny_model, tiny_text, tmp_path):
+    """Block 0 sees the same inputs either way: same codes, the scales re-solved only with refit."""
+    out = tmp_path / "plain"
+    quantize_model(str(tiny_model), out, QuantSettings("slim", 2, 32, sba_tokens=256, refit=False), calib(tiny_text))
+    plain, refit = dict(Checkpoint(out).tensors()), dict(Checkpoint(slim_ckpt).tensors())
+    assert Checkpoint(out).settings["refit"] is False and Checkpoint(slim_ckpt).settings["refit"] is True
+    block0 = [n for n in refit if n.startswith("model.layers.0.")]
+    assert all(torch.equal(plain[n].codes, refit[n].codes) for n in block0)
+    assert any(not torch.equal(plain[n].d, refit[n].d) for n in block0)
 
 
 def test_self_generated_calibration_is_deterministic(tiny_model):

@@ -10,7 +10,9 @@ from slim2gguf import format as fmt
 from slim2gguf.allocation import allocation_for, group_salience, search_allocation
 from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper
 from slim2gguf.methods import QuantSettings, quantize_linear
+from slim2gguf.qtensor import QuantizedTensor
 from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, fit_wls, salient_mask, storable_scale
+from slim2gguf.refit import refit_scales
 
 
 def layer_problem(seed: int, out: int = 96, inp: int = 256, tokens: int = 1024, outliers: bool = False):
@@ -122,8 +124,9 @@ def test_sba_raises_planted_salient_block():
     upper = inverse_cholesky_upper(h)
     sal = group_salience(w, upper, 32)
     assert int(sal.argmax()) == 2
-    widths, info = search_allocation(w, upper, x[:512], 2, 32)
-    assert widths[2] == 3 and info["kl"] <= info["kl_uniform"]
+    for importance in (None, torch.diag(h)):  # SliM's scoring, and the least-squares fit's
+        widths, info = search_allocation(w, upper, x[:512], 2, 32, importance)
+        assert widths[2] == 3 and info["score"] <= info["score_uniform"]
 
 
 def test_dead_columns_are_zeroed():
@@ -157,6 +160,52 @@ def test_wls_handles_constant_and_zero_importance_groups():
     assert torch.allclose(p.dequantize(p.codes(w)), w, atol=1e-3)
     p = fit_wls(torch.randn(4, 32), 3, torch.zeros(32))  # no input energy: any finite quantizer
     assert torch.isfinite(p.d.float()).all() and torch.isfinite(p.m.float()).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_refit_lowers_the_output_error_and_keeps_codes(bits):
+    w, x = layer_problem(20 + bits, outliers=True)
+    plain, _ = quantize_linear(w, hessian(x), x[:512], QuantSettings("slim", bits, 32, refit=False))
+    refit, _ = quantize_linear(w, hessian(x), x[:512], QuantSettings("slim", bits, 32))
+    assert torch.equal(refit.codes, plain.codes) and torch.equal(refit.widths, plain.widths)
+    assert output_error(w, x, refit) < 0.99 * output_error(w, x, plain)
+    # stored as the format requires: fp16, non-negative scale with the width-code bit clear
+    assert refit.d.dtype == refit.m.dtype == torch.float16 and torch.all(refit.d >= 0)
+    assert torch.equal(storable_scale(refit.d.float()), refit.d)
+
+
+def test_refit_never_worsens_a_row():
+    w, x = layer_problem(7)
+    h, wd = damped_hessian(hessian(x), w, 0.01)
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 8, w.shape, generator=gen, dtype=torch.uint8)  # codes no fit would pick
+    qt = QuantizedTensor(codes, torch.full((96, 8), 0.01, dtype=torch.float16), torch.full((96, 8), -0.035, dtype=torch.float16), torch.full((8,), 3, dtype=torch.uint8), 32)
+    out = refit_scales(wd, h, qt)
+    before = ((wd - qt.dequantize()) @ h * (wd - qt.dequantize())).sum(dim=1)
+    after = ((wd - out.dequantize()) @ h * (wd - out.dequantize())).sum(dim=1)
+    assert torch.all(after <= before)
+
+
+def test_refit_in_row_chunks_equals_all_rows_at_once(monkeypatch):
+    import slim2gguf.refit as refit_mod
+
+    w, x = layer_problem(8)
+    h, wd = damped_hessian(hessian(x), w, 0.01)
+    qt, _ = quantize_linear(w, hessian(x), x[:512], QuantSettings("slim", 3, 32, refit=False))
+    whole = refit_scales(wd, h, qt)
+    monkeypatch.setattr(refit_mod, "SYSTEM_ELEMENTS", 7 * 16**2)  # 7 rows per chunk
+    chunked = refit_scales(wd, h, qt)
+    assert torch.equal(chunked.d, whole.d) and torch.equal(chunked.m, whole.m)
+    assert not torch.equal(whole.d, qt.d)
+
+
+def test_refit_handles_zero_rows_and_constant_codes():
+    w = torch.zeros(4, 64)
+    w[1] = 0.5  # every code equal: d and m are not separable
+    qt = QuantizedTensor(torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.float16), torch.zeros(4, 2, dtype=torch.float16), torch.full((2,), 2, dtype=torch.uint8), 32)
+    out = refit_scales(w, torch.eye(64), qt)
+    assert torch.isfinite(out.dequantize()).all()
+    assert torch.allclose(out.dequantize(), w, atol=1e-3)
 
 
 def test_not_positive_definite_is_a_clear_error():

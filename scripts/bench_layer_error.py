@@ -1,0 +1,143 @@
+"""Layer-level quantizer ablations: the relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)
+of one class of linears, quantized with variants of the quantizer, in seconds per variant.
+
+Why: the frontier harness (bench_frontier.py) measures what users see, the model's KL
+divergence, but needs a file and a llama.cpp run per setting; this measures the quantity
+GPTQ minimizes on the same calibration inputs, side by side, to decide which changes
+deserve a frontier run. Inputs are captured from the float model (every other linear
+float), on the calibration windows bench_frontier's files use (32 × 512 tokens of
+WikiText-2 valid, seed 0).
+
+    python scripts/bench_layer_error.py --model smollm2-135m --tensor ffn_down --blocks 1,8,16,24
+
+Variants: ``default`` (the quantizer as it stands), ``no-refit`` (scales as GPTQ fitted
+them), ``no-sba`` (uniform widths), ``sba-slim`` (widths from SliM's min-max/KL scoring),
+``act-order`` (GPTQ visits columns by decreasing H_jj, each group's quantizer fitted
+before the pass on the unquantized weights, then refitted; an experiment, not in the
+product).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slim2gguf.allocation import search_allocation  # noqa: E402
+from slim2gguf.architectures import TENSOR_CLASSES  # noqa: E402
+from slim2gguf.calib import windows_from_text  # noqa: E402
+from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper  # noqa: E402
+from slim2gguf.methods import QuantSettings, quantize_linear  # noqa: E402
+from slim2gguf.models import block_linears, load_model, load_tokenizer, resolve_model  # noqa: E402
+from slim2gguf.qtensor import QuantizedTensor  # noqa: E402
+from slim2gguf.quantizer import fit_wls  # noqa: E402
+from slim2gguf.refit import output_error, refit_scales  # noqa: E402
+
+VARIANTS = ("default", "no-refit", "no-sba", "sba-slim", "act-order")
+SAMPLE_EVERY = 16  # every 16th calibration token feeds the allocation search (1024 of 16384)
+
+
+@torch.no_grad()
+def capture(model_name: str, tensor: str, blocks: list[int], calib: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Per block: the linear's float weight, H = 2/N Σ xxᵀ of its inputs and a token sample."""
+    path = resolve_model(model_name)
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    windows = windows_from_text(calib.read_text(encoding="utf-8"), tokenizer, 32, 512, 0)
+    suffixes = TENSOR_CLASSES[tensor]
+    found: dict[int, dict] = {}
+    handles = []
+    for b in blocks:
+        name, lin = next((n, m) for n, m in block_linears(model, b).items() if n.endswith(suffixes))
+        store = found[b] = {"W": lin.weight.data.clone(), "H": torch.zeros(lin.in_features, lin.in_features), "n": 0, "x": []}
+
+        def hook(_m, inputs, _out, store=store):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            store["H"].addmm_(x.T, x)
+            store["n"] += x.shape[0]
+            store["x"].append(x[::SAMPLE_EVERY])
+
+        handles.append(lin.register_forward_hook(hook))
+    for start in range(0, windows.shape[0], 4):
+        model(windows[start : start + 4])
+    for h in handles:
+        h.remove()
+    return {b: {"W": s["W"], "H": 2 / s["n"] * s["H"], "x": torch.cat(s["x"])} for b, s in found.items()}
+
+
+def act_order(weight: torch.Tensor, hessian: torch.Tensor, widths: list[int], group_size: int, damp: float) -> QuantizedTensor:
+    """GPTQ in order of decreasing H_jj with static groups (fitted on the unquantized
+    weights by the least-squares fit), then the scales refitted for the codes."""
+    h, w = damped_hessian(hessian, weight, damp)
+    importance = torch.diag(h)
+    perm = torch.argsort(importance, descending=True)
+    upper = inverse_cholesky_upper(h[perm][:, perm])
+    params = [fit_wls(w[:, g * group_size : (g + 1) * group_size], k, importance[g * group_size : (g + 1) * group_size]) for g, k in enumerate(widths)]
+    wp = w[:, perm].clone()
+    codes = torch.zeros(w.shape, dtype=torch.uint8)
+    for i, col in enumerate(perm.tolist()):
+        p = params[col // group_size]
+        q = p.codes(wp[:, i])
+        codes[:, col] = q.to(torch.uint8)
+        err = (wp[:, i] - p.dequantize(q)) / upper[i, i]
+        wp[:, i:] -= err[:, None] * upper[i, i:][None, :]
+    d = torch.stack([p.d for p in params], dim=1)
+    m = torch.stack([p.m for p in params], dim=1)
+    return refit_scales(w, h, QuantizedTensor(codes, d, m, torch.tensor(widths, dtype=torch.uint8), group_size))
+
+
+def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings) -> QuantizedTensor:
+    w, hess, x = layer["W"], layer["H"], layer["x"]
+    if variant in ("default", "no-refit", "no-sba"):
+        changed = {"no-refit": {"refit": False}, "no-sba": {"sba": False}}.get(variant, {})
+        return quantize_linear(w, hess, x, replace(settings, **changed))[0]
+    h, wd = damped_hessian(hess, w, settings.damp)
+    upper = inverse_cholesky_upper(h)
+    importance = None if variant == "sba-slim" else torch.diag(h)
+    widths, _ = search_allocation(wd, upper, x, settings.bits, settings.group_size, importance)
+    if variant == "sba-slim":
+        return quantize_linear(w, hess, x, settings, widths)[0]
+    return act_order(w, hess, widths, settings.group_size, settings.damp)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tensor", default="ffn_down", choices=sorted(TENSOR_CLASSES))
+    parser.add_argument("--blocks", default="1,8,16,24")
+    parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--calib", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variant {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    if not args.calib.is_file():
+        sys.exit(f"no calibration text at {args.calib}")
+    torch.set_num_threads(1)
+    layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib)
+    print(f"{args.model} {args.tensor}, blocks {args.blocks}, g{args.group_size}: mean relative output error")
+    print("| bits | " + " | ".join(variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    for bits in (int(b) for b in args.bits.split(",")):
+        settings = QuantSettings("slim", bits, args.group_size)
+        row = []
+        for variant in variants:
+            errors = []
+            for layer in layers.values():
+                qt = quantize(variant, layer, settings)
+                energy = output_error(layer["W"], torch.zeros_like(layer["W"]), layer["H"]).sum()
+                errors.append(float(output_error(layer["W"], qt.dequantize(), layer["H"]).sum() / energy))
+            row.append(sum(errors) / len(errors))
+        print(f"| {bits} | " + " | ".join(f"{e:.5f}" for e in row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

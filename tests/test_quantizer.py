@@ -186,6 +186,20 @@ def test_refit_never_worsens_a_row():
     assert torch.all(after <= before)
 
 
+def test_refit_keeps_a_row_whose_solution_does_not_fit_fp16():
+    """Row 0's best scale (1e6) overflows fp16: its stored result would be inf, so it keeps
+    GPTQ's quantizer; row 1 is solved normally."""
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 4, (2, 64), generator=gen, dtype=torch.uint8)
+    w = codes.float() * torch.tensor([[1e6], [0.01]])
+    d = torch.tensor([[60000.0, 60000.0], [0.008, 0.008]], dtype=torch.float16)
+    qt = QuantizedTensor(codes, d, torch.zeros(2, 2, dtype=torch.float16), torch.full((2,), 2, dtype=torch.uint8), 32)
+    out = refit_scales(w, torch.eye(64), qt)
+    assert torch.equal(out.d[0], qt.d[0]) and torch.equal(out.m[0], qt.m[0])
+    assert torch.isfinite(out.dequantize()).all()
+    assert torch.allclose(out.d[1].float(), torch.full((2,), 0.01), rtol=1e-3)
+
+
 def test_refit_in_row_chunks_equals_all_rows_at_once(monkeypatch):
     import slim2gguf.refit as refit_mod
 

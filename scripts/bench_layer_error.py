@@ -35,39 +35,34 @@ from slim2gguf.calib import windows_from_text  # noqa: E402
 from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper  # noqa: E402
 from slim2gguf.methods import QuantSettings, quantize_linear  # noqa: E402
 from slim2gguf.models import block_linears, load_model, load_tokenizer, resolve_model  # noqa: E402
+from slim2gguf.pipeline import BATCH, InputCollector, token_sample  # noqa: E402
 from slim2gguf.qtensor import QuantizedTensor  # noqa: E402
 from slim2gguf.quantizer import fit_wls  # noqa: E402
 from slim2gguf.refit import output_error, refit_scales  # noqa: E402
 
 VARIANTS = ("default", "no-refit", "no-sba", "sba-slim", "act-order")
-SAMPLE_EVERY = 16  # every 16th calibration token feeds the allocation search (1024 of 16384)
+SEED = 0  # calibration windows and SBA's token sample, as bench_frontier's files
 
 
 @torch.no_grad()
-def capture(model_name: str, tensor: str, blocks: list[int], calib: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """Per block: the linear's float weight, H = 2/N Σ xxᵀ of its inputs and a token sample."""
+def capture(model_name: str, tensor: str, blocks: list[int], calib: Path, settings: QuantSettings) -> dict[int, dict[str, torch.Tensor]]:
+    """Per block: the linear's float weight, and its inputs' Hessian and token sample as the
+    pipeline collects them (same collector, same seeded sample)."""
     path = resolve_model(model_name)
     model, tokenizer = load_model(path), load_tokenizer(path)
-    windows = windows_from_text(calib.read_text(encoding="utf-8"), tokenizer, 32, 512, 0)
+    windows = windows_from_text(calib.read_text(encoding="utf-8"), tokenizer, 32, 512, SEED)
+    sampling = (windows.numel(), token_sample(windows.numel(), settings.sba_tokens, SEED))
     suffixes = TENSOR_CLASSES[tensor]
-    found: dict[int, dict] = {}
-    handles = []
+    found = {}
     for b in blocks:
-        name, lin = next((n, m) for n, m in block_linears(model, b).items() if n.endswith(suffixes))
-        store = found[b] = {"W": lin.weight.data.clone(), "H": torch.zeros(lin.in_features, lin.in_features), "n": 0, "x": []}
-
-        def hook(_m, inputs, _out, store=store):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            store["H"].addmm_(x.T, x)
-            store["n"] += x.shape[0]
-            store["x"].append(x[::SAMPLE_EVERY])
-
-        handles.append(lin.register_forward_hook(hook))
-    for start in range(0, windows.shape[0], 4):
-        model(windows[start : start + 4])
+        lin = next(m for n, m in block_linears(model, b).items() if n.endswith(suffixes))
+        found[b] = (lin, InputCollector(lin, *sampling, torch.device("cpu")))
+    handles = [lin.register_forward_hook(col) for lin, col in found.values()]
+    for start in range(0, windows.shape[0], BATCH):
+        model(windows[start : start + BATCH])
     for h in handles:
         h.remove()
-    return {b: {"W": s["W"], "H": 2 / s["n"] * s["H"], "x": torch.cat(s["x"])} for b, s in found.items()}
+    return {b: {"W": lin.weight.data.clone(), "H": col.h, "x": torch.cat(col.sample)} for b, (lin, col) in found.items()}
 
 
 def act_order(weight: torch.Tensor, hessian: torch.Tensor, widths: list[int], group_size: int, damp: float) -> QuantizedTensor:
@@ -122,7 +117,7 @@ def main() -> None:
     if not args.calib.is_file():
         sys.exit(f"no calibration text at {args.calib}")
     torch.set_num_threads(1)
-    layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib)
+    layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, QuantSettings("slim", 3, args.group_size))
     print(f"{args.model} {args.tensor}, blocks {args.blocks}, g{args.group_size}: mean relative output error")
     print("| bits | " + " | ".join(variants) + " |")
     print("|---|" + "---|" * len(variants))

@@ -170,7 +170,13 @@ def _run_block(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], devic
     return outs
 
 
-class _Collector:
+def token_sample(n_tokens: int, count: int, seed: int) -> torch.Tensor:
+    """Sorted indices of ``count`` calibration tokens (seeded): the inputs SBA scores on."""
+    order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
+    return order[:count].sort().values
+
+
+class InputCollector:
     """Forward hook accumulating H = 2/N Σ xxᵀ and a fixed token sample of the inputs."""
 
     def __init__(self, lin: nn.Linear, n_tokens: int, sample_idx: torch.Tensor, device: torch.device):
@@ -226,9 +232,9 @@ def _quantize_block(
     linear (chosen candidate i, its KL, the uniform allocation's KL; empty without a
     search), the quantized block's outputs (next block's inputs) and its relative output
     error (None without calibration)."""
-    collectors: dict[str, _Collector] = {}
+    collectors: dict[str, InputCollector] = {}
     if batches:
-        collectors = {n: _Collector(lin, *sampling, dev) for n, lin in linears.items()}
+        collectors = {n: InputCollector(lin, *sampling, dev) for n, lin in linears.items()}
         handles = [lin.register_forward_hook(collectors[n]) for n, lin in linears.items()]
         reference = _run_block(layer, batches, dev)
         for h in handles:
@@ -354,8 +360,7 @@ def quantize_model(
             writer.set_budget(allocation.budget)
         hidden, kwargs_of = capture_block_inputs(model, windows, dev)
         n_tokens = windows.numel()
-        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(calib.seed))
-        sample_idx = order[: quant.sba_tokens].sort().values
+        sample_idx = token_sample(n_tokens, quant.sba_tokens, calib.seed)
     stored = dict(writer.finished_tensors()) if resumed else {}
     width_groups = Counter(w for qt in stored.values() for w in qt.widths.tolist())
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 
@@ -53,6 +54,48 @@ def few_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class ColumnQuantizer(Protocol):
+    """A block's fitted quantizer (SliM's GroupParams, a stock type's BlockParams)."""
+
+    def round(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and stored values of the block's column ``j`` (``w`` [rows])."""
+        ...
+
+
+def gptq_blocks(
+    weight: torch.Tensor,
+    upper: torch.Tensor,
+    block_size: int,
+    fit: Callable[[torch.Tensor, int], ColumnQuantizer],
+    block_cols: int = 128,
+) -> tuple[torch.Tensor, list[ColumnQuantizer]]:
+    """Quantize ``weight`` [rows, cols] column by column; each block's quantizer is
+    fitted by ``fit(columns, first column)`` when GPTQ reaches the block, on the
+    error-updated weights (no act-order). Returns the codes (uint8 [rows, cols]) and the
+    quantizer of each block."""
+    w = weight.clone().float()
+    rows, cols = w.shape
+    block_cols = max(block_size, block_cols // block_size * block_size)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    fitted: list[ColumnQuantizer] = []
+    for i1 in range(0, cols, block_cols):
+        i2 = min(i1 + block_cols, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block_size == 0:
+                fitted.append(fit(w1[:, i : i + block_size], col))
+            q, value = fitted[-1].round(w1[:, i], col % block_size)
+            codes[:, col] = q.to(torch.uint8).cpu()
+            err = (w1[:, i] - value) / u1[i, i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    return codes, fitted
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     upper: torch.Tensor,
@@ -61,31 +104,12 @@ def gptq_quantize(
     fit: GroupFitter,
     block_cols: int = 128,
 ) -> QuantizedTensor:
-    """Quantize ``weight`` [rows, cols] group by group; each group's quantizer is fitted
-    when GPTQ reaches the group, on the error-updated weights (no act-order)."""
-    w = weight.clone().float()
-    rows, cols = w.shape
-    block_cols = max(group_size, block_cols // group_size * group_size)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    d = torch.zeros(rows, cols // group_size, dtype=torch.float16)
-    m = torch.zeros_like(d)
-    for i1 in range(0, cols, block_cols):
-        i2 = min(i1 + block_cols, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:
-                g = col // group_size
-                params = fit(w1[:, i : i + group_size], widths[g], slice(col, col + group_size))
-                d[:, g], m[:, g] = params.d.cpu(), params.m.cpu()
-            q = params.codes(w1[:, i])
-            codes[:, col] = q.to(torch.uint8).cpu()
-            err = (w1[:, i] - params.dequantize(q)) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    """GPTQ into SliM groups: each group's quantizer is fitted at its width when GPTQ reaches it."""
+    codes, fitted = gptq_blocks(
+        weight, upper, group_size, lambda wg, col: fit(wg, widths[col // group_size], slice(col, col + group_size)), block_cols
+    )
+    d = torch.stack([p.d.cpu() for p in fitted], dim=1)
+    m = torch.stack([p.m.cpu() for p in fitted], dim=1)
     return QuantizedTensor(codes, d, m, torch.tensor(widths, dtype=torch.uint8), group_size)
 
 

@@ -48,6 +48,11 @@ class GroupParams:
         d, m = (self._d, self._m) if q.dim() == 1 else (self._d[:, None], self._m[:, None])
         return q * d + m
 
+    def round(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and stored values of one column (``w`` [rows]); every column of a group shares one quantizer."""
+        q = self.codes(w)
+        return q, self.dequantize(q)
+
 
 def _asymmetric(xmin: torch.Tensor, xmax: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored (d, m) of min-max asymmetric quantization with an integer zero point."""

@@ -10,11 +10,12 @@ import torch
 from . import format as fmt
 from .allocation import search_allocation
 from .architectures import TENSOR_CLASSES
-from .gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize
-from .qtensor import QuantizedTensor
+from .gptq import damped_hessian, gptq_blocks, gptq_quantize, inverse_cholesky_upper, rtn_quantize
+from .qtensor import NativeTensor, QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc, fit_wls
 from .refit import refit_scales
 from .sensitivity import SENSITIVITIES
+from .storage import native_type, type_for
 
 METHODS = ("slim", "gptq", "rtn")
 FITS = ("wls", "sqc")  # quantizer calibration objectives; wls measured best: docs/BENCHMARKS.md
@@ -38,6 +39,7 @@ class QuantSettings:
     bpw: float | None = None  # whole-file budget: per-tensor settings chosen by sensitivity (budget.py)
     sensitivity: str = "fisher"  # how the budget scores tensors: fisher or hessian (sensitivity.py)
     refit: bool = True  # slim: re-solve scales and offsets for GPTQ's codes (refit.py); measured: docs/BENCHMARKS.md
+    native: str | None = None  # a stock ggml type (storage.NATIVE_TYPES) for every linear instead of SliM's
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,12 +55,18 @@ class QuantSettings:
             raise ValueError(f"--sensitivity must be one of {', '.join(SENSITIVITIES)}, got '{self.sensitivity}'")
         if self.tensors is not None and (not self.tensors or not set(self.tensors) <= set(TENSOR_CLASSES)):
             raise ValueError(f"tensors must be a non-empty selection of {', '.join(TENSOR_CLASSES)}")
+        if self.native is not None:
+            native_type(self.native)
+            if self.bpw is not None:
+                raise ValueError("--bpw does not yet choose among stock types: give --type, or drop --format native")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (a list for the selection, as it reads back from a manifest)."""
         data = asdict(self)
         if self.tensors is not None:
             data["tensors"] = list(self.tensors)
+        if self.native is None:
+            del data["native"]  # SliM runs keep the settings (and resume keys) they had before native output
         return data
 
 
@@ -76,15 +84,37 @@ def check_allocation(widths: list[int], n_groups: int, name: str) -> int:
     return bits
 
 
+def quantize_native(weight: torch.Tensor, hessian: torch.Tensor | None, settings: QuantSettings) -> NativeTensor:
+    """``weight`` [out, in] in the stock type ``settings.native``: GPTQ over the type's
+    blocks, each block's scales fitted when GPTQ reaches it, weighted by the inputs'
+    energy per column (diag H, as llama.cpp's importance matrix) for ``slim``, evenly
+    for ``gptq``; ``rtn`` rounds each block to its fit, no feedback. A weight whose rows
+    the type's blocks do not divide gets the type's 32-wide fallback (storage.FALLBACK)."""
+    stype = type_for(settings.native, weight.shape[1])
+    size = stype.block_size
+    if settings.method == "rtn":
+        w = weight.float()
+        even = torch.ones(size, device=w.device)
+        fitted = [stype.fit(w[:, c : c + size], even) for c in range(0, w.shape[1], size)]
+        codes = torch.cat([p.round_all(w[:, i * size : (i + 1) * size])[0] for i, p in enumerate(fitted)], dim=1)
+        return NativeTensor.from_blocks(stype, codes.to(torch.uint8).cpu(), fitted)
+    h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
+    importance = torch.diag(h) if settings.method == "slim" else torch.ones(w.shape[1], device=w.device)
+    codes, fitted = gptq_blocks(w, inverse_cholesky_upper(h), size, lambda wb, col: stype.fit(wb, importance[col : col + size]))
+    return NativeTensor.from_blocks(stype, codes, fitted)
+
+
 def quantize_linear(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
     inputs: torch.Tensor | None,
     settings: QuantSettings,
     widths: list[int] | None = None,
-) -> tuple[QuantizedTensor, dict[str, float]]:
+) -> tuple[QuantizedTensor | NativeTensor, dict[str, float]]:
     """Quantize ``weight`` [out, in]; ``hessian`` (2/N Σ xxᵀ) and ``inputs`` (a token
     sample for SBA) come from calibration. ``widths`` reuses a saved allocation."""
+    if settings.native is not None:
+        return quantize_native(weight, hessian, settings), {}
     g = settings.group_size
     n_groups = weight.shape[1] // g
     uniform = [settings.bits] * n_groups

@@ -1,4 +1,5 @@
-"""A quantized weight as the quantizer stores it: codes, fp16 scales/offsets, group widths."""
+"""A quantized weight as the quantizer stores it: SliM codes, fp16 scales/offsets and group
+widths, or a stock ggml type's packed rows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from . import format as fmt
+from .storage import BlockParams, NativeType, native_type
 
 
 @dataclass
@@ -69,3 +71,46 @@ class QuantizedTensor:
             widths=tensors[f"{prefix}.widths"],
             group_size=group_size,
         )
+
+
+@dataclass
+class NativeTensor:
+    """Weight ``[out, in]`` in a stock ggml type: its rows packed exactly as the GGUF file
+    holds them (uint8 [out, row_bytes]); PyTorch evaluates their dequantization."""
+
+    type_name: str
+    data: torch.Tensor
+    n_cols: int
+
+    @property
+    def stype(self) -> NativeType:
+        return native_type(self.type_name)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.n_cols)
+
+    @classmethod
+    def from_blocks(cls, stype: NativeType, codes: torch.Tensor, fitted: list[BlockParams]) -> NativeTensor:
+        """Pack GPTQ's codes (uint8 [rows, cols]) and each block's fitted fields."""
+        rows, cols = codes.shape
+        n = rows * len(fitted)
+        fields = {
+            key: torch.stack([p.fields[key].cpu() for p in fitted], dim=1).reshape(n, *fitted[0].fields[key].shape[1:]).numpy()
+            for key in fitted[0].fields
+        }
+        blocks = stype.encode(codes.reshape(n, stype.block_size).numpy(), fields)
+        return cls(stype.name.lower(), torch.from_numpy(blocks.reshape(rows, -1)), cols)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.stype.dequantize(self.data.numpy())
+
+    def pack(self) -> np.ndarray:
+        return self.data.numpy()
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.data": self.data.contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, type_name: str, n_cols: int) -> NativeTensor:
+        return cls(type_name, tensors[f"{prefix}.data"], n_cols)

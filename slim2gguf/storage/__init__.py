@@ -1,0 +1,38 @@
+"""Stock ggml storage types behind one interface (base.NativeType), one module per family."""
+
+from __future__ import annotations
+
+from .base import BlockParams, NativeType
+from .iquants import IQ4_NL, IQ4_XS
+from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+from .legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+
+NATIVE_TYPES: dict[str, NativeType] = {
+    t.name.lower(): t for t in (Q8_0(), Q6_K(), Q5_K(), Q4_K(), Q3_K(), Q2_K(), Q5_1(), Q5_0(), Q4_1(), Q4_0(), IQ4_NL(), IQ4_XS())
+}
+
+
+# What a type falls back to for a weight whose rows its blocks do not divide, as llama-quantize.
+FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def native_type(name: str) -> NativeType:
+    """The stock type called ``name`` (any case), or a one-line error naming the choices."""
+    try:
+        return NATIVE_TYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"native type must be one of {', '.join(NATIVE_TYPES)}, got {name!r}") from None
+
+
+def type_for(name: str, n_cols: int) -> NativeType:
+    """The type a weight of ``n_cols`` columns is stored in when ``name`` is asked for:
+    ``name`` itself, or its 32-wide fallback where its 256-wide blocks do not divide the rows."""
+    stype = native_type(name)
+    if n_cols % stype.block_size and name.lower() in FALLBACK:
+        stype = native_type(FALLBACK[name.lower()])
+    if n_cols % stype.block_size:
+        raise ValueError(f"{stype.name} stores rows in blocks of {stype.block_size}; a weight has {n_cols} columns")
+    return stype
+
+
+__all__ = ["FALLBACK", "NATIVE_TYPES", "BlockParams", "NativeType", "native_type", "type_for"]

@@ -1,0 +1,104 @@
+"""Stock ggml types (slim2gguf.storage): bytes as ggml stores them, values as GPTQ used them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+
+from slim2gguf.methods import QuantSettings, quantize_linear
+from slim2gguf.qtensor import NativeTensor
+from slim2gguf.storage import NATIVE_TYPES, native_type
+from tests.test_quantizer import hessian, layer_problem, output_error
+
+TYPES = sorted(NATIVE_TYPES)
+
+
+def random_fields(stype, n: int, gen: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Random codes and fields of every kind the type stores (fp16 scales of either sign,
+    integer sub-scales over their whole range), with the extremes planted in blocks 0 and 1."""
+    codes = gen.integers(0, len(stype.levels), size=(n, stype.block_size)).astype(np.uint8)
+    codes[0] = 0
+    codes[1] = len(stype.levels) - 1
+    fields = {}
+    for key, value in stype.fit(torch.zeros(1, stype.block_size), torch.ones(stype.block_size)).fields.items():
+        if value.dtype == torch.float16:
+            scale = gen.standard_normal(n) * 0.01
+            fields[key] = (np.abs(scale) if key == "dmin" else scale).astype(np.float16)
+        else:
+            lo, hi = stype.scale_range
+            ints = gen.integers(lo, hi + 1, size=(n, stype.n_sub))
+            ints[0], ints[1] = lo, hi
+            fields[key] = ints.astype(np.int8 if lo < 0 else np.uint8)
+    return codes, fields
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_decode_to_what_was_encoded_and_gguf_py_agrees_bit_for_bit(name):
+    stype = native_type(name)
+    codes, fields = random_fields(stype, 64, np.random.default_rng(1))
+    blocks = stype.encode(codes, fields)
+    assert blocks.shape == (64, stype.type_size) and blocks.dtype == np.uint8
+    back, back_fields = stype.decode(blocks)
+    assert np.array_equal(back, codes)
+    assert back_fields.keys() == fields.keys()
+    for key in fields:
+        assert np.array_equal(back_fields[key], fields[key]), key
+    rows = blocks.reshape(4, -1)
+    ours = stype.dequantize(rows).numpy()
+    reference = quants.dequantize(rows, QT(stype.ggml_type)).astype(np.float32)
+    assert ours.shape == (4, 16 * stype.block_size)
+    assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("method", ["rtn", "gptq", "slim"])
+def test_file_holds_exactly_the_weights_the_quantizer_produced(name, method):
+    """GPTQ's error feedback ran on the very values the packed rows dequantize to."""
+    w, x = layer_problem(5, out=24, inp=512)
+    w[3] = 0  # a dead row: zero scales
+    nt, _ = quantize_linear(w, hessian(x), None, QuantSettings(method, native=name))
+    assert isinstance(nt, NativeTensor) and nt.shape == (24, 512)
+    data = nt.pack()
+    assert data.shape == (24, native_type(name).row_bytes(512))
+    from_file = quants.dequantize(data, QT(native_type(name).ggml_type)).astype(np.float32)
+    assert np.array_equal(nt.dequantize().numpy().view(np.uint32), from_file.view(np.uint32))
+    assert output_error(w, x, nt) < {"q2_k": 0.2, "q3_k": 0.06}.get(name, 0.02)
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "iq4_xs", "q4_0"])
+def test_gptq_beats_rounding_to_nearest_in_the_same_type(name):
+    w, x = layer_problem(11, out=64, inp=512)
+    rtn, _ = quantize_linear(w, None, None, QuantSettings("rtn", native=name))
+    slim, _ = quantize_linear(w, hessian(x), None, QuantSettings("slim", native=name))
+    assert output_error(w, x, slim) < 0.8 * output_error(w, x, rtn)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0"])
+def test_fit_is_no_worse_than_gguf_py_reference_rounding(name):
+    """The scale search includes the reference's scale (largest weight on the end level),
+    so, evenly weighted, its error cannot exceed gguf-py's quantize_blocks."""
+    stype = native_type(name)
+    w = torch.randn(256, 64, generator=torch.Generator().manual_seed(2)) * 0.05
+    ours, _ = quantize_linear(w, None, None, QuantSettings("rtn", native=name))
+    reference = quants.dequantize(quants.quantize(w.numpy(), QT(stype.ggml_type)), QT(stype.ggml_type))
+    assert float((ours.dequantize() - w).pow(2).sum()) <= float(((torch.from_numpy(reference) - w) ** 2).sum())
+
+
+@pytest.mark.parametrize(("asked", "stored"), [("q4_k", "q5_0"), ("q2_k", "iq4_nl"), ("q6_k", "q8_0"), ("q5_k", "q5_1")])
+def test_rows_the_blocks_do_not_divide_fall_back_as_llama_quantize(asked, stored):
+    w, x = layer_problem(4, out=8, inp=288)
+    nt, _ = quantize_linear(w, hessian(x), None, QuantSettings("slim", native=asked))
+    assert nt.type_name == stored
+    assert nt.data.shape == (8, native_type(stored).row_bytes(288))
+
+
+def test_unknown_type_and_bad_shapes_say_so():
+    with pytest.raises(ValueError, match="native type must be one of"):
+        QuantSettings(native="q4_z")
+    with pytest.raises(ValueError, match="blocks of 32"):
+        quantize_linear(torch.randn(4, 48), None, None, QuantSettings("rtn", native="q4_k"))
+    with pytest.raises(ValueError, match="bpw"):
+        QuantSettings(native="q4_k", bpw=4.0)

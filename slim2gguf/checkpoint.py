@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_bytes_atomic
-from .qtensor import QuantizedTensor
+from .qtensor import NativeTensor, QuantizedTensor
+from .storage import NATIVE_TYPES
 
 FORMAT_NAME = "slim2gguf-checkpoint"
 FORMAT_VERSION = 1
@@ -94,6 +96,10 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"{name} has no valid block index"
         if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(n, 1, 1 << 24) for n in shape)):
             return f"{name} has no valid shape"
+        if "type" in meta:
+            if meta["type"] not in NATIVE_TYPES:
+                return f"{name} has an unknown stock type"
+            continue
         if not (isinstance(widths, list) and widths and all(_is_int(w, 1, 5) for w in widths)):
             return f"{name} has no valid widths"
         if meta.get("group_size", settings.get("group_size")) not in (32, 64, 128):
@@ -142,11 +148,11 @@ class CheckpointWriter:
         self.manifest["budget"] = decision
         _write_manifest(self.work, self.manifest)
 
-    def finished_tensors(self) -> Iterator[tuple[str, QuantizedTensor]]:
+    def finished_tensors(self) -> Iterator[tuple[str, QuantizedTensor | NativeTensor]]:
         """Tensors of the blocks already saved (for a resumed run to replay)."""
         yield from _iter_tensors(self.work, self.manifest)
 
-    def write_block(self, index: int, tensors: dict[str, QuantizedTensor], info: dict[str, Any]) -> None:
+    def write_block(self, index: int, tensors: dict[str, QuantizedTensor | NativeTensor], info: dict[str, Any]) -> None:
         if index != self.blocks_done:
             raise CheckpointError(f"block {index} written out of order (expected {self.blocks_done})")
         flat: dict[str, Any] = {}
@@ -155,13 +161,12 @@ class CheckpointWriter:
         with atomic_path(self.work / block_file(index)) as tmp:
             save_file(flat, str(tmp))
         for name, qt in tensors.items():
-            self.manifest["tensors"][name] = {
-                "block": index,
-                "shape": list(qt.shape),
-                "bits": qt.bits,
-                "group_size": qt.group_size,
-                "widths": qt.widths.tolist(),
-            }
+            meta: dict[str, Any] = {"block": index, "shape": list(qt.shape)}
+            if isinstance(qt, NativeTensor):
+                meta["type"] = qt.type_name
+            else:
+                meta.update(bits=qt.bits, group_size=qt.group_size, widths=qt.widths.tolist())
+            self.manifest["tensors"][name] = meta
         self.manifest["blocks"].append(info)
         self.manifest["blocks_done"] = index + 1
         _write_manifest(self.work, self.manifest)
@@ -178,7 +183,7 @@ class CheckpointWriter:
         return self.target
 
 
-def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, QuantizedTensor]]:
+def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, QuantizedTensor | NativeTensor]]:
     default_group = manifest["settings"]["group_size"]
     by_block: dict[int, list[str]] = {}
     for name, meta in manifest["tensors"].items():
@@ -190,12 +195,17 @@ def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[s
         except (FileNotFoundError, SafetensorError, OSError) as err:
             raise CheckpointError(f"{path} is missing or corrupt: {err}") from err
         for name in by_block[index]:
+            meta = manifest["tensors"][name]
             try:
-                group_size = manifest["tensors"][name].get("group_size", default_group)
-                qt = QuantizedTensor.from_tensors(data, name, group_size)
+                if "type" in meta:
+                    qt = NativeTensor.from_tensors(data, name, meta["type"], meta["shape"][1])
+                    if qt.data.dtype != torch.uint8 or qt.data.shape[1] != qt.stype.row_bytes(qt.n_cols):
+                        raise CheckpointError(f"{name} in {path} is not {meta['type']} rows of {qt.n_cols} columns")
+                else:
+                    qt = QuantizedTensor.from_tensors(data, name, meta.get("group_size", default_group))
             except KeyError as err:
                 raise CheckpointError(f"{path} lacks {err.args[0]}") from err
-            if list(qt.shape) != manifest["tensors"][name]["shape"]:
+            if list(qt.shape) != meta["shape"]:
                 raise CheckpointError(f"{name} in {path} does not have the manifest's shape")
             yield name, qt
 
@@ -227,7 +237,7 @@ class Checkpoint:
     def settings(self) -> dict[str, Any]:
         return self.manifest["settings"]
 
-    def tensors(self) -> Iterator[tuple[str, QuantizedTensor]]:
+    def tensors(self) -> Iterator[tuple[str, QuantizedTensor | NativeTensor]]:
         """(module name, quantized weight) for every quantized linear, e.g. ``model.layers.0.mlp.up_proj``."""
         yield from _iter_tensors(self.directory, self.manifest)
 
@@ -237,4 +247,5 @@ class Checkpoint:
         return self.manifest.get("budget")
 
     def allocation(self) -> dict[str, list[int]]:
-        return {name: meta["widths"] for name, meta in self.manifest["tensors"].items()}
+        """SliM widths per tensor (stock-typed tensors have none)."""
+        return {name: meta["widths"] for name, meta in self.manifest["tensors"].items() if "widths" in meta}

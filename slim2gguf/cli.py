@@ -53,15 +53,29 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool):
+def _native(format_: str, type_: str | None, bits: int | None) -> str | None:
+    """The stock type every quantized linear gets (None: SliM types)."""
+    if format_ not in ("slim", "native"):
+        _fail(f"--format must be slim or native, got {format_!r}")
+    if format_ == "slim":
+        if type_ is not None:
+            _fail("--type picks a stock type: add --format native")
+        return None
+    if bits is not None:
+        _fail("--bits sets SliM widths; with --format native pick a stock type with --type")
+    return type_ or DEFAULT_NATIVE_TYPE
+
+
+def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None):
     from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
     if bits is not None and bpw is not None:
         _fail("give --bits (every tensor the same width) or --bpw (a whole-file budget), not both")
+    native = _native(format_, type_, bits)
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
-        return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit)
+        return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit, native)
     except ValueError as err:
         _fail(str(err))
 
@@ -72,6 +86,8 @@ def _summary_table(report, title: str) -> Table:
     table.add_column("value", justify="right")
     for width in sorted(report.width_groups):
         table.add_row(f"column groups at {width} bits", str(report.width_groups[width]))
+    for name, count in sorted(report.stock_types.items()):
+        table.add_row(f"tensors in {name}", str(count))
     table.add_row("wall time", f"{report.wall_s:.1f} s")
     table.add_row("peak host memory", f"{report.peak_rss_mib:.0f} MiB")
     if report.peak_device_mib is not None:
@@ -97,6 +113,9 @@ def _print_decision(decision) -> None:
 
 # Options shared by quantize and convert.
 BITS = typer.Option(None, "--bits", help="Average width of every quantized tensor: 2, 3 or 4 (default 3).")
+DEFAULT_NATIVE_TYPE = "q4_k"
+FORMAT = typer.Option("slim", "--format", help="slim (SliM's mixed-width types: the patched CPU build runs them) or native (stock ggml types: every llama.cpp build, Ollama, LM Studio).")
+TYPE = typer.Option(None, "--type", help=f"--format native: the stock type of the quantized linears: q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, q5_1, q5_0, q4_1, q4_0, iq4_nl or iq4_xs (default {DEFAULT_NATIVE_TYPE}); where a 256-wide type does not divide a tensor's rows, its 32-wide fallback, as llama-quantize.")
 BPW = typer.Option(None, "--bpw", help="Whole-file bits per weight (e.g. 2.75): each tensor's width, group size and the embedding/output types are chosen by measured sensitivity.")
 SENSITIVITY = typer.Option("fisher", "--sensitivity", help="How --bpw scores tensors: fisher (loss increase) or hessian (relative output error); see docs/BENCHMARKS.md.")
 METHOD = typer.Option("slim", "--method", help="slim (SBA + SQC + GPTQ), gptq or rtn.")
@@ -117,13 +136,13 @@ ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths of a chec
 TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g. ffn_down or attn_v,ffn_down); the rest stay float (F16 in the file).")
 
 
-def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit):
+def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_="slim", type_=None):
     from .checkpoint import CheckpointError
     from .methods import DEFAULT_SQC_LAMBDA
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
-    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit)
+    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_)
     try:
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
@@ -142,13 +161,13 @@ def quantize(
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
     sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
-    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT,
+    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE,
 ) -> None:
     """Quantize a model into a checkpoint (resumable; written atomically)."""
-    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit)
+    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_)
     if report.decision is not None:
         _print_decision(report.decision)
-    what = f"--bpw {bpw:g}" if bpw is not None else f"{bits or 3}-bit"
+    what = f"--bpw {bpw:g}" if bpw is not None else (f"{(type_ or DEFAULT_NATIVE_TYPE).upper()}" if format_ == "native" else f"{bits or 3}-bit")
     console.print(_summary_table(report, f"{method} {what} checkpoint: {report.path}"))
 
 
@@ -175,9 +194,13 @@ def eval_cmd(
         if backend not in ("torch", "triton"):
             raise ValueError(f"--backend must be torch or triton, got {backend!r}")
         if checkpoint is not None and backend == "triton":
+            from .qtensor import NativeTensor
             from .triton_linear import swap_linears
 
-            swap_linears(net, {n: (qt.pack(), qt.stype) for n, qt in Checkpoint(checkpoint).tensors()})
+            tensors = dict(Checkpoint(checkpoint).tensors())
+            if any(isinstance(qt, NativeTensor) for qt in tensors.values()):
+                raise ValueError("--backend triton runs SliM types only; this checkpoint holds stock types: use --backend torch")
+            swap_linears(net, {n: (qt.pack(), qt.stype) for n, qt in tensors.items()})
         elif checkpoint is not None:
             set_linear_weights(net, {n: qt.dequantize() for n, qt in Checkpoint(checkpoint).tensors()})
         result = perplexity(net, load_tokenizer(path), read_eval_text(text), ctx, chunks, method, device=pick_device(device))
@@ -216,7 +239,7 @@ def convert(
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
     sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
-    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT,
+    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE,
     embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default: --bpw's choice, else q8_0)."),
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
@@ -235,7 +258,7 @@ def convert(
     except llamacpp.LlamaCppError as err:
         _fail(f"llama.cpp's source (its converter writes the file) cannot be obtained: {err}")
     ckpt_dir = checkpoint or _default_checkpoint(out)
-    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit)
+    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_)
     exported = _export(report.path, out, embed_type, output_type)
     if checkpoint is None:
         shutil.rmtree(report.path, ignore_errors=True)
@@ -276,7 +299,7 @@ def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | No
 
 
 def _add_export_rows(table: Table, exported) -> None:
-    table.add_row("SliM tensors bpw", f"{exported.slim_bpw:.3f}")
+    table.add_row("quantized tensors bpw", f"{exported.slim_bpw:.3f}")
     table.add_row("whole file bpw", f"{exported.file_bpw:.3f}")
     table.add_row("file size", f"{exported.path.stat().st_size / 2**20:.1f} MiB")
 

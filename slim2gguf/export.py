@@ -100,7 +100,8 @@ def export_gguf(
 
     Metadata, tokenizer, tensor names and order are exactly what
     ``convert_hf_to_gguf.py --outtype f32`` writes for the checkpoint's float model.
-    Quantized linears are stored in their SliM types (docs/FORMAT.md), with whole
+    Quantized linears are stored in their SliM types (docs/FORMAT.md) or, from a
+    ``--format native`` run, their stock ggml types (slim2gguf.storage), with whole
     packed rows permuted where the converter permutes rows. The token embedding gets
     ``embed_type`` (it is also the LM head when the model ties them), an untied LM
     head ``output_type``: each one of STANDARD_TYPES; by default what a --bpw run
@@ -118,7 +119,10 @@ def export_gguf(
     shows "unknown" (it cannot load the file anyway), a patched one can name them.
     ``slim2gguf.{version,method,bits,group_size}`` (and ``slim2gguf.tensors`` for a
     selection) record how the weights were made; bits and group size are the
-    dominant type's (a --bpw file mixes several).
+    dominant type's (a --bpw file mixes several). A native file gets llama-quantize's
+    file type for its dominant stock type (e.g. MOSTLY_Q4_K_S), ``slim2gguf.bits`` the
+    whole bits of that type's bits per weight and ``slim2gguf.native_type`` its name,
+    no group size.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     settings = ckpt.settings

@@ -44,6 +44,8 @@ from . import format as fmt
 from .architectures import UnsupportedArchitectureError, model_family
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
+from .qtensor import NativeTensor
+from .storage import NATIVE_TYPES
 
 
 @dataclass
@@ -51,8 +53,18 @@ class _Packed:
     """One quantized linear, packed, waiting for the converter to reach it."""
 
     rows: np.ndarray
-    stype: fmt.SlimType
+    type_id: int  # a SliM type's or a stock ggml type's
     shape: tuple[int, int]
+
+# general.file_type of a file whose linears are mostly in one stock type, as llama-quantize names it.
+STOCK_FILE_TYPES = {
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+    QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    QT.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, QT.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+    QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    QT.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL, QT.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS,
+}  # fmt: skip
 
 
 def load_converter(src: Path) -> ModuleType:
@@ -127,6 +139,7 @@ def _slim_model_class(base: type) -> type:
             self.kvs = kvs
             self.advance = advance
             self.notes: list[str] = []
+            self.quantized: set[str] = set()  # GGUF names of the checkpoint's tensors
             super().__init__(*args, **kwargs)
 
         def set_gguf_parameters(self) -> None:
@@ -138,7 +151,10 @@ def _slim_model_class(base: type) -> type:
             self.gguf_writer.add_string(KV_PREFIX + "version", __version__)
             self.gguf_writer.add_string(KV_PREFIX + "method", str(self.kvs["method"]))
             self.gguf_writer.add_uint32(KV_PREFIX + "bits", int(self.kvs["bits"]))
-            self.gguf_writer.add_uint32(KV_PREFIX + "group_size", int(self.kvs["group_size"]))
+            if self.kvs["group_size"] is not None:
+                self.gguf_writer.add_uint32(KV_PREFIX + "group_size", int(self.kvs["group_size"]))
+            if self.kvs["native"] is not None:
+                self.gguf_writer.add_string(KV_PREFIX + "native_type", str(self.kvs["native"]))
             if self.kvs["tensors"] is not None:
                 self.gguf_writer.add_string(KV_PREFIX + "tensors", ",".join(self.kvs["tensors"]))
 
@@ -152,7 +168,8 @@ def _slim_model_class(base: type) -> type:
                     f"{name} is {tuple(data_torch.shape)} in the model but {entry.shape} in the checkpoint"
                 )
             new_name, source = probe_rows(super().modify_tensors, name, bid, entry.shape)
-            self.gguf_writer.add_tensor(new_name, entry.rows[source], raw_dtype=QT(entry.stype.type_id))
+            self.gguf_writer.add_tensor(new_name, entry.rows[source], raw_dtype=QT(entry.type_id))
+            self.quantized.add(new_name)
             return []
 
         def tensor_force_quant(self, name: str, new_name: str, bid: int | None, n_dims: int) -> Any:
@@ -180,22 +197,37 @@ def _pack(checkpoint: Checkpoint, model_class: type, progress: Progress) -> tupl
         item = model_class.filter_tensors((module_name + ".weight", lambda: None))
         if item is None:
             raise ExportError(f"llama.cpp's converter drops {module_name}.weight")
-        rows = qt.shape[0]
-        for width, n in zip(*np.unique(qt.widths.numpy(), return_counts=True)):
-            widths[int(width)] += int(n) * rows
-        packed[item[0]] = _Packed(qt.pack(), qt.stype, qt.shape)
+        if isinstance(qt, NativeTensor):
+            packed[item[0]] = _Packed(qt.pack(), qt.stype.ggml_type, qt.shape)
+        else:
+            for width, n in zip(*np.unique(qt.widths.numpy(), return_counts=True)):
+                widths[int(width)] += int(n) * qt.shape[0]
+            packed[item[0]] = _Packed(qt.pack(), qt.stype.type_id, qt.shape)
         progress.advance(task)
     if not packed:
         raise ExportError(f"{checkpoint.directory} holds no quantized tensors")
     return packed, widths
 
 
-def _file_type(packed: dict[str, _Packed]) -> int:
-    """The SliM type id holding the most parameters (the only one in a one-setting run)."""
+def _dominant_type(packed: dict[str, _Packed]) -> int:
+    """The type id holding the most parameters (the only one in a one-setting run)."""
     params: Counter = Counter()
     for entry in packed.values():
-        params[entry.stype.type_id] += prod(entry.shape)
+        params[entry.type_id] += prod(entry.shape)
     return params.most_common(1)[0][0]
+
+
+def _file_kvs(dominant: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """general.file_type and the slim2gguf.* keys: a SliM type's id and its bits and group
+    size; for stock types llama-quantize's file type, the whole bits of the type's bpw and
+    the type's name."""
+    common = {"tensors": settings.get("tensors"), "method": settings["method"]}
+    stype = fmt.type_from_id(dominant)
+    if stype is not None:
+        return {**common, "file_type": stype.type_id, "bits": stype.bits, "group_size": stype.group_size, "native": None}
+    native = next(t for t in NATIVE_TYPES.values() if t.ggml_type == dominant)
+    return {**common, "file_type": int(STOCK_FILE_TYPES[QT(dominant)]), "bits": int(native.bits_per_weight),
+            "group_size": None, "native": native.name}  # fmt: skip
 
 
 def _write(writer: gguf.GGUFWriter, path: Path, progress: Progress) -> None:
@@ -212,9 +244,10 @@ def _write(writer: gguf.GGUFWriter, path: Path, progress: Progress) -> None:
         progress.advance(task)
 
 
-def _report(writer: gguf.GGUFWriter, file_type: int, widths: Counter) -> dict[str, Any]:
-    infos = writer.tensors[0].values()
-    slim = [ti for ti in infos if fmt.type_from_id(ti.dtype) is not None]
+def _report(writer: gguf.GGUFWriter, quantized: set[str], file_type: int, widths: Counter) -> dict[str, Any]:
+    infos = writer.tensors[0]
+    slim = [ti for name, ti in infos.items() if name in quantized]
+    infos = infos.values()
     return {
         "n_tensors": len(infos),
         "slim_tensors": len(slim),
@@ -245,9 +278,7 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not job["progress"]) as bar:
         packed, widths = _pack(ckpt, model_class, bar)
-        dominant = fmt.type_from_id(_file_type(packed))
-        kvs = {"file_type": dominant.type_id, "tensors": settings.get("tensors"), "method": settings["method"],
-               "bits": dominant.bits, "group_size": dominant.group_size}  # fmt: skip
+        kvs = _file_kvs(_dominant_type(packed), settings)
         converting = bar.add_task("converting")
         with torch.inference_mode():
             model = model_class(
@@ -266,7 +297,7 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
                     missing = ", ".join(sorted(packed)[:3])
                     raise ExportError(f"{len(packed)} checkpoint tensors are not in {model_dir}, e.g. {missing}")
                 model.prepare_metadata(vocab_only=False)
-                report = _report(model.gguf_writer, kvs["file_type"], widths)
+                report = _report(model.gguf_writer, model.quantized, kvs["file_type"], widths)
                 _write(model.gguf_writer, out, bar)
             finally:
                 model.gguf_writer.close()

@@ -1,4 +1,5 @@
-"""The SliM weights of a GGUF file, named and ordered as the Hugging Face model has them.
+"""The quantized linears of a slim2gguf file (SliM types, or stock types from
+``--format native``), named and ordered as the Hugging Face model has them.
 
 Validation has to evaluate exactly the bytes llama.cpp reads. The file names its
 tensors the llama.cpp way and stores some of them (LLaMA's q/k) with rows permuted;
@@ -10,6 +11,7 @@ permutations, and a reader cannot drift from the writer.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import gguf
 import numpy as np
@@ -19,6 +21,7 @@ from . import format as fmt
 from .export import converter_mapping
 from .inspect_gguf import open_gguf
 from .models import block_linear_shapes, resolve_model
+from .storage import NATIVE_TYPES, NativeType
 
 
 class GGUFWeightsError(ValueError):
@@ -28,9 +31,21 @@ class GGUFWeightsError(ValueError):
 GGUFSource = str | os.PathLike | gguf.GGUFReader
 
 
-def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, fmt.SlimType]]:
+StoredType = fmt.SlimType | NativeType
+
+
+def _stored_type(tensor: Any, mapping: dict[str, Any]) -> StoredType | None:
+    """The SliM type of a tensor, or the stock type of a decoder linear the file quantized."""
+    stype = fmt.type_from_id(tensor.tensor_type)
+    if stype is None and tensor.name in mapping:
+        return next((t for t in NATIVE_TYPES.values() if t.ggml_type == int(tensor.tensor_type)), None)
+    return stype
+
+
+def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, StoredType]]:
     """HF module name -> (packed rows, uint8 [out, row_bytes] in the HF row order; type)
-    for every SliM tensor of the file: what ``triton_linear.swap_linears`` takes.
+    for every SliM tensor of the file and every decoder linear in a stock quantized type
+    (what ``triton_linear.swap_linears`` takes, for SliM types).
 
     ``gguf_path`` may be an open reader: parsing a file with a real vocabulary takes seconds.
     """
@@ -39,13 +54,14 @@ def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dic
         reader, gguf_path = gguf_path, gguf_path.data.filename  # the memory map knows its file
     else:
         reader = open_gguf(gguf_path)
-    slim = [t for t in reader.tensors if fmt.type_from_id(t.tensor_type) is not None]
-    if not slim:
-        raise GGUFWeightsError(f"{gguf_path} holds no SliM tensors (not a slim2gguf export?)")
     shapes = block_linear_shapes(model_dir)
     mapping = converter_mapping(model_dir, shapes)
-    packed: dict[str, tuple[np.ndarray, fmt.SlimType]] = {}
-    for tensor in slim:
+    typed = [(t, _stored_type(t, mapping)) for t in reader.tensors]
+    quantized = [(t, stype) for t, stype in typed if stype is not None]
+    if not quantized:
+        raise GGUFWeightsError(f"{gguf_path} holds no SliM or quantized decoder tensors (not a slim2gguf export?)")
+    packed: dict[str, tuple[np.ndarray, StoredType]] = {}
+    for tensor, stype in quantized:
         cols, rows = (int(n) for n in tensor.shape)
         entry = mapping.get(tensor.name)
         if entry is None:
@@ -59,7 +75,6 @@ def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dic
                 f"{tensor.name} is {rows}x{cols} in {gguf_path} but {module} is "
                 f"{shapes[module][0]}x{shapes[module][1]} in {model_dir}: the file was made from another model"
             )
-        stype = fmt.type_from_id(tensor.tensor_type)
         data = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, stype.row_bytes(cols))
         restored = np.empty_like(data)
         restored[np.arange(rows) if entry["rows"] is None else np.asarray(entry["rows"])] = data
@@ -72,6 +87,9 @@ def slim_weights_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) 
     ``models.set_linear_weights(model, this)`` makes the model compute with what the file holds."""
     weights = {}
     for module, (rows, stype) in packed_from_gguf(gguf_path, model_dir).items():
+        if isinstance(stype, NativeType):
+            weights[module] = stype.dequantize(rows)
+            continue
         n_cols = rows.shape[1] // stype.block_bytes * stype.group_size
         try:
             weights[module] = torch.from_numpy(fmt.dequantize(rows, stype, n_cols))

@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from . import format as fmt
 from .from_gguf import model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import dequantize_tensor, open_gguf
@@ -129,7 +130,10 @@ def torch_perplexity(
     else:
         from .triton_linear import swap_linears
 
-        swap_linears(hf_model, packed_from_gguf(gguf_path, model_dir))
+        packed = packed_from_gguf(gguf_path, model_dir)
+        if any(not isinstance(stype, fmt.SlimType) for _, stype in packed.values()):
+            raise ValidationError("--backend triton runs SliM types only; this file holds stock types: use --backend torch")
+        swap_linears(hf_model, packed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_dir)
     return perplexity(hf_model, tokenizer, text, ctx, chunks, method="llama", device=device, reference=reference)

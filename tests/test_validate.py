@@ -148,7 +148,7 @@ def test_triton_backend_matches_torch_backend(exported, n_tokens):
 
 def test_file_without_slim_tensors(tmp_path, exported):
     path = write_gguf(tmp_path / "f32.gguf", {"output_norm.weight": np.ones(128, np.float32)}, bits=None)
-    with pytest.raises(GGUFWeightsError, match="no SliM tensors"):
+    with pytest.raises(GGUFWeightsError, match="no SliM or quantized decoder tensors"):
         slim_weights_from_gguf(path, exported.model)
 
 

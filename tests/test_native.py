@@ -1,0 +1,116 @@
+"""--format native on a tiny random LLaMA: stock types through the pipeline, the
+checkpoint and the export, read back bit for bit; the CLI's errors for bad choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from export_helpers import tiny_model_dir
+from test_cli import invoke
+from test_pipeline import calib, files_of
+
+from slim2gguf.checkpoint import Checkpoint
+from slim2gguf.export import export_gguf
+from slim2gguf.gguf_weights import slim_weights_from_gguf
+from slim2gguf.inspect_gguf import open_gguf
+from slim2gguf.methods import QuantSettings
+from slim2gguf.models import load_model, set_linear_weights
+from slim2gguf.named_models import demo_model_dir
+from slim2gguf.pipeline import quantize_model
+from slim2gguf.qtensor import NativeTensor
+
+NATIVE = QuantSettings("slim", native="q4_k")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA with the demo model's tokenizer (llama.cpp's converter knows it)."""
+    return tiny_model_dir(tmp_path_factory.mktemp("models") / "llama", "LlamaForCausalLM", demo_model_dir())
+
+
+@pytest.fixture(scope="module")
+def native_ckpt(model_dir, tiny_text, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ck") / "native"
+    quantize_model(str(model_dir), out, NATIVE, calib(tiny_text))
+    return out
+
+
+def test_stock_types_and_fallback_reach_the_checkpoint(native_ckpt):
+    """Q4_K where its 256-wide blocks divide the rows (ffn_down: 256 inputs), Q5_0, as
+    llama-quantize falls back, where they do not (128 inputs)."""
+    ck = Checkpoint(native_ckpt)
+    assert ck.settings["native"] == "q4_k" and ck.allocation() == {}
+    tensors = dict(ck.tensors())
+    assert len(tensors) == 2 * 7 and all(isinstance(t, NativeTensor) for t in tensors.values())
+    for name, nt in tensors.items():
+        assert nt.type_name == ("q4_k" if name.endswith("down_proj") else "q5_0"), name
+        assert ck.manifest["tensors"][name]["type"] == nt.type_name and "widths" not in ck.manifest["tensors"][name]
+
+
+def test_same_seed_gives_identical_native_checkpoint(native_ckpt, model_dir, tiny_text, tmp_path):
+    quantize_model(str(model_dir), tmp_path / "again", NATIVE, calib(tiny_text))
+    assert files_of(tmp_path / "again") == files_of(native_ckpt)
+
+
+def test_export_holds_the_checkpoint_bytes_and_llama_quantize_file_type(native_ckpt, model_dir, tmp_path):
+    report = export_gguf(native_ckpt, tmp_path / "out.gguf", "q8_0", "q8_0", progress=False)
+    reader = open_gguf(report.path)
+    types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_K" and types["blk.1.attn_q.weight"] == "Q5_0"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q5_0  # most parameters
+    assert reader.fields["slim2gguf.native_type"].contents() == "Q5_0"
+    assert "slim2gguf.group_size" not in reader.fields
+    assert report.slim_tensors == 14 and report.width_groups == {}
+    from_file = slim_weights_from_gguf(reader, model_dir)  # rows back in HF order (LLaMA's q/k permuted)
+    stored = {name: nt.dequantize() for name, nt in Checkpoint(native_ckpt).tensors()}
+    assert from_file.keys() == stored.keys()
+    for name, weight in stored.items():
+        assert torch.equal(from_file[name], weight), name
+        gguf_py = gguf.quants.dequantize(stored_rows(native_ckpt, name), gguf.GGMLQuantizationType[types_of(name, types)])
+        assert np.array_equal(gguf_py, weight.numpy()), name
+
+
+def stored_rows(ckpt: Path, name: str) -> np.ndarray:
+    return dict(Checkpoint(ckpt).tensors())[name].pack()
+
+
+def types_of(module: str, types: dict[str, str]) -> str:
+    block = module.split(".")[2]
+    kind = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[module.rsplit(".", 1)[1]]  # fmt: skip
+    return types[f"blk.{block}.{kind}.weight"]
+
+
+def test_model_computes_with_the_stored_values(native_ckpt, model_dir):
+    model = load_model(model_dir)
+    set_linear_weights(model, {n: nt.dequantize() for n, nt in Checkpoint(native_ckpt).tensors()})
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(weight, dict(Checkpoint(native_ckpt).tensors())["model.layers.0.mlp.down_proj"].dequantize())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--type", "q4_k"], "add --format native"),
+        (["--format", "native", "--bits", "2"], "--bits sets SliM widths"),
+        (["--format", "native", "--type", "q4_z"], "native type must be one of"),
+        (["--format", "gguf"], "--format must be slim or native"),
+        (["--format", "native", "--bpw", "4.5"], "--bpw does not yet choose among stock types"),
+    ],
+)
+def test_cli_refuses_bad_native_choices(tiny_model, tmp_path, args, message):
+    code, out = invoke("quantize", str(tiny_model), "-o", str(tmp_path / "ck"), *args)
+    assert code == 2 and message in out and "Traceback" not in out
+    assert not (tmp_path / "ck").exists()
+
+
+def test_native_refuses_slim_only_paths(native_ckpt, model_dir, tiny_text, tmp_path):
+    code, out = invoke("eval", str(model_dir), "--checkpoint", str(native_ckpt), "--text", str(tiny_text), "--backend", "triton")
+    assert code == 2 and "SliM types only" in out
+    code, out = invoke("quantize", str(model_dir), "-o", str(tmp_path / "ck"), "--format", "native",
+                       "--allocation", str(native_ckpt / "manifest.json"))  # fmt: skip
+    assert code == 2 and "--allocation" in out

@@ -1,8 +1,9 @@
 """A whole-file bit budget (``--bpw``) spent across tensors by measured sensitivity.
 
 Each decoder linear may take any SliM setting its input size allows (average width
-2-4, group 128/64/32: 2.25-5 bits per weight), the token embedding and an untied
-output any stock type below; everything else is fixed (1-D tensors F32, linears a
+2-4, group 128/64/32: 2.25-5 bits per weight) or, for ``--format native``, any stock
+type whose blocks divide its rows (slim2gguf.storage: Q2_K's 2.625 to Q8_0's 8.5), the
+token embedding and an untied output any stock type below; everything else is fixed (1-D tensors F32, linears a
 ``--tensors`` selection leaves float F16). Sensitivity (``slim2gguf.sensitivity``)
 scores every tensor at every candidate; the budget then goes where the summed scores
 fall most (a multiple-choice knapsack, solved exactly up to a fine rounding of bits).
@@ -22,6 +23,7 @@ import torch
 
 from . import format as fmt
 from .architectures import in_classes
+from .storage import NATIVE_TYPES
 
 # Stock llama.cpp types for the token embedding and output, bits per weight. The
 # converter quantizes them with gguf-py (round to nearest within 32-wide blocks).
@@ -47,9 +49,21 @@ def parse_label(text: str) -> fmt.SlimType:
     return fmt.slim_type(int(bits), int(group))
 
 
+def choice_bpw(text: str) -> float:
+    """Bits per weight of a linear's choice: a SliM label or a stock type's name."""
+    return NATIVE_TYPES[text].bits_per_weight if text in NATIVE_TYPES else parse_label(text).bits_per_weight
+
+
 def linear_settings(in_features: int) -> list[fmt.SlimType]:
     """Every SliM type whose group size divides the linear's input size."""
     return [fmt.SlimType(b, g) for b in SLIM_BITS for g in SLIM_GROUPS if in_features % g == 0]
+
+
+def linear_choices(in_features: int, native: bool) -> list[tuple[str, float]]:
+    """(label, bits per weight) of every choice a linear of this input size can take."""
+    if native:
+        return [(name, t.bits_per_weight) for name, t in NATIVE_TYPES.items() if in_features % t.block_size == 0]
+    return [(label(t), t.bits_per_weight) for t in linear_settings(in_features)]
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,7 @@ class ModelShapes:
     output: tuple[int, int] | None  # None when tied to the embedding
     fixed_params: int  # 1-D tensors (F32) and unselected linears (F16)
     fixed_bits: float
+    native: bool = False  # linears choose among stock types instead of SliM settings
 
     @property
     def params(self) -> int:
@@ -69,14 +84,14 @@ class ModelShapes:
 
     def candidates(self) -> dict[str, list[tuple[str, float]]]:
         """Tensor -> (choice, bits of the whole tensor) for every choice it can take."""
-        out = {n: [(label(t), r * c * t.bits_per_weight) for t in linear_settings(c)] for n, (r, c) in self.linears.items()}
+        out = {n: [(k, r * c * b) for k, b in linear_choices(c, self.native)] for n, (r, c) in self.linears.items()}
         for name, shape in ((EMBED, self.embed), (OUTPUT, self.output)):
             if shape is not None:
                 out[name] = [(t, shape[0] * shape[1] * STANDARD_BPW[t]) for t in EMBED_CANDIDATES if shape[1] % 32 == 0]
         return out
 
 
-def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None) -> ModelShapes:
+def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None, native: bool = False) -> ModelShapes:
     """Shapes of every tensor from a weightless (meta-device) instance of the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,7 +112,8 @@ def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None) -> ModelShape
         n = param.numel()
         fixed_params += n
         fixed_bits += n * (16.0 if name.removesuffix(".weight") in block else 32.0)
-    return ModelShapes(linears, tuple(embed.shape), None if tied else tuple(head.weight.shape), fixed_params, fixed_bits)
+    output = None if tied else tuple(head.weight.shape)
+    return ModelShapes(linears, tuple(embed.shape), output, fixed_params, fixed_bits, native)
 
 
 def reachable(shapes: ModelShapes) -> tuple[float, float]:
@@ -117,10 +133,11 @@ def check_budget(bpw: float, shapes: ModelShapes) -> None:
                           "(32, 64, 128) or 32-wide stock type divides it")  # fmt: skip
     lo, hi = reachable(shapes)
     if not lo - TOLERANCE <= bpw <= hi + TOLERANCE:
+        least, most = ("its smallest stock type", "Q8_0") if shapes.native else ("SliM 2-bit at its largest group", "SliM 4-bit at its smallest group")
         raise BudgetError(
-            f"--bpw {bpw:g} is out of reach for this model: from {lo:.2f} (every linear SliM 2-bit at its largest "
-            f"group, token embedding{'' if shapes.output is None else ' and output'} Q4_0, 1-D tensors F32) "
-            f"to {hi:.2f} (SliM 4-bit at its smallest group, Q8_0); choose a budget in that range"
+            f"--bpw {bpw:g} is out of reach for this model: from {lo:.2f} (every linear {least}, "
+            f"token embedding{'' if shapes.output is None else ' and output'} Q4_0, 1-D tensors F32) "
+            f"to {hi:.2f} ({most}, Q8_0); choose a budget in that range"
         )
     sizes = _file_sizes(shapes)
     if not np.any((sizes >= bpw - TOLERANCE) & (sizes <= bpw + 1e-9)):
@@ -160,8 +177,10 @@ class Decision:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     sensitivity: str = ""
 
-    def setting(self, name: str) -> fmt.SlimType:
-        return parse_label(self.choices[name])
+    def setting(self, name: str) -> fmt.SlimType | str:
+        """A linear's SliM type, or the name of its stock type (--format native)."""
+        choice = self.choices[name]
+        return choice if choice in NATIVE_TYPES else parse_label(choice)
 
     def to_dict(self) -> dict[str, Any]:
         return {"target_bpw": self.target_bpw, "bpw": self.bpw, "choices": self.choices,

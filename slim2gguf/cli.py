@@ -53,8 +53,10 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _native(format_: str, type_: str | None, bits: int | None) -> str | None:
-    """The stock type every quantized linear gets (None: SliM types)."""
+def _native(format_: str, type_: str | None, bits: int | None, bpw: float | None) -> str | None:
+    """The stock type every quantized linear gets (None: SliM types; "auto": --bpw picks)."""
+    from .methods import NATIVE_BY_BUDGET
+
     if format_ not in ("slim", "native"):
         _fail(f"--format must be slim or native, got {format_!r}")
     if format_ == "slim":
@@ -63,6 +65,10 @@ def _native(format_: str, type_: str | None, bits: int | None) -> str | None:
         return None
     if bits is not None:
         _fail("--bits sets SliM widths; with --format native pick a stock type with --type")
+    if bpw is not None:
+        if type_ is not None:
+            _fail("--bpw chooses every tensor's stock type: drop --type")
+        return NATIVE_BY_BUDGET
     return type_ or DEFAULT_NATIVE_TYPE
 
 
@@ -72,7 +78,7 @@ def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_l
 
     if bits is not None and bpw is not None:
         _fail("give --bits (every tensor the same width) or --bpw (a whole-file budget), not both")
-    native = _native(format_, type_, bits)
+    native = _native(format_, type_, bits, bpw)
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
         return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit, native)
@@ -98,14 +104,14 @@ def _summary_table(report, title: str) -> Table:
 def _print_decision(decision) -> None:
     """Where a --bpw budget went: bits per weight by block and class, and the stock types."""
     from .architectures import tensor_class
-    from .budget import parse_label
+    from .budget import choice_bpw
     from .inspect_gguf import bpw_table
 
     cells = {}
     for name, choice in decision.choices.items():
         cls = tensor_class(name)
         if cls is not None:
-            cells[int(name.split(".")[2]), cls] = parse_label(choice).bits_per_weight
+            cells[int(name.split(".")[2]), cls] = choice_bpw(choice)
     stock = ", ".join(f"{k} {v.upper()}" for k, v in decision.choices.items() if tensor_class(k) is None)
     title = f"--bpw {decision.target_bpw:g} by {decision.sensitivity} sensitivity: {decision.bpw:.3f} bpw; {stock}"
     console.print(bpw_table(cells, title))

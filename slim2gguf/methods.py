@@ -18,6 +18,7 @@ from .sensitivity import SENSITIVITIES
 from .storage import native_type, type_for
 
 METHODS = ("slim", "gptq", "rtn")
+NATIVE_BY_BUDGET = "auto"  # QuantSettings.native when --bpw chooses each linear's stock type
 FITS = ("wls", "sqc")  # quantizer calibration objectives; wls measured best: docs/BENCHMARKS.md
 DEFAULT_SQC_LAMBDA = 1.0  # measured best of {1, 4, 16} on the demo model: docs/BENCHMARKS.md
 
@@ -39,7 +40,7 @@ class QuantSettings:
     bpw: float | None = None  # whole-file budget: per-tensor settings chosen by sensitivity (budget.py)
     sensitivity: str = "fisher"  # how the budget scores tensors: fisher or hessian (sensitivity.py)
     refit: bool = True  # slim: re-solve scales and offsets for GPTQ's codes (refit.py); measured: docs/BENCHMARKS.md
-    native: str | None = None  # a stock ggml type (storage.NATIVE_TYPES) for every linear instead of SliM's
+    native: str | None = None  # a stock ggml type (storage.NATIVE_TYPES) for every linear instead of SliM's; "auto": --bpw picks
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,10 +56,13 @@ class QuantSettings:
             raise ValueError(f"--sensitivity must be one of {', '.join(SENSITIVITIES)}, got '{self.sensitivity}'")
         if self.tensors is not None and (not self.tensors or not set(self.tensors) <= set(TENSOR_CLASSES)):
             raise ValueError(f"tensors must be a non-empty selection of {', '.join(TENSOR_CLASSES)}")
-        if self.native is not None:
+        if self.native == NATIVE_BY_BUDGET:
+            if self.bpw is None:
+                raise ValueError(f"native type {NATIVE_BY_BUDGET!r} means each tensor's type is chosen by --bpw: give --bpw")
+        elif self.native is not None:
             native_type(self.native)
             if self.bpw is not None:
-                raise ValueError("--bpw does not yet choose among stock types: give --type, or drop --format native")
+                raise ValueError("--bpw chooses every tensor's stock type: drop --type")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (a list for the selection, as it reads back from a manifest)."""

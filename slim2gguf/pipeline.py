@@ -235,6 +235,8 @@ def tensor_settings(
         if name not in decision.choices:
             raise ValueError(f"the checkpoint's --bpw decision has no setting for {name}")
         setting = decision.setting(name)
+        if isinstance(setting, str):
+            return replace(quant, native=setting, bpw=None), None
         return replace(quant, bits=setting.bits, group_size=setting.group_size), None
     return quant, None
 
@@ -341,7 +343,7 @@ def quantize_model(
     if quant.bpw is not None:
         if allocation is not None:
             raise ValueError("--allocation already fixes every tensor's widths; drop --bpw")
-        shapes = model_shapes(path, quant.tensors)
+        shapes = model_shapes(path, quant.tensors, native=quant.native is not None)
         check_budget(quant.bpw, shapes)
     settings = {
         "model": str(model_name),

@@ -9,9 +9,10 @@ Two estimators, compared by measurement in docs/BENCHMARKS.md:
   Σ_j h_j ΔW_ij² / Σ_j h_j W_ij² with h = diag(XᵀX) (the importance matrix llama.cpp
   uses), forward passes only; every tensor's relative error counts the same.
 
-ΔW is round-to-nearest at the candidate (min-max per group for SliM settings, gguf-py's
-quantizer for the stock types the converter will use): cheap, and ordered like the
-calibrated quantizer's errors.
+ΔW is round-to-nearest at the candidate (min-max per group for SliM settings, the
+evenly weighted fit of slim2gguf.storage for a linear's stock type, gguf-py's quantizer
+for the embedding's and output's types, as the converter stores them): cheap, and
+ordered like the calibrated quantizer's errors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from . import format as fmt
 from .budget import EMBED, OUTPUT, ModelShapes, parse_label
 from .quantizer import fit_minmax
+from .storage import NATIVE_TYPES
 
 SENSITIVITIES = ("fisher", "hessian")
 WINDOWS = 16  # calibration windows the estimators read: enough to rank tensors, a minute on the demo model
@@ -38,6 +40,19 @@ def slim_error(weight: torch.Tensor, stype: fmt.SlimType) -> torch.Tensor:
     w = weight.float().reshape(-1, stype.group_size)
     params = fit_minmax(w, stype.bits)
     return (params.dequantize(params.codes(w)) - w).view(rows, cols)
+
+
+def native_error(weight: torch.Tensor, type_name: str) -> torch.Tensor:
+    """ΔW of rounding to nearest in a stock type, each block fitted evenly (storage.NativeType.fit)."""
+    stype = NATIVE_TYPES[type_name]
+    size = stype.block_size
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+        w = weight[start : start + _ROWS_PER_CHUNK].detach().float()
+        blocks = w.reshape(-1, size)
+        _, values = stype.fit(blocks, torch.ones(size, device=w.device)).round_all(blocks)
+        out[start : start + _ROWS_PER_CHUNK] = (values.view(w.shape) - w).cpu()
+    return out
 
 
 def stock_error(weight: torch.Tensor, type_name: str) -> torch.Tensor:
@@ -155,8 +170,12 @@ def measure(
             w = targets[name].detach()
             scores[name] = {}
             for label, _bits in choices:
-                stock = name in (EMBED, OUTPUT)
-                delta = stock_error(w, label) if stock else slim_error(w.to(device), parse_label(label)).cpu()
+                if name in (EMBED, OUTPUT):
+                    delta = stock_error(w, label)
+                elif label in NATIVE_TYPES:
+                    delta = native_error(w.to(device), label)
+                else:
+                    delta = slim_error(w.to(device), parse_label(label)).cpu()
                 if method == "fisher":
                     scores[name][label] = 0.5 * float((weights[name] * delta.pow(2)).sum())
                 elif name == EMBED:

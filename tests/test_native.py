@@ -22,6 +22,7 @@ from slim2gguf.models import load_model, set_linear_weights
 from slim2gguf.named_models import demo_model_dir
 from slim2gguf.pipeline import quantize_model
 from slim2gguf.qtensor import NativeTensor
+from slim2gguf.storage import NATIVE_TYPES
 
 NATIVE = QuantSettings("slim", native="q4_k")
 
@@ -92,6 +93,21 @@ def test_model_computes_with_the_stored_values(native_ckpt, model_dir):
     assert torch.equal(weight, dict(Checkpoint(native_ckpt).tensors())["model.layers.0.mlp.down_proj"].dequantize())
 
 
+def test_bpw_spends_a_budget_over_stock_types(model_dir, tiny_text, tmp_path):
+    """--format native --bpw: each linear's stock type (and the embedding's and output's)
+    from the budget; the exported file lands on it."""
+    out = tmp_path / "ck"
+    report = quantize_model(str(model_dir), out, QuantSettings("slim", native="auto", bpw=6.0), calib(tiny_text))
+    choices = report.decision.choices
+    linears = {n: c for n, c in choices.items() if n.startswith("model.layers.")}
+    assert len(linears) == 14 and set(linears.values()) <= set(NATIVE_TYPES)
+    assert all(c.startswith("q") or c.startswith("iq") for c in linears.values())
+    tensors = dict(Checkpoint(out).tensors())
+    assert {n: t.type_name for n, t in tensors.items()} == linears
+    exported = export_gguf(out, tmp_path / "out.gguf", progress=False)
+    assert abs(exported.file_bpw - 6.0) <= 0.02
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -99,7 +115,7 @@ def test_model_computes_with_the_stored_values(native_ckpt, model_dir):
         (["--format", "native", "--bits", "2"], "--bits sets SliM widths"),
         (["--format", "native", "--type", "q4_z"], "native type must be one of"),
         (["--format", "gguf"], "--format must be slim or native"),
-        (["--format", "native", "--bpw", "4.5"], "--bpw does not yet choose among stock types"),
+        (["--format", "native", "--bpw", "4.5", "--type", "q4_k"], "--bpw chooses every tensor's stock type"),
     ],
 )
 def test_cli_refuses_bad_native_choices(tiny_model, tmp_path, args, message):

@@ -37,13 +37,16 @@ def main(
 LLAMA_BIN = typer.Option(None, "--llama-cpp-bin", help=f"bin/ folder of your own patched llama.cpp build (or ${llamacpp.BIN_ENV}); default: slim2gguf builds one.")
 
 
-def _use_build(directory: Optional[Path]) -> None:
-    """Point every tool lookup at the user's build, checked before anything runs."""
+def _use_build(directory: Optional[Path], gguf_path: Path) -> None:
+    """Point every tool lookup at the user's build, checked before anything runs: it must
+    carry the patches unless the file holds stock types only."""
+    from .run import holds_slim_types
+
     if directory is not None:
         os.environ[llamacpp.BIN_ENV] = str(directory)
     if os.environ.get(llamacpp.BIN_ENV):
         try:
-            llamacpp.checked_user_build(os.environ[llamacpp.BIN_ENV])
+            llamacpp.user_build(lambda: gguf_path.is_file() and not holds_slim_types(gguf_path))
         except llamacpp.LlamaCppError as err:
             _fail(str(err))
 
@@ -347,7 +350,7 @@ def validate(
     from .validate import ValidationError, print_validation
     from .validate import validate as run_validation
 
-    _use_build(llama_cpp_bin)
+    _use_build(llama_cpp_bin, path)
     try:
         result = run_validation(path, model, text, ctx, chunks, threshold, backend, threads, device)
     except (GGUFFileError, GGUFWeightsError, ModelError, LlamaToolError, ValidationError, FileNotFoundError, llamacpp.LlamaCppError) as err:
@@ -371,7 +374,7 @@ def run(
     llama.cpp flags after the options say otherwise (e.g. -c 4096 --temp 0.7 --top-p 0.9)."""
     from .run import LlamaToolError, run_completion
 
-    _use_build(llama_cpp_bin)
+    _use_build(llama_cpp_bin, path)
     try:
         generated = run_completion(path, prompt, n_predict, threads, seed, ctx.args)
     except (LlamaToolError, FileNotFoundError, llamacpp.LlamaCppError) as err:

@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ DEFAULT_TARGETS = (
     "llama-imatrix",
     DUMP_TOOL,
 )
+STOCK_TARGETS = ("llama-perplexity", "llama-completion")  # what the tests run --format native files with
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DLLAMA_BUILD_TESTS=ON",  # only test-quantize-fns is built, by the end-to-end tests
@@ -255,15 +257,17 @@ def _hash_patches(h: Any) -> Any:
     return h
 
 
-def build_key(cpu: str = "native") -> str:
-    """Names the build folder: the pinned commit, every patch's bytes and the build options."""
-    h = _hash_patches(hashlib.sha256(PINNED_COMMIT.encode()))
+def build_key(cpu: str = "native", patched: bool = True) -> str:
+    """Names the build folder: the pinned commit, every patch's bytes (none for the
+    unpatched build) and the build options."""
+    h = hashlib.sha256(PINNED_COMMIT.encode())
+    h = _hash_patches(h) if patched else h
     h.update(json.dumps(cmake_options(cpu)).encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:16] if patched else f"stock-{h.hexdigest()[:10]}"
 
 
-def build_dir(cpu: str = "native") -> Path:
-    return _llama_root() / f"build-{build_key(cpu)}"
+def build_dir(cpu: str = "native", patched: bool = True) -> Path:
+    return _llama_root() / f"build-{build_key(cpu, patched)}"
 
 
 def _check_toolchain() -> None:
@@ -319,14 +323,16 @@ def _apply_patches(tree: Path) -> None:
             _run_quiet(["patch", "-p1", "--batch", "--forward", "-i", str(patch)], cwd=tree)
 
 
-def _prepare_tree(src: Path) -> None:
-    """Copy the pristine source next to `src`, patch it, then rename it into place."""
+def _prepare_tree(src: Path, patched: bool = True) -> None:
+    """Copy the pristine source next to `src`, patch it (unless it is the unpatched
+    build's), then rename it into place."""
     pristine = ensure_source()
     tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=src.parent))
     try:
         shutil.rmtree(tmp)
         shutil.copytree(pristine, tmp, symlinks=True, ignore=shutil.ignore_patterns(".git"))
-        _apply_patches(tmp)
+        if patched:
+            _apply_patches(tmp)
         os.rename(tmp, src)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -377,17 +383,19 @@ def build(
     jobs: int | None = None,
     console=None,
     force: bool = False,
+    patched: bool = True,
 ) -> Path:
-    """Build the patched llama.cpp tools (cached, incremental) and return their bin folder.
+    """Build the patched llama.cpp tools (cached, incremental) and return their bin folder;
+    ``patched=False``: llama.cpp as upstream ships it, which runs ``--format native`` files.
 
     ``force`` runs the (incremental) build even when the targets are stamped as built, e.g.
     after editing the build's src/ folder by hand."""
     targets = list(dict.fromkeys(targets))
-    if not patch_files():
+    if patched and not patch_files():
         raise LlamaCppError(
             f"no patches in {PATCH_DIR}: run from a slim2gguf source checkout or set SLIM2GGUF_PATCH_DIR"
         )
-    root = build_dir(cpu)
+    root = build_dir(cpu, patched)
     src, bdir, stamp = root / "src", root / "build", root / "stamp.json"
     bin_dir = bdir / "bin"
 
@@ -411,8 +419,8 @@ def build(
         if not force and set(targets) <= built():  # another process built them while we waited
             return bin_dir
         if not src.is_dir():
-            with console.status("copying and patching llama.cpp…"):
-                _prepare_tree(src)
+            with console.status("copying and patching llama.cpp…" if patched else "copying llama.cpp…"):
+                _prepare_tree(src, patched)
         runner = _BuildLog(root / "build.log", console)
         if not (bdir / "CMakeCache.txt").is_file():
             runner.run(["cmake", "-S", str(src), "-B", str(bdir), *cmake_options(cpu)], "configuring llama.cpp")
@@ -484,21 +492,38 @@ def checked_user_build(directory: str) -> Path:
     return bin_dir
 
 
-def binary(name: str, cpu: str = "native") -> Path:
-    """Path to one patched llama.cpp tool: the user's build when $SLIM2GGUF_LLAMA_CPP_BIN
-    names one (checked once), else ours, built first when needed."""
+def user_build(stock_ok: Callable[[], bool] | None = None) -> Path | None:
+    """The user's bin/ folder ($SLIM2GGUF_LLAMA_CPP_BIN; None when unset), checked once: it
+    must carry the patches, unless ``stock_ok()`` says the file to run holds stock types only."""
     user = os.environ.get(BIN_ENV)
-    if user and cpu == "native":
-        tool = checked_user_build(user) / name
+    if not user:
+        return None
+    bin_dir = Path(user).expanduser().resolve()
+    if bin_dir.is_dir() and not (bin_dir / DUMP_TOOL).is_file() and stock_ok is not None and stock_ok():
+        return bin_dir
+    return checked_user_build(user)
+
+
+def binary(name: str, cpu: str = "native", stock_ok: Callable[[], bool] | None = None) -> Path:
+    """Path to one llama.cpp tool: from the user's build when $SLIM2GGUF_LLAMA_CPP_BIN names
+    one (see user_build), else from ours, built first when needed."""
+    user = user_build(stock_ok) if cpu == "native" else None
+    if user is not None:
+        tool = user / name
         if not tool.is_file():
             raise LlamaCppError(f"{tool.parent} has no {name}: build that target too")
         return tool
     return build((name,), cpu=cpu) / name
 
 
+def stock_binary(name: str) -> Path:
+    """Path to one tool of the unpatched build (built first when needed)."""
+    return build((name,), patched=False) / name
+
+
 def stale_build_dirs() -> list[Path]:
     """Build folders for patches or options that no longer exist (left by earlier versions)."""
-    current = {build_dir(cpu).name for cpu in CPU_VARIANTS}
+    current = {build_dir(cpu).name for cpu in CPU_VARIANTS} | {build_dir(patched=False).name}
     return sorted(p for p in _llama_root().glob("build-*") if p.is_dir() and p.name not in current)
 
 
@@ -553,18 +578,20 @@ def build_command(
     cpu: str = typer.Option("native", help=f"CPU variant: {', '.join(CPU_VARIANTS)}."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: CPU count)."),
     force: bool = typer.Option(False, help="Run the build even if it is stamped done (after editing src/)."),
+    stock: bool = typer.Option(False, "--stock", help="Build llama.cpp without the patches (runs --format native files)."),
 ) -> None:
     """Patch and build llama.cpp (cached; re-running only rebuilds what changed)."""
     from rich.console import Console
 
     console = Console()
-    targets = tuple(target) if target else DEFAULT_TARGETS
+    targets = tuple(target) if target else (STOCK_TARGETS if stock else DEFAULT_TARGETS)
     try:
-        bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console, force=force)
+        bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console, force=force, patched=not stock)
     except LlamaCppError as err:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {len(patch_files())} patches, built in {bin_dir}:", soft_wrap=True)
+    patches = "no patches" if stock else f"{len(patch_files())} patches"
+    console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {patches}, built in {bin_dir}:", soft_wrap=True)
     for name in targets:
         console.print(f"  {bin_dir / name}", highlight=False, soft_wrap=True)
 

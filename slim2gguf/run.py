@@ -1,8 +1,10 @@
-"""Run the patched llama.cpp tools on a SliM GGUF file from Python.
+"""Run the patched llama.cpp tools on a slim2gguf file from Python.
 
-Stock llama.cpp cannot load SliM types, so every run goes through the patched
-build (``llamacpp.binary`` builds it on first use). A failing tool's own log is
-the only useful diagnosis, so errors carry the tail of its stderr.
+Stock llama.cpp cannot load SliM types, so runs go through the patched build
+(``llamacpp.binary`` builds it on first use), which also runs ``--format native``
+files; a user's own unpatched build ($SLIM2GGUF_LLAMA_CPP_BIN) is taken for a file
+that holds stock types only. A failing tool's own log is the only useful diagnosis,
+so errors carry the tail of its stderr.
 """
 
 from __future__ import annotations
@@ -26,10 +28,28 @@ def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run_tool(name: str, args: Sequence[str | os.PathLike | int]) -> subprocess.CompletedProcess[str]:
-    """Run patched tool ``name`` with ``args`` and return its output; stdin is closed, so a
-    tool that falls into an interactive mode ends instead of waiting for input."""
-    cmd = [str(binary(name)), *(str(a) for a in args)]
+def holds_slim_types(gguf_path: str | os.PathLike) -> bool:
+    """Whether a file needs the patched build: it has SliM tensors, or cannot be read."""
+    import gguf
+
+    from . import format as fmt
+
+    fmt.register_gguf_types()
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception:  # any malformed file: let the patched build's checks speak
+        return True
+    return any(fmt.type_from_id(t.tensor_type) is not None for t in reader.tensors)
+
+
+def run_tool(
+    name: str, args: Sequence[str | os.PathLike | int], gguf_path: str | os.PathLike | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run tool ``name`` with ``args`` (on the file ``gguf_path``) and return its output;
+    stdin is closed, so a tool that falls into an interactive mode ends instead of
+    waiting for input."""
+    stock_ok = (lambda: not holds_slim_types(gguf_path)) if gguf_path is not None else None
+    cmd = [str(binary(name, stock_ok=stock_ok)), *(str(a) for a in args)]
     result = subprocess.run(
         cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
     )
@@ -67,5 +87,5 @@ def run_completion(
     ]  # fmt: skip
     if threads:
         args += ["-t", threads]
-    out = run_tool("llama-completion", [*args, *extra_args]).stdout
+    out = run_tool("llama-completion", [*args, *extra_args], path).stdout
     return out.removesuffix("\n\n").removesuffix(END_OF_TEXT)

@@ -85,11 +85,12 @@ def parse_llama_perplexity(log: str) -> float:
 def llama_perplexity(
     gguf_path: str | os.PathLike, text_path: str | os.PathLike, ctx: int, chunks: int, threads: int | None = None
 ) -> float:
-    """Patched ``llama-perplexity -m FILE -f TEXT -c CTX --chunks N [-t THREADS]``."""
+    """``llama-perplexity -m FILE -f TEXT -c CTX --chunks N [-t THREADS]``: patched, or a
+    user's unpatched build for a file of stock types (run.run_tool)."""
     args: list[str | os.PathLike | int] = ["-m", gguf_path, "-f", text_path, "-c", ctx, "--chunks", chunks]
     if threads:
         args += ["-t", threads]
-    result = run_tool("llama-perplexity", args)
+    result = run_tool("llama-perplexity", args, gguf_path)
     return parse_llama_perplexity(result.stderr + result.stdout)
 
 

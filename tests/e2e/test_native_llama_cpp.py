@@ -4,7 +4,9 @@
   exactly as slim2gguf.storage dequantizes it (a file with one tensor per type);
 * the demo model converted to Q4_K (with llama-quantize's Q5_0 fallback on its
   576-wide rows): every quantized tensor bit exact in llama.cpp, and llama-perplexity
-  agrees with PyTorch on the file's values within 1 %.
+  agrees with PyTorch on the file's values within 1 %;
+* an unpatched llama.cpp at the pinned commit (built by slim2gguf, cached) runs that
+  file through ``validate`` and ``run --llama-cpp-bin``, and refuses a SliM file.
 """
 
 from __future__ import annotations
@@ -59,16 +61,22 @@ def test_every_stock_type_dequantizes_in_llama_cpp_as_in_pytorch(tmp_path):
         assert got.view(np.uint32).tobytes() == values.view(np.uint32).tobytes(), name
 
 
-def test_native_demo_file_is_bit_exact_and_agrees(eval_text, tmp_path):  # noqa: F811
-    from slim2gguf.validate import validate
-
+@pytest.fixture(scope="module")
+def native_demo(tmp_path_factory):
+    """The demo model converted by the CLI to --format native --type q4_k."""
     llamacpp.build()
-    out = tmp_path / "smollm2-q4_k.gguf"
+    out = tmp_path_factory.mktemp("native") / "smollm2-q4_k.gguf"
     calib = str(WIKI_VALID) if WIKI_VALID.exists() else "self"
     r = slim2gguf("convert", "smollm2-135m", "-o", out, "--format", "native", "--type", "q4_k",
                   "--calib", calib, "--nsamples", 16, "--seqlen", 256)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    reader = open_gguf(out)
+    return out
+
+
+def test_native_demo_file_is_bit_exact_and_agrees(native_demo, eval_text, tmp_path):  # noqa: F811
+    from slim2gguf.validate import validate
+
+    reader = open_gguf(native_demo)
     checked = {}
     for tensor in reader.tensors:
         stype = stock_type_of(tensor)
@@ -76,11 +84,29 @@ def test_native_demo_file_is_bit_exact_and_agrees(eval_text, tmp_path):  # noqa:
             continue
         rows = np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)
         values = stype.dequantize(rows).numpy()
-        got = llama_dequant(out, tensor.name, values.shape, tmp_path)
+        got = llama_dequant(native_demo, tensor.name, values.shape, tmp_path)
         assert got.view(np.uint32).tobytes() == values.view(np.uint32).tobytes(), tensor.name
         checked[tensor.name] = stype.name
     assert len(checked) == 30 * 7
     assert {n: t for n, t in checked.items() if t == "Q4_K"}.keys() == {f"blk.{i}.ffn_down.weight" for i in range(30)}
-    result = validate(out, "smollm2-135m", eval_text, ctx=512, chunks=20, threads=2)
-    print(f"Q4_K native: PyTorch {result.ppl_torch:.4f}, llama.cpp {result.ppl_llama:.4f}, gap {result.rel_gap:.4%}")
+    result = validate(native_demo, "smollm2-135m", eval_text, ctx=512, chunks=20, threads=2)
+    print(f"Q4_K native, patched build: PyTorch {result.ppl_torch:.4f}, llama.cpp {result.ppl_llama:.4f}, gap {result.rel_gap:.4%}")
     assert result.threshold == 0.01 and result.passed, result
+
+
+def test_unpatched_llama_cpp_runs_native_files_and_refuses_slim_ones(native_demo, eval_text, tmp_path):  # noqa: F811
+    stock = llamacpp.build(llamacpp.STOCK_TARGETS, patched=False)
+    assert not (stock / llamacpp.DUMP_TOOL).exists()
+    v = slim2gguf("validate", native_demo, "--model", "smollm2-135m", "--text", eval_text, "--chunks", 20, "--llama-cpp-bin", stock)
+    print(v.stdout[-1500:])
+    assert v.returncode == 0 and "PASS" in v.stdout, v.stdout[-2000:] + v.stderr[-2000:]
+    r = slim2gguf("run", native_demo, "-p", "The capital of France is", "-n", 16, "--llama-cpp-bin", stock)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr[-2000:]
+    slim_file = tmp_path / "slim.gguf"
+    made = slim2gguf("convert", "smollm2-135m", "-o", slim_file, "--bits", 4, "--group-size", 64, "--method", "rtn")
+    assert made.returncode == 0, made.stderr[-2000:]
+    refused = slim2gguf("run", slim_file, "-p", "Hi", "-n", 4, "--llama-cpp-bin", stock)
+    assert refused.returncode == 2 and "has no llama-slim-dump" in refused.stderr
+    direct = subprocess.run([str(stock / "llama-completion"), "-m", str(slim_file), "-p", "Hi", "-n", "4", "-no-cnv"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert direct.returncode != 0 and "invalid ggml type" in direct.stderr, direct.stderr[-2000:]

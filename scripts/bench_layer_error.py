@@ -15,6 +15,10 @@ them), ``no-sba`` (uniform widths), ``sba-slim`` (widths from SliM's min-max/KL 
 ``act-order`` (GPTQ visits columns by decreasing H_jj, each group's quantizer fitted
 before the pass on the unquantized weights, then refitted; an experiment, not in the
 product).
+
+``--native q4_k,q2_k`` measures stock types instead (``--format native``): ``rtn`` (each
+block fitted evenly, rounded), ``gptq`` (GPTQ, blocks fitted evenly), ``slim`` (fitted
+by the inputs' energy), ``slim+refit`` (then each row's free scales re-solved).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from slim2gguf.quantizer import fit_wls  # noqa: E402
 from slim2gguf.refit import output_error, refit_scales  # noqa: E402
 
 VARIANTS = ("default", "no-refit", "no-sba", "sba-slim", "act-order")
+NATIVE_VARIANTS = {"rtn": ("rtn", False), "gptq": ("gptq", False), "slim": ("slim", False), "slim+refit": ("slim", True)}
 SEED = 0  # calibration windows and SBA's token sample, as bench_frontier's files
 
 
@@ -100,6 +105,24 @@ def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettin
     return act_order(w, hess, widths, settings.group_size, settings.damp)
 
 
+def relative_error(layer: dict[str, torch.Tensor], approx: torch.Tensor) -> float:
+    energy = output_error(layer["W"], torch.zeros_like(layer["W"]), layer["H"]).sum()
+    return float(output_error(layer["W"], approx, layer["H"]).sum() / energy)
+
+
+def native_table(layers: dict[int, dict[str, torch.Tensor]], types: list[str]) -> None:
+    """Mean relative output error of each stock type under each native variant."""
+    print("| type | " + " | ".join(NATIVE_VARIANTS) + " |")
+    print("|---|" + "---|" * len(NATIVE_VARIANTS))
+    for name in types:
+        row = []
+        for method, refit in NATIVE_VARIANTS.values():
+            settings = QuantSettings(method, native=name, refit=refit)
+            errors = [relative_error(layer, quantize_linear(layer["W"], layer["H"], None, settings)[0].dequantize()) for layer in layers.values()]
+            row.append(sum(errors) / len(errors))
+        print(f"| {name} | " + " | ".join(f"{e:.5f}" for e in row) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -108,6 +131,7 @@ def main() -> None:
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--native", help="comma-separated stock types to measure instead of SliM variants")
     parser.add_argument("--calib", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -118,6 +142,9 @@ def main() -> None:
         sys.exit(f"no calibration text at {args.calib}")
     torch.set_num_threads(1)
     layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, QuantSettings("slim", 3, args.group_size))
+    if args.native:
+        native_table(layers, args.native.split(","))
+        return
     print(f"{args.model} {args.tensor}, blocks {args.blocks}, g{args.group_size}: mean relative output error")
     print("| bits | " + " | ".join(variants) + " |")
     print("|---|" + "---|" * len(variants))

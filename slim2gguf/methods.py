@@ -13,7 +13,7 @@ from .architectures import TENSOR_CLASSES
 from .gptq import damped_hessian, gptq_blocks, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import NativeTensor, QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc, fit_wls
-from .refit import refit_scales
+from .refit import refit_native, refit_scales
 from .sensitivity import SENSITIVITIES
 from .storage import native_type, type_for
 
@@ -91,7 +91,8 @@ def check_allocation(widths: list[int], n_groups: int, name: str) -> int:
 def quantize_native(weight: torch.Tensor, hessian: torch.Tensor | None, settings: QuantSettings) -> NativeTensor:
     """``weight`` [out, in] in the stock type ``settings.native``: GPTQ over the type's
     blocks, each block's scales fitted when GPTQ reaches it, weighted by the inputs'
-    energy per column (diag H, as llama.cpp's importance matrix) for ``slim``, evenly
+    energy per column (diag H, as llama.cpp's importance matrix) for ``slim`` (then, with
+    ``refit``, each row's free scales re-solved for the codes: refit.refit_native), evenly
     for ``gptq``; ``rtn`` rounds each block to its fit, no feedback. A weight whose rows
     the type's blocks do not divide gets the type's 32-wide fallback (storage.FALLBACK)."""
     stype = type_for(settings.native, weight.shape[1])
@@ -105,6 +106,8 @@ def quantize_native(weight: torch.Tensor, hessian: torch.Tensor | None, settings
     h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
     importance = torch.diag(h) if settings.method == "slim" else torch.ones(w.shape[1], device=w.device)
     codes, fitted = gptq_blocks(w, inverse_cholesky_upper(h), size, lambda wb, col: stype.fit(wb, importance[col : col + size]))
+    if settings.method == "slim" and settings.refit:
+        fitted = refit_native(w, h, stype, codes, fitted)
     return NativeTensor.from_blocks(stype, codes, fitted)
 
 

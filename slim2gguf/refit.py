@@ -1,6 +1,8 @@
 """Scales and offsets re-solved for fixed codes: after GPTQ has chosen every code, each
 row's (d, m) of all its groups together minimize the layer's output error
-(w − ŵ) H (w − ŵ)ᵀ, a linear least-squares problem in 2·groups unknowns per row.
+(w − ŵ) H (w − ŵ)ᵀ, a linear least-squares problem in 2·groups unknowns per row. For a
+stock type the unknowns are each block's free fp16 fields (its super-scale d, and its
+dmin or offset m where it has one); sub-scales and mins stay as GPTQ's fit set them.
 
 Why: GPTQ fits a group's quantizer once, when it reaches the group, on weights that
 later columns' error feedback no longer sees; with the codes fixed, the best (d, m)
@@ -14,6 +16,8 @@ import torch
 
 from .qtensor import QuantizedTensor
 from .quantizer import storable_scale
+from .storage import BlockParams, NativeType
+from .storage.base import to_fp16
 
 SYSTEM_ELEMENTS = 1 << 26  # rows solved at once × (2G)²: bounds the systems' memory (256 MB in float32)
 
@@ -24,23 +28,35 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     return ((err @ hessian) * err).sum(dim=1)
 
 
-def _normal_equations(codes: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A θ = b for θ = (d_1…d_G, m_1…m_G) of each row: A = QᵀHQ, b = QᵀHw with Q = [diag(c)E, E]
-    (E: the column-to-group indicator), built group by group with one [rows, cols] matmul each."""
-    rows, cols = codes.shape
+ONES = None  # the basis that is 1 in every column (SliM's offsets); last when present
+
+
+def _normal_equations(bases: list[torch.Tensor | None], weight: torch.Tensor, hessian: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A θ = b per row for ŵ_j = Σ_k θ_{k,g(j)} u_k[j], one unknown per group and basis u_k
+    ([rows, cols], or ONES): A = QᵀHQ, b = QᵀHw with Q = [diag(u_1)E, diag(u_2)E, …] (E: the
+    column-to-group indicator), built group by group with one [rows, cols] matmul per group
+    and basis. SliM's (d, m) are the bases (codes, ONES)."""
+    rows, cols = weight.shape
     groups = cols // group_size
-    a = torch.empty(rows, 2 * groups, 2 * groups, dtype=codes.dtype, device=codes.device)
-    b = torch.empty(rows, 2 * groups, dtype=codes.dtype, device=codes.device)
-    for g in range(groups):
-        cs = slice(g * group_size, (g + 1) * group_size)
-        p = codes[:, cs] @ hessian[cs, :]  # [rows, cols]: Σ_{i∈g} c_i H_ij
-        a[:, g, :groups] = (p * codes).view(rows, groups, group_size).sum(dim=2)
-        a[:, g, groups:] = p.view(rows, groups, group_size).sum(dim=2)
-        b[:, g] = (p * weight).sum(dim=1)
-    a[:, groups:, :groups] = a[:, :groups, groups:].transpose(1, 2)
+    n = len(bases) * groups
+    a = torch.empty(rows, n, n, dtype=weight.dtype, device=weight.device)
+    b = torch.empty(rows, n, dtype=weight.dtype, device=weight.device)
     h_sums = hessian.view(groups, group_size, cols).sum(dim=1)  # [G, cols]: Σ_{i∈g} H_ij
-    a[:, groups:, groups:] = h_sums.view(groups, groups, group_size).sum(dim=2)  # EᵀHE
-    b[:, groups:] = weight @ h_sums.T
+    for i, x in enumerate(bases):
+        own = slice(i * groups, (i + 1) * groups)
+        if x is ONES:  # the same for every row: EᵀHE and EᵀHw
+            a[:, own, own] = h_sums.view(groups, groups, group_size).sum(dim=2)
+            b[:, own] = weight @ h_sums.T
+        else:
+            for g in range(groups):
+                cs = slice(g * group_size, (g + 1) * group_size)
+                p = x[:, cs] @ hessian[cs, :]  # [rows, cols]: Σ_{i∈g} x_i H_ij
+                for j in range(i, len(bases)):
+                    y = bases[j]
+                    a[:, i * groups + g, j * groups : (j + 1) * groups] = (p if y is ONES else p * y).view(rows, groups, group_size).sum(dim=2)
+                b[:, i * groups + g] = (p * weight).sum(dim=1)
+        for j in range(i):  # the lower blocks mirror the upper ones
+            a[:, own, j * groups : (j + 1) * groups] = a[:, j * groups : (j + 1) * groups, own].transpose(1, 2)
     return a, b
 
 
@@ -62,7 +78,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, qt: QuantizedTenso
     chunk = max(1, SYSTEM_ELEMENTS // (2 * groups) ** 2)
     for r0 in range(0, rows, chunk):
         rs = slice(r0, min(r0 + chunk, rows))
-        a, b = _normal_equations(qt.codes[rs].to(h.device).float(), w[rs], h, qt.group_size)
+        a, b = _normal_equations([qt.codes[rs].to(h.device).float(), ONES], w[rs], h, qt.group_size)
         ridged = a.clone()
         ridged.diagonal(dim1=1, dim2=2).add_(1e-6 * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30))
         theta = torch.linalg.solve(ridged, b)
@@ -75,3 +91,34 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, qt: QuantizedTenso
         d[rs] = torch.where(better[:, None], new_d.cpu(), d[rs])
         m[rs] = torch.where(better[:, None], new_m.cpu(), m[rs])
     return QuantizedTensor(qt.codes, d, m, qt.widths, qt.group_size)
+
+
+def refit_native(weight: torch.Tensor, hessian: torch.Tensor, stype: NativeType, codes: torch.Tensor, fitted: list[BlockParams]) -> list[BlockParams]:
+    """``fitted`` (one BlockParams per block, as GPTQ fitted them) with each row's free
+    fp16 fields of all its blocks re-solved for GPTQ's ``codes`` under ``hessian``; a row
+    whose stored result is not better keeps its fields."""
+    rows, cols = codes.shape
+    blocks = cols // stype.block_size
+    free = stype.free_fields
+    fields = {k: torch.stack([p.fields[k] for p in fitted], dim=1) for k in fitted[0].fields}  # [rows, blocks, ...]
+    flat = {k: v.reshape(rows * blocks, *v.shape[2:]) for k, v in fields.items()}
+    block_codes = codes.to(weight.device).reshape(rows * blocks, stype.block_size)
+    bases = []
+    for k in free:  # the weights each free field multiplies: all fields as stored, that one 1, the other free ones 0
+        unit = {**flat, **{f: torch.full_like(flat[f], 1.0 if f == k else 0.0) for f in free}}
+        bases.append(stype.values(block_codes, *stype.sub_scales(unit)).view(rows, cols))
+    old = torch.cat([fields[k].float() for k in free], dim=1)  # [rows, len(free) * blocks]
+    new = old.clone()
+    w, h = weight.float(), hessian.float()
+    chunk = max(1, SYSTEM_ELEMENTS // (len(free) * blocks) ** 2)
+    for r0 in range(0, rows, chunk):
+        rs = slice(r0, min(r0 + chunk, rows))
+        a, b = _normal_equations([u[rs] for u in bases], w[rs], h, stype.block_size)
+        ridged = a.clone()
+        ridged.diagonal(dim1=1, dim2=2).add_(1e-6 * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30))
+        theta = to_fp16(torch.linalg.solve(ridged, b)).float()
+        better = torch.isfinite(theta).all(dim=1) & (_loss(a, b, theta) < _loss(a, b, old[rs]))
+        new[rs] = torch.where(better[:, None], theta, old[rs])
+    for i, k in enumerate(free):
+        fields[k] = new[:, i * blocks : (i + 1) * blocks].to(torch.float16)
+    return [stype.params({k: v[:, g] for k, v in fields.items()}) for g in range(blocks)]

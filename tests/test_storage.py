@@ -102,3 +102,20 @@ def test_unknown_type_and_bad_shapes_say_so():
         quantize_linear(torch.randn(4, 48), None, None, QuantSettings("rtn", native="q4_k"))
     with pytest.raises(ValueError, match="bpw"):
         QuantSettings(native="q4_k", bpw=4.0)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_refit_of_the_free_scales_never_raises_the_output_error(name):
+    """Rows whose re-solved fp16 scales would not lower (w − ŵ) H (w − ŵ)ᵀ keep GPTQ's."""
+    w, x = layer_problem(6, out=48, inp=512)
+    h = hessian(x)
+    kept, _ = quantize_linear(w, h, None, QuantSettings("slim", native=name, refit=False))
+    refit, _ = quantize_linear(w, h, None, QuantSettings("slim", native=name, refit=True))
+    assert not torch.equal(kept.data, refit.data)
+
+    def row_errors(nt):
+        err = nt.dequantize() - w
+        return ((err @ h) * err).sum(dim=1)
+
+    assert bool((row_errors(refit) <= row_errors(kept) * (1 + 1e-5) + 1e-12).all())
+    assert float(row_errors(refit).sum()) < float(row_errors(kept).sum())

@@ -57,6 +57,7 @@ class NativeType(ABC):
     sub_size: int
     levels: tuple[int, ...]
     has_offset = False  # whether ggml adds an offset (a min) to scale * level; else 0 * -d stays -0
+    free_fields: tuple[str, ...] = ("d",)  # the fp16 fields a weight is linear in (refit.refit_native solves them)
 
     def __init__(self) -> None:
         self._levels = torch.tensor(self.levels, dtype=torch.float32)

@@ -21,6 +21,7 @@ class WithMins(NativeType):
     block_size = 256
     scale_range: tuple[int, int]  # of the sub-scales, and of the mins
     has_offset = True
+    free_fields = ("d", "dmin")
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         x = w.float().view(w.shape[0], self.n_sub, self.sub_size)

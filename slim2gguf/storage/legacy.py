@@ -84,6 +84,7 @@ class ScaledBlockWithMin(NativeType):
     block_size = 32
     sub_size = 32
     has_offset = True
+    free_fields = ("d", "m")
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         x = w.float().view(w.shape[0], 1, self.block_size)

@@ -61,6 +61,7 @@ from slim2gguf.llamacpp import PINNED_COMMIT, LlamaCppError, build_key, ensure_s
 from slim2gguf.named_models import find as find_named  # noqa: E402
 from slim2gguf.paths import cache_dir  # noqa: E402
 from slim2gguf.run import LlamaToolError  # noqa: E402
+from slim2gguf.storage import NATIVE_TYPES  # noqa: E402
 from slim2gguf.validate import parse_llama_perplexity  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -71,42 +72,53 @@ MODEL_TYPES = (
     "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0",
 )  # fmt: skip
 # the ggml types one class of tensors is stored in (tensor-level mode)
-TENSOR_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "IQ4_NL", "Q4_K", "Q4_0")
+TENSOR_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "IQ4_NL", "Q4_K", "Q4_0",
+                "Q4_1", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")  # fmt: skip
 QUICK = {"model": "smollm2-135m", "tensors": "ffn_down", "chunks": 4, "calib_chunks": 8,
          "types": "IQ2_XS,Q3_K,IQ4_NL", "ours": "slim2-g64"}  # fmt: skip
 _RECIPE = re.compile(r"^(slim|gptq|rtn)([234])-g(32|64|128)$")
+_NATIVE = re.compile(r"^(slim|gptq|rtn)-(" + "|".join(NATIVE_TYPES) + r")$")
 _BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?$")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One of our files: method, average bits and group size ('slim3-g64'), or a SliM
-    whole-file budget spent by sensitivity ('bpw3.1', 'bpw3.1-hessian')."""
+    """One of our files: method, average bits and group size ('slim3-g64'), a SliM
+    whole-file budget spent by sensitivity ('bpw3.1', 'bpw3.1-hessian'), or a method and
+    a stock type (--format native: 'slim-q4_k')."""
 
     method: str
     bits: int
     group_size: int
     bpw: float | None = None
     sensitivity: str = "fisher"
+    native: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
         budget = _BUDGET.match(text)
         if budget is not None:
             return cls("slim", 0, 0, float(budget[1]), budget[2] or "fisher")
+        native = _NATIVE.match(text)
+        if native is not None:
+            return cls(native[1], 0, 0, native=native[2])
         match = _RECIPE.match(text)
         if match is None:
-            raise BenchError(f"{text!r} is not a recipe like slim3-g64 (method slim/gptq/rtn, bits 2-4, group 32/64/128) or bpw3.1[-hessian]")
+            raise BenchError(f"{text!r} is not a recipe like slim3-g64 (method slim/gptq/rtn, bits 2-4, group 32/64/128), bpw3.1[-hessian] or slim-q4_k")
         return cls(match[1], int(match[2]), int(match[3]))
 
     @property
     def name(self) -> str:
         if self.bpw is not None:
             return f"bpw{self.bpw:g}" + ("" if self.sensitivity == "fisher" else f"-{self.sensitivity}")
+        if self.native is not None:
+            return f"{self.method}-{self.native}"
         return f"{self.method}{self.bits}-g{self.group_size}"
 
     def options(self) -> list[str | int | float]:
         """What `slim2gguf convert` is told."""
+        if self.native is not None:
+            return ["--method", self.method, "--format", "native", "--type", self.native]
         if self.bpw is not None:
             return ["--method", self.method, "--bpw", self.bpw, "--sensitivity", self.sensitivity]
         return ["--method", self.method, "--bits", self.bits, "--group-size", self.group_size]
@@ -129,8 +141,8 @@ class Job:
 def code_key() -> str:
     """slim2gguf's source: our files are made again when it changes."""
     h = hashlib.sha256()
-    for path in sorted((ROOT / "slim2gguf").glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted((ROOT / "slim2gguf").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -165,7 +177,7 @@ def plan(args: argparse.Namespace, work: Path, shapes: dict[str, tuple[int, int]
         recipe = Recipe.parse(text)
         if recipe.bpw is not None and tensors:
             raise BenchError(f"{recipe.name} is a whole-file budget: measure it without --tensors")
-        if recipe.bpw is None and recipe.group_size not in groups:
+        if recipe.bpw is None and recipe.native is None and recipe.group_size not in groups:
             raise BenchError(f"{recipe.name}: group {recipe.group_size} does not divide every quantized input size; use g{', g'.join(map(str, groups))}")
         path = work / f"{recipe.name}{suffix}-{calib}-s{args.seed}-{code}.gguf"
         jobs.append(Job(recipe.name, "slim2gguf", recipe.name, path, recipe))

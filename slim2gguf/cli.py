@@ -34,7 +34,7 @@ def main(
     """SliM-LLM mixed-precision quantization, exported to GGUF files for llama.cpp."""
 
 
-LLAMA_BIN = typer.Option(None, "--llama-cpp-bin", help=f"bin/ folder of your own patched llama.cpp build (or ${llamacpp.BIN_ENV}); default: slim2gguf builds one.")
+LLAMA_BIN = typer.Option(None, "--llama-cpp-bin", help=f"bin/ folder of your own llama.cpp build (or ${llamacpp.BIN_ENV}): patched for SliM files, any for --format native ones; default: slim2gguf builds a patched one.")
 
 
 def _use_build(directory: Optional[Path], gguf_path: Path) -> None:
@@ -331,7 +331,7 @@ def export_cmd(
 
 @app.command()
 def validate(
-    path: Path = typer.Argument(..., help="A SliM GGUF file."),
+    path: Path = typer.Argument(..., help="A GGUF file slim2gguf wrote (SliM or --format native)."),
     model: Optional[str] = typer.Option(None, "--model", help="The float model the file was made from (default: the file alone, rebuilt from its own metadata and tensors)."),
     text: str = typer.Option(..., "--text", help="Text file to score (read as bytes, as llama-perplexity does), or 'wikitext2' (test split, online)."),
     ctx: int = typer.Option(512, "--ctx"),
@@ -342,7 +342,7 @@ def validate(
     device: Optional[str] = typer.Option(None, "--device", help="PyTorch device (default: CUDA when present)."),
     llama_cpp_bin: Optional[Path] = LLAMA_BIN,
 ) -> None:
-    """Perplexity of the packed weights in PyTorch and in patched llama.cpp; fails on a gap."""
+    """Perplexity of the packed weights in PyTorch and in llama.cpp; fails on a gap."""
     from .gguf_weights import GGUFWeightsError
     from .inspect_gguf import GGUFFileError
     from .models import ModelError
@@ -363,15 +363,16 @@ def validate(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
-    path: Path = typer.Argument(..., help="A SliM GGUF file."),
+    path: Path = typer.Argument(..., help="A GGUF file slim2gguf wrote (SliM or --format native)."),
     prompt: str = typer.Option(..., "-p", "--prompt"),
     n_predict: int = typer.Option(64, "-n", "--n-predict", help="Tokens to generate."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     seed: int = typer.Option(0, "--seed"),
     llama_cpp_bin: Optional[Path] = LLAMA_BIN,
 ) -> None:
-    """Generate text from a SliM GGUF file with patched llama-completion: greedy unless
-    llama.cpp flags after the options say otherwise (e.g. -c 4096 --temp 0.7 --top-p 0.9)."""
+    """Generate text from a slim2gguf file with llama-completion (patched, or your own build for a
+    --format native file): greedy unless llama.cpp flags after the options say otherwise (e.g.
+    -c 4096 --temp 0.7 --top-p 0.9)."""
     from .run import LlamaToolError, run_completion
 
     _use_build(llama_cpp_bin, path)

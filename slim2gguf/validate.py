@@ -1,4 +1,5 @@
-"""Check a SliM GGUF file end to end: PyTorch on the file's own bytes against patched llama.cpp.
+"""Check a slim2gguf file end to end: PyTorch on the file's own bytes against llama.cpp (patched,
+or a user's unpatched build for a file of stock types).
 
 Both sides evaluate the same packed weights (PyTorch dequantizes them from the file,
 or runs the Triton kernels on them) with the same perplexity method (llama-perplexity's:
@@ -190,7 +191,7 @@ def validate(
 def print_validation(result: ValidationResult, console: Console | None = None) -> None:
     """The two perplexities, their gap and the verdict as a table."""
     console = console or Console()
-    table = Table(title="SliM GGUF validation")
+    table = Table(title="slim2gguf file validation")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("PyTorch perplexity", f"{result.ppl_torch:.4f}")

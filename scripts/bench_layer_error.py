@@ -19,6 +19,8 @@ product).
 ``--native q4_k,q2_k`` measures stock types instead (``--format native``): ``rtn`` (each
 block fitted evenly, rounded), ``gptq`` (GPTQ, blocks fitted evenly), ``slim`` (fitted
 by the inputs' energy), ``slim+refit`` (then each row's free scales re-solved).
+``--llama-types Q4_K,Q2_K`` adds the same error of llama-quantize's tensors, read from the
+tensor-level files bench_frontier made (``--tensors TENSOR``, same calibration text).
 """
 
 from __future__ import annotations
@@ -123,6 +125,31 @@ def native_table(layers: dict[int, dict[str, torch.Tensor]], types: list[str]) -
         print(f"| {name} | " + " | ".join(f"{e:.5f}" for e in row) + " |", flush=True)
 
 
+def llama_table(layers: dict[int, dict[str, torch.Tensor]], model: str, tensor: str, types: list[str]) -> None:
+    """Mean relative output error of llama-quantize's tensors (imatrix from 32 × 512 tokens of
+    WikiText-2 valid), dequantized by gguf-py from bench_frontier's cached files."""
+    import gguf
+    import numpy as np
+
+    from slim2gguf.named_models import find
+    from slim2gguf.paths import cache_dir
+
+    work = cache_dir() / "frontier" / (find(model).name if find(model) else Path(model).name)
+    print("| llama.cpp type | relative output error |")
+    print("|---|---|")
+    for name in types:
+        path = work / f"{name}-{tensor}-imatrix-valid-32x512.gguf"
+        if not path.is_file():
+            sys.exit(f"no {path}: run bench_frontier.py --model {model} --tensors {tensor} --types {name} first")
+        stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        errors = []
+        for block, layer in layers.items():
+            t = stored[f"blk.{block}.{tensor}.weight"]
+            values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+            errors.append(relative_error(layer, torch.from_numpy(values).reshape(layer["W"].shape)))
+        print(f"| {name} | {sum(errors) / len(errors):.6f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -132,6 +159,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--native", help="comma-separated stock types to measure instead of SliM variants")
+    parser.add_argument("--llama-types", help="comma-separated llama.cpp types whose bench_frontier tensor-level files to measure too")
     parser.add_argument("--calib", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -144,6 +172,9 @@ def main() -> None:
     layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, QuantSettings("slim", 3, args.group_size))
     if args.native:
         native_table(layers, args.native.split(","))
+    if args.llama_types:
+        llama_table(layers, args.model, args.tensor, args.llama_types.split(","))
+    if args.native or args.llama_types:
         return
     print(f"{args.model} {args.tensor}, blocks {args.blocks}, g{args.group_size}: mean relative output error")
     print("| bits | " + " | ".join(variants) + " |")

@@ -56,6 +56,7 @@ class _Packed:
     type_id: int  # a SliM type's or a stock ggml type's
     shape: tuple[int, int]
 
+
 # general.file_type of a file whose linears are mostly in one stock type, as llama-quantize names it.
 STOCK_FILE_TYPES = {
     QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,

@@ -516,11 +516,6 @@ def binary(name: str, cpu: str = "native", stock_ok: Callable[[], bool] | None =
     return build((name,), cpu=cpu) / name
 
 
-def stock_binary(name: str) -> Path:
-    """Path to one tool of the unpatched build (built first when needed)."""
-    return build((name,), patched=False) / name
-
-
 def stale_build_dirs() -> list[Path]:
     """Build folders for patches or options that no longer exist (left by earlier versions)."""
     current = {build_dir(cpu).name for cpu in CPU_VARIANTS} | {build_dir(patched=False).name}

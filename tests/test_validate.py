@@ -212,7 +212,7 @@ def test_default_threshold_needs_the_bits_key(tmp_path):
 def fake_tool(calls: list, stdout: str = "", stderr: str = ""):
     """A run_tool stand-in that records its calls and answers with the given output."""
 
-    def tool(name, args):
+    def tool(name, args, gguf_path=None):
         calls.append((name, [str(a) for a in args]))
         return subprocess.CompletedProcess([name], 0, stdout=stdout, stderr=stderr)
 
@@ -308,7 +308,7 @@ def test_tool_failure_shows_its_log(monkeypatch, tmp_path):
     stub = tmp_path / "llama-perplexity"
     stub.write_text("#!/bin/sh\n" + "".join(f"echo line{i} >&2\n" for i in range(40)) + "exit 3\n")
     stub.chmod(0o755)
-    monkeypatch.setattr(run, "binary", lambda name: tmp_path / name)
+    monkeypatch.setattr(run, "binary", lambda name, stock_ok=None: tmp_path / name)
     with pytest.raises(LlamaToolError) as err:
         validate.llama_perplexity(tmp_path / "x.gguf", tmp_path / "t.txt", 128, 4)
     message = str(err.value)

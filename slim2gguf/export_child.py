@@ -45,7 +45,7 @@ from .architectures import UnsupportedArchitectureError, model_family
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
 from .qtensor import NativeTensor
-from .storage import NATIVE_TYPES
+from .storage import type_from_ggml
 
 
 @dataclass
@@ -226,7 +226,7 @@ def _file_kvs(dominant: int, settings: dict[str, Any]) -> dict[str, Any]:
     stype = fmt.type_from_id(dominant)
     if stype is not None:
         return {**common, "file_type": stype.type_id, "bits": stype.bits, "group_size": stype.group_size, "native": None}
-    native = next(t for t in NATIVE_TYPES.values() if t.ggml_type == dominant)
+    native = type_from_ggml(dominant)
     return {**common, "file_type": int(STOCK_FILE_TYPES[QT(dominant)]), "bits": int(native.bits_per_weight),
             "group_size": None, "native": native.name}  # fmt: skip
 

@@ -21,7 +21,7 @@ from . import format as fmt
 from .export import converter_mapping
 from .inspect_gguf import open_gguf
 from .models import block_linear_shapes, resolve_model
-from .storage import NATIVE_TYPES, NativeType
+from .storage import NativeType, type_from_ggml
 
 
 class GGUFWeightsError(ValueError):
@@ -38,7 +38,7 @@ def _stored_type(tensor: Any, mapping: dict[str, Any]) -> StoredType | None:
     """The SliM type of a tensor, or the stock type of a decoder linear the file quantized."""
     stype = fmt.type_from_id(tensor.tensor_type)
     if stype is None and tensor.name in mapping:
-        return next((t for t in NATIVE_TYPES.values() if t.ggml_type == int(tensor.tensor_type)), None)
+        return type_from_ggml(tensor.tensor_type)
     return stype
 
 

@@ -24,6 +24,14 @@ def native_type(name: str) -> NativeType:
         raise ValueError(f"native type must be one of {', '.join(NATIVE_TYPES)}, got {name!r}") from None
 
 
+_BY_GGML_TYPE = {t.ggml_type: t for t in NATIVE_TYPES.values()}
+
+
+def type_from_ggml(type_id: int) -> NativeType | None:
+    """The stock type with this ggml type id, or None for any other id (as format.type_from_id)."""
+    return _BY_GGML_TYPE.get(int(type_id))
+
+
 def type_for(name: str, n_cols: int) -> NativeType:
     """The type a weight of ``n_cols`` columns is stored in when ``name`` is asked for:
     ``name`` itself, or its 32-wide fallback where its 256-wide blocks do not divide the rows."""
@@ -35,4 +43,4 @@ def type_for(name: str, n_cols: int) -> NativeType:
     return stype
 
 
-__all__ = ["FALLBACK", "NATIVE_TYPES", "BlockParams", "NativeType", "native_type", "type_for"]
+__all__ = ["FALLBACK", "NATIVE_TYPES", "BlockParams", "NativeType", "native_type", "type_for", "type_from_ggml"]

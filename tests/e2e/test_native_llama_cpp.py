@@ -22,7 +22,7 @@ from test_demo import WIKI_VALID, eval_text, slim2gguf  # noqa: F401  (eval_text
 from slim2gguf import llamacpp
 from slim2gguf.inspect_gguf import open_gguf
 from slim2gguf.methods import QuantSettings, quantize_linear
-from slim2gguf.storage import NATIVE_TYPES, NativeType
+from slim2gguf.storage import NATIVE_TYPES, type_from_ggml
 
 pytestmark = pytest.mark.e2e
 
@@ -32,10 +32,6 @@ def llama_dequant(path, name: str, shape: tuple[int, int], tmp_path) -> np.ndarr
     r = subprocess.run([str(llamacpp.binary(llamacpp.DUMP_TOOL)), str(path), "dequant", name, str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     return np.fromfile(out, dtype=np.float32).reshape(shape)
-
-
-def stock_type_of(tensor) -> NativeType | None:
-    return next((t for t in NATIVE_TYPES.values() if t.ggml_type == int(tensor.tensor_type)), None)
 
 
 def test_every_stock_type_dequantizes_in_llama_cpp_as_in_pytorch(tmp_path):
@@ -79,7 +75,7 @@ def test_native_demo_file_is_bit_exact_and_agrees(native_demo, eval_text, tmp_pa
     reader = open_gguf(native_demo)
     checked = {}
     for tensor in reader.tensors:
-        stype = stock_type_of(tensor)
+        stype = type_from_ggml(tensor.tensor_type)
         if stype is None or not tensor.name.startswith("blk."):
             continue
         rows = np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)

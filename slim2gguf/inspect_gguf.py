@@ -52,6 +52,18 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     return reader
 
 
+def field_value(reader: gguf.GGUFReader, key: str) -> Any:
+    """Key ``key``'s value (None when absent); a string that is not UTF-8 is a GGUFFileError,
+    since gguf decodes strings only when asked."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError) as err:
+        raise GGUFFileError(f"key {key} is corrupt: {_one_line(err)}") from err
+
+
 def _numpy_shape(tensor: Any) -> tuple[int, ...]:
     """ggml lists dimensions innermost first; rows-first is how PyTorch shows a weight."""
     return tuple(int(n) for n in reversed(tensor.shape.tolist()))
@@ -132,9 +144,9 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
     """A table of the file's tensors, the keys that say what it is, and totals."""
     console = console or Console()
     reader = open_gguf(path)
-    for key, field in reader.fields.items():
+    for key in reader.fields:
         if key in SHOWN_KEYS or key.startswith(SLIM_KEY_PREFIX):
-            value = field.contents()
+            value = field_value(reader, key)
             stype = fmt.type_from_id(value) if key == "general.file_type" and isinstance(value, int) else None
             console.print(f"{key} = {value}" + (f" ({stype.name})" if stype else ""))
     rows = inspect_rows(reader)

@@ -27,7 +27,7 @@ from rich.table import Table
 from . import format as fmt
 from .from_gguf import model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
-from .inspect_gguf import dequantize_tensor, open_gguf
+from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
 from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
 from .perplexity import PerplexityResult, perplexity, read_eval_text
 from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
@@ -66,10 +66,12 @@ def judge(ppl_torch: float, ppl_llama: float, threshold: float, tokens: int) -> 
 
 def default_threshold(reader: gguf.GGUFReader) -> float:
     """2 % for 2-bit files, else 1 %, from the exporter's ``slim2gguf.bits`` key."""
-    field = reader.fields.get(BITS_KEY)
-    if field is None:
+    try:
+        bits = field_value(reader, BITS_KEY)
+    except GGUFFileError as err:
+        raise ValidationError(f"{err}; give a threshold") from err
+    if bits is None:
         raise ValidationError(f"the file has no {BITS_KEY} key (not a slim2gguf export?); give a threshold")
-    bits = field.contents()
     if not isinstance(bits, int):
         raise ValidationError(f"the file's {BITS_KEY} key is {bits!r}, not a number of bits; give a threshold")
     return THRESHOLDS.get(bits, DEFAULT_THRESHOLD)

@@ -67,6 +67,14 @@ def test_inspect_with_a_string_file_type(tmp_path):
     assert result.exit_code == 0 and "general.file_type = SLIM3_G64" in result.output
 
 
+def test_inspect_with_a_string_key_that_is_not_utf8(tmp_path):
+    raw = bytearray(write_gguf(tmp_path / "u.gguf").read_bytes())
+    at = raw.index(b"llama")
+    raw[at] = 0x80
+    (tmp_path / "u.gguf").write_bytes(bytes(raw))
+    assert_refused(run_cli("inspect", tmp_path / "u.gguf"), "general.architecture", "corrupt")
+
+
 def test_inspect_with_a_zero_row_slim_tensor(tmp_path):
     result = run_cli("inspect", write_gguf(tmp_path / "z.gguf", rows=0))
     assert_refused(result, "blk.0.ffn_up.weight", "no rows")

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_bytes_atomic
-from .qtensor import NativeTensor, QuantizedTensor
+from .qtensor import StoredTensor, stored_tensor
 from .storage import NATIVE_TYPES
 
 FORMAT_NAME = "slim2gguf-checkpoint"
@@ -148,11 +147,11 @@ class CheckpointWriter:
         self.manifest["budget"] = decision
         _write_manifest(self.work, self.manifest)
 
-    def finished_tensors(self) -> Iterator[tuple[str, QuantizedTensor | NativeTensor]]:
+    def finished_tensors(self) -> Iterator[tuple[str, StoredTensor]]:
         """Tensors of the blocks already saved (for a resumed run to replay)."""
         yield from _iter_tensors(self.work, self.manifest)
 
-    def write_block(self, index: int, tensors: dict[str, QuantizedTensor | NativeTensor], info: dict[str, Any]) -> None:
+    def write_block(self, index: int, tensors: dict[str, StoredTensor], info: dict[str, Any]) -> None:
         if index != self.blocks_done:
             raise CheckpointError(f"block {index} written out of order (expected {self.blocks_done})")
         flat: dict[str, Any] = {}
@@ -161,12 +160,7 @@ class CheckpointWriter:
         with atomic_path(self.work / block_file(index)) as tmp:
             save_file(flat, str(tmp))
         for name, qt in tensors.items():
-            meta: dict[str, Any] = {"block": index, "shape": list(qt.shape)}
-            if isinstance(qt, NativeTensor):
-                meta["type"] = qt.type_name
-            else:
-                meta.update(bits=qt.bits, group_size=qt.group_size, widths=qt.widths.tolist())
-            self.manifest["tensors"][name] = meta
+            self.manifest["tensors"][name] = {"block": index, "shape": list(qt.shape), **qt.meta()}
         self.manifest["blocks"].append(info)
         self.manifest["blocks_done"] = index + 1
         _write_manifest(self.work, self.manifest)
@@ -183,7 +177,7 @@ class CheckpointWriter:
         return self.target
 
 
-def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, QuantizedTensor | NativeTensor]]:
+def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, StoredTensor]]:
     default_group = manifest["settings"]["group_size"]
     by_block: dict[int, list[str]] = {}
     for name, meta in manifest["tensors"].items():
@@ -197,14 +191,11 @@ def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[s
         for name in by_block[index]:
             meta = manifest["tensors"][name]
             try:
-                if "type" in meta:
-                    qt = NativeTensor.from_tensors(data, name, meta["type"], meta["shape"][1])
-                    if qt.data.dtype != torch.uint8 or qt.data.shape[1] != qt.stype.row_bytes(qt.n_cols):
-                        raise CheckpointError(f"{name} in {path} is not {meta['type']} rows of {qt.n_cols} columns")
-                else:
-                    qt = QuantizedTensor.from_tensors(data, name, meta.get("group_size", default_group))
+                qt = stored_tensor(data, name, meta, default_group)
             except KeyError as err:
                 raise CheckpointError(f"{path} lacks {err.args[0]}") from err
+            except ValueError as err:
+                raise CheckpointError(f"{err} in {path}") from err
             if list(qt.shape) != meta["shape"]:
                 raise CheckpointError(f"{name} in {path} does not have the manifest's shape")
             yield name, qt
@@ -237,7 +228,7 @@ class Checkpoint:
     def settings(self) -> dict[str, Any]:
         return self.manifest["settings"]
 
-    def tensors(self) -> Iterator[tuple[str, QuantizedTensor | NativeTensor]]:
+    def tensors(self) -> Iterator[tuple[str, StoredTensor]]:
         """(module name, quantized weight) for every quantized linear, e.g. ``model.layers.0.mlp.up_proj``."""
         yield from _iter_tensors(self.directory, self.manifest)
 

@@ -95,7 +95,7 @@ def _summary_table(report, title: str) -> Table:
     table.add_column("value", justify="right")
     for width in sorted(report.width_groups):
         table.add_row(f"column groups at {width} bits", str(report.width_groups[width]))
-    for name, count in sorted(report.stock_types.items()):
+    for name, count in sorted(report.tensor_types.items()):
         table.add_row(f"tensors in {name}", str(count))
     table.add_row("wall time", f"{report.wall_s:.1f} s")
     table.add_row("peak host memory", f"{report.peak_rss_mib:.0f} MiB")
@@ -203,11 +203,11 @@ def eval_cmd(
         if backend not in ("torch", "triton"):
             raise ValueError(f"--backend must be torch or triton, got {backend!r}")
         if checkpoint is not None and backend == "triton":
-            from .qtensor import NativeTensor
+            from . import format as fmt
             from .triton_linear import swap_linears
 
             tensors = dict(Checkpoint(checkpoint).tensors())
-            if any(isinstance(qt, NativeTensor) for qt in tensors.values()):
+            if any(not isinstance(qt.stype, fmt.SlimType) for qt in tensors.values()):
                 raise ValueError("--backend triton runs SliM types only; this checkpoint holds stock types: use --backend torch")
             swap_linears(net, {n: (qt.pack(), qt.stype) for n, qt in tensors.items()})
         elif checkpoint is not None:

@@ -44,8 +44,7 @@ from . import format as fmt
 from .architectures import UnsupportedArchitectureError, model_family
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
-from .qtensor import NativeTensor
-from .storage import type_from_ggml
+from .storage import stored_type
 
 
 @dataclass
@@ -55,17 +54,6 @@ class _Packed:
     rows: np.ndarray
     type_id: int  # a SliM type's or a stock ggml type's
     shape: tuple[int, int]
-
-
-# general.file_type of a file whose linears are mostly in one stock type, as llama-quantize names it.
-STOCK_FILE_TYPES = {
-    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
-    QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
-    QT.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, QT.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
-    QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
-    QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-    QT.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL, QT.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS,
-}  # fmt: skip
 
 
 def load_converter(src: Path) -> ModuleType:
@@ -198,12 +186,9 @@ def _pack(checkpoint: Checkpoint, model_class: type, progress: Progress) -> tupl
         item = model_class.filter_tensors((module_name + ".weight", lambda: None))
         if item is None:
             raise ExportError(f"llama.cpp's converter drops {module_name}.weight")
-        if isinstance(qt, NativeTensor):
-            packed[item[0]] = _Packed(qt.pack(), qt.stype.ggml_type, qt.shape)
-        else:
-            for width, n in zip(*np.unique(qt.widths.numpy(), return_counts=True)):
-                widths[int(width)] += int(n) * qt.shape[0]
-            packed[item[0]] = _Packed(qt.pack(), qt.stype.type_id, qt.shape)
+        for width in qt.group_widths():
+            widths[width] += qt.shape[0]
+        packed[item[0]] = _Packed(qt.pack(), qt.stype.ggml_type, qt.shape)
         progress.advance(task)
     if not packed:
         raise ExportError(f"{checkpoint.directory} holds no quantized tensors")
@@ -219,16 +204,10 @@ def _dominant_type(packed: dict[str, _Packed]) -> int:
 
 
 def _file_kvs(dominant: int, settings: dict[str, Any]) -> dict[str, Any]:
-    """general.file_type and the slim2gguf.* keys: a SliM type's id and its bits and group
-    size; for stock types llama-quantize's file type, the whole bits of the type's bpw and
-    the type's name."""
-    common = {"tensors": settings.get("tensors"), "method": settings["method"]}
-    stype = fmt.type_from_id(dominant)
-    if stype is not None:
-        return {**common, "file_type": stype.type_id, "bits": stype.bits, "group_size": stype.group_size, "native": None}
-    native = type_from_ggml(dominant)
-    return {**common, "file_type": int(STOCK_FILE_TYPES[QT(dominant)]), "bits": int(native.bits_per_weight),
-            "group_size": None, "native": native.name}  # fmt: skip
+    """general.file_type and the slim2gguf.* keys, as the dominant type gives them
+    (StoredType.file_kvs: a SliM type's id, bits and group size; for a stock type
+    llama-quantize's file type, the whole bits of its bpw and its name)."""
+    return {"tensors": settings.get("tensors"), "method": settings["method"], **stored_type(dominant).file_kvs()}
 
 
 def _write(writer: gguf.GGUFWriter, path: Path, progress: Progress) -> None:

@@ -11,8 +11,12 @@ the product is exact in fp32, so every implementation gets the same bits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 GROUP_SIZES = (32, 64, 128)
 AVERAGE_BITS = (2, 3, 4)
@@ -56,8 +60,21 @@ class SlimType:
         """Widths for width codes 0, 1, 2."""
         return (self.bits - 1, self.bits, self.bits + 1)
 
+    @property
+    def ggml_type(self) -> int:
+        return self.type_id
+
     def row_bytes(self, n_cols: int) -> int:
         return n_cols // self.group_size * self.block_bytes
+
+    def dequantize(self, data: np.ndarray) -> torch.Tensor:
+        """Packed rows -> float32 [..., n_cols] (storage.StoredType, as the stock types)."""
+        import torch  # this module stays numpy-only for gguf-py's readers
+
+        return torch.from_numpy(GGUFDequantizer(self).dequantize(data))
+
+    def file_kvs(self) -> dict[str, Any]:
+        return {"file_type": self.type_id, "bits": self.bits, "group_size": self.group_size, "native": None}
 
 
 SLIM_TYPES = tuple(SlimType(b, g) for b in AVERAGE_BITS for g in GROUP_SIZES)

@@ -21,7 +21,7 @@ from . import format as fmt
 from .export import converter_mapping
 from .inspect_gguf import open_gguf
 from .models import block_linear_shapes, resolve_model
-from .storage import NativeType, type_from_ggml
+from .storage import StoredType, stored_type
 
 
 class GGUFWeightsError(ValueError):
@@ -31,15 +31,11 @@ class GGUFWeightsError(ValueError):
 GGUFSource = str | os.PathLike | gguf.GGUFReader
 
 
-StoredType = fmt.SlimType | NativeType
-
-
 def _stored_type(tensor: Any, mapping: dict[str, Any]) -> StoredType | None:
-    """The SliM type of a tensor, or the stock type of a decoder linear the file quantized."""
-    stype = fmt.type_from_id(tensor.tensor_type)
-    if stype is None and tensor.name in mapping:
-        return type_from_ggml(tensor.tensor_type)
-    return stype
+    """The SliM type of a tensor, or the stock type of a decoder linear the file quantized
+    (a stock-typed embedding or output is not a linear's)."""
+    stype = stored_type(tensor.tensor_type)
+    return stype if isinstance(stype, fmt.SlimType) or tensor.name in mapping else None
 
 
 def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, StoredType]]:
@@ -87,12 +83,8 @@ def slim_weights_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) 
     ``models.set_linear_weights(model, this)`` makes the model compute with what the file holds."""
     weights = {}
     for module, (rows, stype) in packed_from_gguf(gguf_path, model_dir).items():
-        if isinstance(stype, NativeType):
-            weights[module] = stype.dequantize(rows)
-            continue
-        n_cols = rows.shape[1] // stype.block_bytes * stype.group_size
         try:
-            weights[module] = torch.from_numpy(fmt.dequantize(rows, stype, n_cols))
-        except fmt.FormatError as err:
+            weights[module] = stype.dequantize(rows)
+        except ValueError as err:
             raise GGUFWeightsError(f"the tensor for {module} in {gguf_path} is corrupt: {err}") from err
     return weights

@@ -32,8 +32,8 @@ from .checkpoint import CheckpointWriter, finished_with
 from .gptq import few_threads
 from .methods import QuantSettings, check_allocation, quantize_linear
 from .models import architecture_of, block_linear_shapes, block_linears, decoder_layers, load_model, load_tokenizer, resolve_model
-from .qtensor import NativeTensor, QuantizedTensor
-from .storage import native_type, type_for
+from .qtensor import StoredTensor
+from .storage import type_for
 
 BATCH = 8
 
@@ -57,7 +57,7 @@ class QuantizeReport:
     peak_rss_mib: float
     peak_device_mib: float | None
     width_groups: Counter = field(default_factory=Counter)
-    stock_types: Counter = field(default_factory=Counter)  # --format native: tensors per stock type
+    tensor_types: Counter = field(default_factory=Counter)  # tensors per stored type (SliM or stock)
     resumed_from: int = 0
     decision: Decision | None = None  # a --bpw run's per-tensor choices
 
@@ -209,13 +209,8 @@ def _widths_summary(widths: Counter) -> str:
     return " ".join(f"{k}b:{widths[k]}" for k in sorted(widths))
 
 
-def _widths_of(qt: QuantizedTensor | NativeTensor) -> list[int]:
-    """A SliM tensor's group widths (none for a stock type)."""
-    return qt.widths.tolist() if isinstance(qt, QuantizedTensor) else []
-
-
-def _stock_types(tensors: list[QuantizedTensor | NativeTensor]) -> Counter:
-    return Counter(qt.stype.name for qt in tensors if isinstance(qt, NativeTensor))
+def _types(tensors: list[StoredTensor]) -> Counter:
+    return Counter(qt.stype.name for qt in tensors)
 
 
 def tensor_settings(
@@ -249,7 +244,7 @@ def _quantize_block(
     plan: tuple[Allocation | None, Decision | None],
     sampling: tuple[int, torch.Tensor],
     dev: torch.device,
-) -> tuple[dict[str, QuantizedTensor | NativeTensor], dict[str, dict[str, float]], list[torch.Tensor], float | None]:
+) -> tuple[dict[str, StoredTensor], dict[str, dict[str, float]], list[torch.Tensor], float | None]:
     """Quantize one block's linears in place; return them, the SBA search's summary per
     linear (chosen candidate i, its KL, the uniform allocation's KL; empty without a
     search), the quantized block's outputs (next block's inputs) and its relative output
@@ -356,10 +351,10 @@ def quantize_model(
     done = finished_with(out_dir, settings)
     if done is not None:
         console.print(f"{out_dir} is a finished checkpoint with these settings: reused, nothing quantized again")
-        widths = Counter(w for meta in done.manifest["tensors"].values() for w in meta.get("widths", []))
-        types = Counter(native_type(meta["type"]).name for meta in done.manifest["tensors"].values() if "type" in meta)
+        finished = [qt for _, qt in done.tensors()]
+        widths = Counter(w for qt in finished for w in qt.group_widths())
         return QuantizeReport(done.directory, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                              None, widths, types, done.manifest["num_blocks"], Decision.from_dict(done.budget) if done.budget else None)  # fmt: skip
+                              None, widths, _types(finished), done.manifest["num_blocks"], Decision.from_dict(done.budget) if done.budget else None)  # fmt: skip
     calibrated = quant.method != "rtn"
     text = read_text(calib.source) if calibrated and calib.source != "self" else None  # bad files stop here, first
     model = load_model(path)
@@ -385,8 +380,8 @@ def quantize_model(
         n_tokens = windows.numel()
         sample_idx = token_sample(n_tokens, quant.sba_tokens, calib.seed)
     stored = dict(writer.finished_tensors()) if resumed else {}
-    width_groups = Counter(w for qt in stored.values() for w in _widths_of(qt))
-    stock_types = _stock_types(list(stored.values()))
+    width_groups = Counter(w for qt in stored.values() for w in qt.group_widths())
+    tensor_types = _types(list(stored.values()))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with torch.no_grad(), Progress(*columns, console=console) as progress:
         task = progress.add_task("quantizing blocks", total=len(layers))
@@ -405,10 +400,10 @@ def quantize_model(
                 )
                 info = {"block": i, "rel_output_error": rel_err, **({"sba_search": searches} if searches else {})}
                 writer.write_block(i, tensors, info)
-                block_widths = Counter(w for qt in tensors.values() for w in _widths_of(qt))
-                block_types = _stock_types(list(tensors.values()))
+                block_widths = Counter(w for qt in tensors.values() for w in qt.group_widths())
+                block_types = _types(list(tensors.values()))
                 width_groups.update(block_widths)
-                stock_types.update(block_types)
+                tensor_types.update(block_types)
                 error = f"  out err {rel_err:.2e}" if rel_err is not None else ""
                 made = _widths_summary(block_widths) or " ".join(f"{k}×{n}" for k, n in sorted(block_types.items()))
                 progress.update(task, description=f"block {i}: {made}{error}")
@@ -425,7 +420,7 @@ def quantize_model(
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         peak_device_mib=peak_dev,
         width_groups=width_groups,
-        stock_types=stock_types,
+        tensor_types=tensor_types,
         resumed_from=resumed,
         decision=decision,
     )

@@ -1,9 +1,12 @@
 """A quantized weight as the quantizer stores it: SliM codes, fp16 scales/offsets and group
-widths, or a stock ggml type's packed rows."""
+widths, or a stock ggml type's packed rows. Both answer the same questions (its type,
+shape, packed rows, dequantized weights, checkpoint tensors and manifest entry), so
+checkpoints, export and evaluation never ask which family a weight is in."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +43,13 @@ class QuantizedTensor:
     @property
     def stype(self) -> fmt.SlimType:
         return fmt.slim_type(self.bits, self.group_size)
+
+    def group_widths(self) -> list[int]:
+        return self.widths.tolist()
+
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint manifest's entry for this tensor (beside its block and shape)."""
+        return {"bits": self.bits, "group_size": self.group_size, "widths": self.widths.tolist()}
 
     def dequantize(self) -> torch.Tensor:
         """float32 weights: ``f32(d) * q + f32(m)``, the same bits every kernel produces."""
@@ -102,6 +112,13 @@ class NativeTensor:
         blocks = stype.encode(codes.reshape(n, stype.block_size).numpy(), fields)
         return cls(stype.name.lower(), torch.from_numpy(blocks.reshape(rows, -1)), cols)
 
+    def group_widths(self) -> list[int]:
+        """Empty: a stock type has no per-group widths."""
+        return []
+
+    def meta(self) -> dict[str, Any]:
+        return {"type": self.type_name}
+
     def dequantize(self) -> torch.Tensor:
         return self.stype.dequantize(self.data.numpy())
 
@@ -113,4 +130,20 @@ class NativeTensor:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, type_name: str, n_cols: int) -> NativeTensor:
-        return cls(type_name, tensors[f"{prefix}.data"], n_cols)
+        """Raises ValueError for rows that are not whole ``type_name`` rows of ``n_cols`` columns."""
+        nt = cls(type_name, tensors[f"{prefix}.data"], n_cols)
+        if nt.data.dtype != torch.uint8 or nt.data.dim() != 2 or nt.data.shape[1] != nt.stype.row_bytes(n_cols):
+            raise ValueError(f"{prefix} is not {type_name} rows of {n_cols} columns")
+        return nt
+
+
+StoredTensor = QuantizedTensor | NativeTensor
+
+
+def stored_tensor(tensors: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any], group_size: int) -> StoredTensor:
+    """The tensor ``prefix`` of a checkpoint block from its manifest entry (``meta()``, plus
+    its shape); ``group_size`` is the run's, for SliM entries that do not name theirs.
+    Raises KeyError for a missing tensor, ValueError for a corrupt one."""
+    if "type" in meta:
+        return NativeTensor.from_tensors(tensors, prefix, meta["type"], meta["shape"][1])
+    return QuantizedTensor.from_tensors(tensors, prefix, meta.get("group_size", group_size))

@@ -8,9 +8,12 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
+from export_helpers import random_qtensor
+
+from slim2gguf import format as fmt
 from slim2gguf.methods import QuantSettings, quantize_linear
-from slim2gguf.qtensor import NativeTensor
-from slim2gguf.storage import NATIVE_TYPES, native_type
+from slim2gguf.qtensor import NativeTensor, stored_tensor
+from slim2gguf.storage import NATIVE_TYPES, native_type, stored_type
 from tests.test_quantizer import hessian, layer_problem, output_error
 
 TYPES = sorted(NATIVE_TYPES)
@@ -119,3 +122,33 @@ def test_refit_of_the_free_scales_never_raises_the_output_error(name):
 
     assert bool((row_errors(refit) <= row_errors(kept) * (1 + 1e-5) + 1e-12).all())
     assert float(row_errors(refit).sum()) < float(row_errors(kept).sum())
+
+
+@pytest.mark.parametrize("kind", ["slim", "q4_k", "iq4_nl"])
+def test_slim_and_stock_tensors_answer_the_same_interface(kind):
+    """What checkpoints, export and the readers use, without asking the family: the type
+    found again by its ggml id, packed rows of its row size that dequantize to the tensor's
+    values, the manifest entry that loads the tensor back, the file's keys."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == "slim":
+        qt = random_qtensor(8, 256, 3, 64, gen)
+    else:
+        qt, _ = quantize_linear(torch.randn(8, 256, generator=gen), None, None, QuantSettings("rtn", native=kind))
+    stype = stored_type(qt.stype.ggml_type)
+    assert stype == qt.stype and stype.name == qt.stype.name
+    packed = qt.pack()
+    assert packed.shape == (8, stype.row_bytes(256)) and stype.bits_per_weight == 8 * packed.shape[1] / 256
+    assert torch.equal(stype.dequantize(packed), qt.dequantize())
+    back = stored_tensor(qt.tensors("x"), "x", {**qt.meta(), "shape": [8, 256]}, group_size=128)
+    assert type(back) is type(qt) and np.array_equal(back.pack(), packed)
+    kvs = stype.file_kvs()
+    assert (kvs["native"] is None) == (kind == "slim") and kvs["bits"] == int(stype.bits_per_weight)
+    assert bool(qt.group_widths()) == (kind == "slim")
+    assert (fmt.type_from_id(kvs["file_type"]) == stype) == (kind == "slim")
+
+
+def test_a_stock_tensor_of_the_wrong_row_size_does_not_load():
+    qt, _ = quantize_linear(torch.randn(4, 256), None, None, QuantSettings("rtn", native="q4_k"))
+    data = {"x.data": qt.data[:, :-1]}
+    with pytest.raises(ValueError, match="not q4_k rows of 256 columns"):
+        stored_tensor(data, "x", {"type": "q4_k", "shape": [4, 256]}, group_size=128)

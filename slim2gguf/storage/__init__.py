@@ -1,8 +1,10 @@
-"""Stock ggml storage types behind one interface (base.NativeType), one module per family."""
+"""Storage types behind one interface (base.StoredType): SliM's mixed-width types
+(format.py, docs/FORMAT.md) and the stock ggml types (base.NativeType), one module per family."""
 
 from __future__ import annotations
 
-from .base import BlockParams, NativeType
+from .. import format as fmt
+from .base import BlockParams, NativeType, StoredType
 from .iquants import IQ4_NL, IQ4_XS
 from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from .legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
@@ -32,6 +34,11 @@ def type_from_ggml(type_id: int) -> NativeType | None:
     return _BY_GGML_TYPE.get(int(type_id))
 
 
+def stored_type(type_id: int) -> StoredType | None:
+    """The SliM or stock type with this ggml type id; None for float and unsupported types."""
+    return fmt.type_from_id(type_id) or type_from_ggml(type_id)
+
+
 def type_for(name: str, n_cols: int) -> NativeType:
     """The type a weight of ``n_cols`` columns is stored in when ``name`` is asked for:
     ``name`` itself, or its 32-wide fallback where its 256-wide blocks do not divide the rows."""
@@ -43,4 +50,4 @@ def type_for(name: str, n_cols: int) -> NativeType:
     return stype
 
 
-__all__ = ["FALLBACK", "NATIVE_TYPES", "BlockParams", "NativeType", "native_type", "type_for", "type_from_ggml"]
+__all__ = ["FALLBACK", "NATIVE_TYPES", "BlockParams", "NativeType", "StoredType", "native_type", "stored_type", "type_for", "type_from_ggml"]

@@ -18,11 +18,39 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 Fields = dict[str, torch.Tensor]
+
+
+class StoredType(Protocol):
+    """What checkpoints, the exporter and the readers need of any storage type, SliM's
+    mixed-width ones (format.SlimType) and the stock ones (NativeType) alike, so none of
+    them branches on the family."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def ggml_type(self) -> int:
+        """The tensor type id in a GGUF file."""
+        ...
+
+    @property
+    def bits_per_weight(self) -> float: ...
+
+    def row_bytes(self, n_cols: int) -> int: ...
+
+    def dequantize(self, data: np.ndarray) -> torch.Tensor:
+        """Packed rows (uint8 [..., row_bytes]) -> float32 [..., n_cols]: what llama.cpp computes with."""
+        ...
+
+    def file_kvs(self) -> dict[str, Any]:
+        """``general.file_type`` and the slim2gguf keys of a file whose main type this is."""
+        ...
 
 
 @dataclass
@@ -52,6 +80,7 @@ class NativeType(ABC):
 
     name: str
     ggml_type: int
+    file_type: int  # llama-quantize's general.file_type for a file mostly of this type
     block_size: int
     type_size: int
     sub_size: int
@@ -74,6 +103,9 @@ class NativeType(ABC):
 
     def row_bytes(self, n_cols: int) -> int:
         return n_cols // self.block_size * self.type_size
+
+    def file_kvs(self) -> dict[str, Any]:
+        return {"file_type": self.file_type, "bits": int(self.bits_per_weight), "group_size": None, "native": self.name}
 
     def round(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest stored value of each weight under (scale, offset) per row (broadcast

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType
 
 from .base import fp16_bytes, fp16_from, nibbles
 from .kquants import Signed
@@ -18,6 +19,7 @@ class IQ4_NL(ScaledBlock):
 
     name = "IQ4_NL"
     ggml_type = int(QT.IQ4_NL)
+    file_type = int(LlamaFileType.MOSTLY_IQ4_NL)
     type_size = 18
     levels = KVALUES
     encode = Q4_0.encode
@@ -31,6 +33,7 @@ class IQ4_XS(Signed):
 
     name = "IQ4_XS"
     ggml_type = int(QT.IQ4_XS)
+    file_type = int(LlamaFileType.MOSTLY_IQ4_XS)
     type_size = 136
     sub_size = 32
     levels = KVALUES

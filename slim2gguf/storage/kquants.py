@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType
 
 from .base import BlockParams, Fields, NativeType, fp16_bytes, fp16_from, nibbles
 from .fitting import fit_affine, fit_symmetric, quantize_scales, weights_of
@@ -116,6 +117,7 @@ class Q2_K(WithMins):
 
     name = "Q2_K"
     ggml_type = int(QT.Q2_K)
+    file_type = int(LlamaFileType.MOSTLY_Q2_K)
     type_size = 84
     sub_size = 16
     levels = tuple(range(4))
@@ -136,6 +138,7 @@ class Q4_K(WithMins):
 
     name = "Q4_K"
     ggml_type = int(QT.Q4_K)
+    file_type = int(LlamaFileType.MOSTLY_Q4_K_S)
     type_size = 144
     sub_size = 32
     levels = tuple(range(16))
@@ -154,6 +157,7 @@ class Q5_K(WithMins):
 
     name = "Q5_K"
     ggml_type = int(QT.Q5_K)
+    file_type = int(LlamaFileType.MOSTLY_Q5_K_S)
     type_size = 176
     sub_size = 32
     levels = tuple(range(32))
@@ -173,6 +177,7 @@ class Q3_K(Signed):
 
     name = "Q3_K"
     ggml_type = int(QT.Q3_K)
+    file_type = int(LlamaFileType.MOSTLY_Q3_K_S)
     type_size = 110
     sub_size = 16
     levels = tuple(range(-4, 4))
@@ -201,6 +206,7 @@ class Q6_K(Signed):
 
     name = "Q6_K"
     ggml_type = int(QT.Q6_K)
+    file_type = int(LlamaFileType.MOSTLY_Q6_K)
     type_size = 210
     sub_size = 16
     levels = tuple(range(-32, 32))

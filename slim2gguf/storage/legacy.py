@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType
 
 from .base import BlockParams, Fields, NativeType, fp16_bytes, fp16_from, nibbles, to_fp16
 from .fitting import fit_affine, fit_symmetric, weights_of
@@ -33,6 +34,7 @@ class Q4_0(ScaledBlock):
 
     name = "Q4_0"
     ggml_type = int(QT.Q4_0)
+    file_type = int(LlamaFileType.MOSTLY_Q4_0)
     type_size = 18
     levels = tuple(range(-8, 8))
 
@@ -49,6 +51,7 @@ class Q5_0(ScaledBlock):
 
     name = "Q5_0"
     ggml_type = int(QT.Q5_0)
+    file_type = int(LlamaFileType.MOSTLY_Q5_0)
     type_size = 22
     levels = tuple(range(-16, 16))
 
@@ -68,6 +71,7 @@ class Q8_0(ScaledBlock):
 
     name = "Q8_0"
     ggml_type = int(QT.Q8_0)
+    file_type = int(LlamaFileType.MOSTLY_Q8_0)
     type_size = 34
     levels = tuple(range(-128, 128))
 
@@ -100,6 +104,7 @@ class Q4_1(ScaledBlockWithMin):
 
     name = "Q4_1"
     ggml_type = int(QT.Q4_1)
+    file_type = int(LlamaFileType.MOSTLY_Q4_1)
     type_size = 20
     levels = tuple(range(16))
 
@@ -118,6 +123,7 @@ class Q5_1(ScaledBlockWithMin):
 
     name = "Q5_1"
     ggml_type = int(QT.Q5_1)
+    file_type = int(LlamaFileType.MOSTLY_Q5_1)
     type_size = 24
     levels = tuple(range(32))
 

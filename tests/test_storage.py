@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from export_helpers import random_qtensor
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
-
-from export_helpers import random_qtensor
 
 from slim2gguf import format as fmt
 from slim2gguf.methods import QuantSettings, quantize_linear

@@ -219,6 +219,24 @@ def fake_tool(calls: list, stdout: str = "", stderr: str = ""):
     return tool
 
 
+def test_a_run_whose_last_lines_were_lost_is_repeated(monkeypatch):
+    """llama.cpp's leaked logger can drop a tool's last lines with exit code 0 (validate.LOG_LOSS_RETRIES)."""
+    cut = PERPLEXITY_LOG[: PERPLEXITY_LOG.index("Final estimate")]
+    logs = iter([cut, PERPLEXITY_LOG])
+    calls: list = []
+
+    def tool(name, args, gguf_path=None):
+        calls.append(name)
+        return subprocess.CompletedProcess([name], 0, stdout="", stderr=next(logs))
+
+    monkeypatch.setattr(validate, "run_tool", tool)
+    assert validate.llama_perplexity("m.gguf", "t.txt", 128, 4) == 48956.1869 and len(calls) == 2
+    monkeypatch.setattr(validate, "run_tool", fake_tool(calls, stderr=cut))
+    with pytest.raises(LlamaToolError, match="no final estimate"):
+        validate.llama_perplexity("m.gguf", "t.txt", 128, 4)
+    assert len(calls) == 2 + validate.LOG_LOSS_RETRIES
+
+
 @pytest.mark.parametrize("llama_ppl, passed", [(1000.0, True), (1030.0, False)])
 def test_validate_compares_both_sides(monkeypatch, tmp_path, small_slim_gguf, llama_ppl, passed):
     calls: list = []

@@ -95,12 +95,37 @@ def write_random_checkpoint(
     return everything
 
 
+def sentencepiece_tokenizer_dir(target: Path, corpus: Path, vocab_size: int = 512) -> Path:
+    """A Gemma-style SentencePiece tokenizer (BPE with byte fallback, no dummy prefix,
+    <pad> <eos> <bos> <unk> first) trained on ``corpus``: ``tokenizer.model``, which
+    llama.cpp's Gemma 2 converter reads, and the ``tokenizer.json`` transformers makes from it."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    source = Path(tempfile.mkdtemp(prefix="spm-"))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(source / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        hard_vocab_limit=False, byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", character_coverage=1.0, add_dummy_prefix=False, split_digits=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer", "add_bos_token": True}))
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    shutil.copy(source / "tokenizer.model", target / "tokenizer.model")
+    shutil.rmtree(source)
+    return target
+
+
 def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overrides: Any) -> Path:
-    """A randomly initialized small model saved as a HF directory, with the demo model's tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A randomly initialized small model saved as a HF directory, with the tokenizer of
+    ``tokenizer_dir`` (the demo model's, or sentencepiece_tokenizer_dir's, whose size it takes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                  "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3"}  # fmt: skip
+                  "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3"}  # fmt: skip
     params = {
         "architectures": [architecture],
         "hidden_size": 128,
@@ -109,7 +134,7 @@ def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overr
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 32,
-        "vocab_size": 49152,
+        "vocab_size": len(AutoTokenizer.from_pretrained(tokenizer_dir)) if (tokenizer_dir / "tokenizer.model").exists() else 49152,
         "max_position_embeddings": 512,
         **overrides,
     }
@@ -117,8 +142,9 @@ def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overr
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, target / name)
+    for name in (*TOKENIZER_FILES, "tokenizer.model"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, target / name)
     if architecture == "Phi3ForCausalLM":  # a GPT-2 style BPE tokenizer, as Phi-4 has (Phi-3's is SentencePiece)
         tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
         tokenizer_config["tokenizer_class"] = "GPT2Tokenizer"

@@ -18,7 +18,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from export_helpers import LINEARS, linear_shapes, random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
+from export_helpers import (
+    LINEARS,
+    linear_shapes,
+    random_qtensor,
+    sentencepiece_tokenizer_dir,
+    tiny_model_dir,
+    write_random_checkpoint,
+    write_small_gguf,
+)
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -61,6 +69,7 @@ class Family:
     config: dict
     skip: tuple[str, ...] = ()  # linears left out of the checkpoint: exported as F32
     norm_shift: float = 0.0  # what llama.cpp's converter adds to norm weights (Gemma's 1 + w)
+    sentencepiece: bool = False  # its converter reads tokenizer.model (Gemma 2), not the demo's BPE
 
 
 FAMILIES = {
@@ -68,6 +77,9 @@ FAMILIES = {
     "qwen3": Family(
         "Qwen3ForCausalLM", 2, 128, "bf16", "q8_0", {"hidden_size": 256, "tie_word_embeddings": True},
         skip=("model.layers.1.mlp.down_proj",),
+    ),
+    "gemma2": Family(
+        "Gemma2ForCausalLM", 3, 64, "q8_0", "q8_0", {"sliding_window": 16}, norm_shift=1.0, sentencepiece=True
     ),
     "gemma3": Family(
         "Gemma3ForCausalLM", 4, 32, "q8_0", "q8_0", {"tie_word_embeddings": True, "sliding_window": 16}, norm_shift=1.0
@@ -109,9 +121,13 @@ def demo_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, demo_dir) -> dict[str, Path]:
+def tiny_models(tmp_path_factory, demo_dir, tiny_text) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {name: tiny_model_dir(root / name, f.architecture, demo_dir, **f.config) for name, f in FAMILIES.items()}
+    spm_dir = sentencepiece_tokenizer_dir(root / "spm", tiny_text)
+    return {
+        name: tiny_model_dir(root / name, f.architecture, spm_dir if f.sentencepiece else demo_dir, **f.config)
+        for name, f in FAMILIES.items()
+    }
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -166,6 +182,18 @@ def test_standard_tensors(exported):
     assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
     norm = dequantize_tensor(exported.reader, "output_norm.weight")
     assert np.array_equal(norm, weights["model.norm.weight"].numpy() + np.float32(exported.family.norm_shift))
+
+
+def test_metadata_and_tokenizer_match_upstream_in_every_family(exported, tmp_path):
+    """The KV section as llama.cpp's converter writes it for the same model, byte for byte."""
+    upstream = tmp_path / "upstream.gguf"
+    cmd = [sys.executable, str(ensure_source() / "convert_hf_to_gguf.py"), str(exported.model), "--outtype", "f32", "--outfile", str(upstream)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mine = {k: v for k, v in _raw_fields(exported.reader).items() if not k.startswith(OUR_PREFIX)}
+    theirs = _raw_fields(open_gguf(upstream))
+    assert list(mine) == list(theirs)
+    assert {k for k in mine if mine[k] != theirs[k]} == DIFFERING_KEYS
 
 
 def test_linears_missing_from_checkpoint_stay_f32(exported):

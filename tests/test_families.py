@@ -1,4 +1,4 @@
-"""Families beyond LLaMA and Qwen (Gemma 3, Phi-3): the pipeline runs each decoder layer
+"""Families beyond LLaMA and Qwen (Gemma 2 and 3, Phi-3): the pipeline runs each decoder layer
 with the mask and rotary embeddings of its kind (Gemma's sliding-window and global layers),
 and quantizes every linear, Phi-3's fused ones whole."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import linear_shapes, tiny_model_dir
+from export_helpers import linear_shapes, sentencepiece_tokenizer_dir, tiny_model_dir
 
 from slim2gguf.architectures import tensor_class
 from slim2gguf.checkpoint import Checkpoint
@@ -22,10 +22,12 @@ GEMMA_KINDS = ["sliding_attention", "full_attention", "sliding_attention", "full
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, tiny_text) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     demo = demo_model_dir()
     return {
+        "gemma2": tiny_model_dir(root / "gemma2", "Gemma2ForCausalLM", sentencepiece_tokenizer_dir(root / "spm", tiny_text),
+                                 num_hidden_layers=4, layer_types=GEMMA_KINDS, sliding_window=8),  # fmt: skip
         "gemma3": tiny_model_dir(root / "gemma3", "Gemma3ForCausalLM", demo, num_hidden_layers=4,
                                  layer_types=GEMMA_KINDS, sliding_window=8),  # fmt: skip
         "phi3": tiny_model_dir(root / "phi3", "Phi3ForCausalLM", demo, tie_word_embeddings=False),
@@ -41,8 +43,9 @@ def _run_layers(model: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list
 
 
 @torch.no_grad()
-def test_each_layer_kind_gets_its_own_mask_and_rotary_embeddings(models):
-    model = load_model(models["gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_each_layer_kind_gets_its_own_mask_and_rotary_embeddings(models, family):
+    model = load_model(models[family])
     assert layer_types(model) == GEMMA_KINDS
     windows = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0))
     hidden, kwargs_of = capture_block_inputs(model, windows, torch.device("cpu"))
@@ -54,7 +57,7 @@ def test_each_layer_kind_gets_its_own_mask_and_rotary_embeddings(models):
     assert not torch.allclose(every_layer_like_the_first, expected, atol=1e-3)  # the kinds differ in this test
 
 
-@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
 def test_quantize_every_linear_of_the_family(models, family, tiny_text, tmp_path):
     path = models[family]
     settings = QuantSettings("slim", 3, 32, sba_tokens=256)

@@ -3,9 +3,12 @@ transformers config (with the demo model's tokenizer): `slim2gguf convert` at 4 
 llama.cpp dequantizes every SliM tensor bit for bit as PyTorch does, the two perplexities agree
 within 1 % (`slim2gguf validate`), and a completion runs.
 
-Gemma 3 has six layers (llama.cpp's fixed pattern: five sliding-window layers, then a global
-one) with a window shorter than the evaluation context, so both kinds of layer matter; its
-query scale is set to llama.cpp's (1/sqrt(head_dim)), as every released Gemma 3 but the 27B has.
+Gemma 2's converter reads a SentencePiece tokenizer: its model gets one trained on the test
+text (export_helpers.sentencepiece_tokenizer_dir), and four layers alternating sliding-window
+and global, as llama.cpp's Gemma 2 does. Gemma 3 has six layers (llama.cpp's fixed pattern:
+five sliding-window layers, then a global one). Both have a window shorter than the
+evaluation context, so both kinds of layer matter, and llama.cpp's query scale
+(1/sqrt(head_dim)), as every released Gemma 2 and 3 but the 27B has.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from slim2gguf.inspect_gguf import dequantize_tensor, open_gguf
 pytestmark = pytest.mark.e2e
 
 FAMILIES = {
+    "gemma2": ("Gemma2ForCausalLM", {"num_hidden_layers": 4, "sliding_window": 32, "query_pre_attn_scalar": 32}),
     "gemma3": ("Gemma3ForCausalLM", {"num_hidden_layers": 6, "sliding_window": 32, "query_pre_attn_scalar": 32}),
     "phi3": ("Phi3ForCausalLM", {"tie_word_embeddings": False}),
 }
@@ -36,14 +40,15 @@ def slim2gguf(*args: str | os.PathLike | int) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def converted(request, tmp_path_factory, tiny_text) -> tuple[Path, Path]:
-    from export_helpers import tiny_model_dir
+    from export_helpers import sentencepiece_tokenizer_dir, tiny_model_dir
 
     from slim2gguf.named_models import demo_model_dir
 
     llamacpp.build()
     architecture, config = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    model = tiny_model_dir(root / "model", architecture, demo_model_dir(), **config)
+    tokenizer = sentencepiece_tokenizer_dir(root / "spm", tiny_text) if request.param == "gemma2" else demo_model_dir()
+    model = tiny_model_dir(root / "model", architecture, tokenizer, **config)
     out = root / f"{request.param}-slim4.gguf"
     r = slim2gguf("convert", model, "-o", out, "--bits", 4, "--group-size", 32, "--calib", tiny_text,
                   "--nsamples", 8, "--seqlen", 64)  # fmt: skip

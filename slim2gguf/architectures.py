@@ -19,8 +19,14 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # its text decoder (text_model.py); the vision tower is not written
     "Phi3ForCausalLM": "phi3",  # fused qkv_proj and gate_up_proj, kept fused as llama.cpp stores them
 }
+
+
+# Image-text checkpoints whose text decoder slim2gguf quantizes and exports alone, as
+# llama.cpp's converter does (text_model.py loads it as its causal LM).
+MULTIMODAL_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 
 
 class UnsupportedArchitectureError(ValueError):

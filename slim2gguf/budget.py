@@ -92,13 +92,15 @@ class ModelShapes:
 
 
 def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None, native: bool = False) -> ModelShapes:
-    """Shapes of every tensor from a weightless (meta-device) instance of the model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Shapes of every tensor the GGUF file holds, from a weightless (meta-device) instance
+    of the causal LM (a multimodal checkpoint's text decoder)."""
+    from transformers import AutoModelForCausalLM
 
     from .models import linear_shapes_of
+    from .text_model import causal_config
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        model = AutoModelForCausalLM.from_config(causal_config(model_dir))
     block = linear_shapes_of(model)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()

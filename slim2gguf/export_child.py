@@ -45,6 +45,7 @@ from .architectures import UnsupportedArchitectureError, model_family
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
 from .storage import stored_type
+from .text_model import TextModelError, file_name, weight_prefix
 
 
 @dataclass
@@ -177,13 +178,14 @@ def _slim_model_class(base: type) -> type:
     return SlimModel
 
 
-def _pack(checkpoint: Checkpoint, model_class: type, progress: Progress) -> tuple[dict[str, _Packed], Counter]:
-    """Pack every quantized linear, keyed by the converter's name for its weight."""
+def _pack(checkpoint: Checkpoint, model_class: type, prefix: str, progress: Progress) -> tuple[dict[str, _Packed], Counter]:
+    """Pack every quantized linear, keyed by the converter's name for its weight (the
+    files' name under ``prefix``: text_model.weight_prefix)."""
     packed: dict[str, _Packed] = {}
     widths: Counter = Counter()
     task = progress.add_task("packing", total=len(checkpoint.manifest["tensors"]))
     for module_name, qt in checkpoint.tensors():
-        item = model_class.filter_tensors((module_name + ".weight", lambda: None))
+        item = model_class.filter_tensors((file_name(module_name, prefix) + ".weight", lambda: None))
         if item is None:
             raise ExportError(f"llama.cpp's converter drops {module_name}.weight")
         for width in qt.group_widths():
@@ -257,7 +259,7 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     out = Path(job["out"])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not job["progress"]) as bar:
-        packed, widths = _pack(ckpt, model_class, bar)
+        packed, widths = _pack(ckpt, model_class, weight_prefix(model_dir), bar)
         kvs = _file_kvs(_dominant_type(packed), settings)
         converting = bar.add_task("converting")
         with torch.inference_mode():
@@ -301,10 +303,11 @@ def linear_mapping(job: dict[str, Any]) -> dict[str, Any]:
     model_family(architecture)
     model_class = conversion.get_model_class(architecture)
     mapping: dict[str, Any] = {}
+    prefix = weight_prefix(model_dir)
     with torch.inference_mode():
         model = model_class(model_dir, gguf.LlamaFileType.ALL_F32, model_dir)  # the path only names a file
         for module, shape in job["linears"].items():
-            item = model_class.filter_tensors((module + ".weight", lambda: None))
+            item = model_class.filter_tensors((file_name(module, prefix) + ".weight", lambda: None))
             if item is None:
                 continue
             name = item[0]
@@ -322,7 +325,7 @@ def main() -> None:
     try:
         job = json.loads(sys.argv[1])
         answer = JOBS[job.get("kind", "convert")](job)
-    except (ExportError, CheckpointError, fmt.FormatError, UnsupportedArchitectureError) as err:
+    except (ExportError, CheckpointError, fmt.FormatError, UnsupportedArchitectureError, TextModelError) as err:
         answer = {"error": str(err)}
     except Exception as err:  # the converter's own failure: keep its traceback for a bug report
         traceback.print_exc()

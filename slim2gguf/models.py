@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import named_models
+from . import named_models, text_model
 from .architectures import SUPPORTED_ARCHITECTURES
 from .from_gguf import GGUFImportError, is_gguf, resolve_gguf
 
@@ -70,7 +70,13 @@ def load_model(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     architecture_of(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if text_model.is_multimodal(path):
+        try:
+            model = text_model.load_text_model(path)
+        except text_model.TextModelError as err:
+            raise ModelError(str(err)) from err
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False
     return model
@@ -96,10 +102,10 @@ def block_linears(model: nn.Module, index: int) -> dict[str, nn.Linear]:
 def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     """[out, in] of every linear in the decoder blocks (the ones a checkpoint quantizes),
     from a weightless (meta-device) instance of the model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        model = AutoModelForCausalLM.from_config(text_model.causal_config(model_dir))
     return linear_shapes_of(model)
 
 

@@ -119,6 +119,11 @@ def sentencepiece_tokenizer_dir(target: Path, corpus: Path, vocab_size: int = 51
     return target
 
 
+def raw_fields(reader: Any) -> dict[str, bytes]:
+    """Each GGUF key's value as stored (comparing bytes is much faster than decoding 49152 tokens)."""
+    return {key: b"".join(part.tobytes() for part in field.parts) for key, field in reader.fields.items()}
+
+
 def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overrides: Any) -> Path:
     """A randomly initialized small model saved as a HF directory, with the tokenizer of
     ``tokenizer_dir`` (the demo model's, or sentencepiece_tokenizer_dir's, whose size it takes)."""
@@ -138,9 +143,18 @@ def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overr
         "max_position_embeddings": 512,
         **overrides,
     }
-    config = AutoConfig.for_model(model_type[architecture], **params)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if architecture == "Gemma3ForConditionalGeneration":  # a Gemma 3 text decoder beside a tiny vision tower
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+        params.pop("architectures")
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 32, "patch_size": 8}  # fmt: skip
+        config = Gemma3Config(text_config=params, vision_config=vision, mm_tokens_per_image=4, architectures=[architecture])
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        config = AutoConfig.for_model(model_type[architecture], **params)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target)
     for name in (*TOKENIZER_FILES, "tokenizer.model"):
         if (tokenizer_dir / name).exists():

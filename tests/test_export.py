@@ -22,6 +22,7 @@ from export_helpers import (
     LINEARS,
     linear_shapes,
     random_qtensor,
+    raw_fields,
     sentencepiece_tokenizer_dir,
     tiny_model_dir,
     write_random_checkpoint,
@@ -190,8 +191,8 @@ def test_metadata_and_tokenizer_match_upstream_in_every_family(exported, tmp_pat
     cmd = [sys.executable, str(ensure_source() / "convert_hf_to_gguf.py"), str(exported.model), "--outtype", "f32", "--outfile", str(upstream)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    mine = {k: v for k, v in _raw_fields(exported.reader).items() if not k.startswith(OUR_PREFIX)}
-    theirs = _raw_fields(open_gguf(upstream))
+    mine = {k: v for k, v in raw_fields(exported.reader).items() if not k.startswith(OUR_PREFIX)}
+    theirs = raw_fields(open_gguf(upstream))
     assert list(mine) == list(theirs)
     assert {k for k in mine if mine[k] != theirs[k]} == DIFFERING_KEYS
 
@@ -265,15 +266,10 @@ def demo_readers(tmp_path_factory, demo_dir) -> tuple[gguf.GGUFReader, gguf.GGUF
     return open_gguf(ours), open_gguf(upstream)
 
 
-def _raw_fields(reader: gguf.GGUFReader) -> dict[str, bytes]:
-    """Each key's value as stored (comparing bytes is much faster than decoding 49152 tokens)."""
-    return {key: b"".join(part.tobytes() for part in field.parts) for key, field in reader.fields.items()}
-
-
 def test_metadata_and_tokenizer_match_upstream(demo_readers):
     ours, upstream = demo_readers
-    mine = {k: v for k, v in _raw_fields(ours).items() if not k.startswith(OUR_PREFIX)}
-    theirs = _raw_fields(upstream)
+    mine = {k: v for k, v in raw_fields(ours).items() if not k.startswith(OUR_PREFIX)}
+    theirs = raw_fields(upstream)
     assert list(mine) == list(theirs)  # same keys, same order
     assert {k for k in mine if mine[k] != theirs[k]} == DIFFERING_KEYS
     assert ours.fields["general.file_type"].contents() == fmt.slim_type(3, 64).type_id

@@ -8,7 +8,9 @@ text (export_helpers.sentencepiece_tokenizer_dir), and four layers alternating s
 and global, as llama.cpp's Gemma 2 does. Gemma 3 has six layers (llama.cpp's fixed pattern:
 five sliding-window layers, then a global one). Both have a window shorter than the
 evaluation context, so both kinds of layer matter, and llama.cpp's query scale
-(1/sqrt(head_dim)), as every released Gemma 2 and 3 but the 27B has.
+(1/sqrt(head_dim)), as every released Gemma 2 and 3 but the 27B has. The multimodal Gemma 3
+checkpoint has a small vision tower beside the same decoder; only the decoder is written.
+Every file's KV section is the converter's own, byte for byte.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ pytestmark = pytest.mark.e2e
 FAMILIES = {
     "gemma2": ("Gemma2ForCausalLM", {"num_hidden_layers": 4, "sliding_window": 32, "query_pre_attn_scalar": 32}),
     "gemma3": ("Gemma3ForCausalLM", {"num_hidden_layers": 6, "sliding_window": 32, "query_pre_attn_scalar": 32}),
+    "gemma3-multimodal": (
+        "Gemma3ForConditionalGeneration", {"num_hidden_layers": 6, "sliding_window": 32, "query_pre_attn_scalar": 32}
+    ),
     "phi3": ("Phi3ForCausalLM", {"tie_word_embeddings": False}),
 }
 
@@ -69,6 +74,20 @@ def test_llama_cpp_dequantizes_every_slim_tensor_as_pytorch(converted, tmp_path)
         expected = dequantize_tensor(reader, tensor.name)
         got = np.fromfile(out, dtype=np.float32).reshape(expected.shape)
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), tensor.name
+
+
+def test_metadata_and_tokenizer_are_the_converters(converted, tmp_path):
+    from export_helpers import raw_fields
+
+    model, path = converted
+    upstream = tmp_path / "upstream.gguf"
+    cmd = [sys.executable, str(llamacpp.ensure_source() / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32", "--outfile", str(upstream)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mine = {k: v for k, v in raw_fields(open_gguf(path)).items() if not k.startswith("slim2gguf.")}
+    theirs = raw_fields(open_gguf(upstream))
+    assert list(mine) == list(theirs)
+    assert {k for k in mine if mine[k] != theirs[k]} == {"general.file_type", "GGUF.kv_count"}
 
 
 def test_perplexities_agree_and_a_completion_runs(converted, tiny_text):

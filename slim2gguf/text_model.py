@@ -1,0 +1,101 @@
+"""The causal language model a checkpoint holds, and where its decoder weights sit in the files.
+
+A plain causal LM (``LlamaForCausalLM``, ...) is itself. A multimodal checkpoint
+(``Gemma3ForConditionalGeneration``: a vision tower and a projector beside a Gemma 3 text
+decoder) holds one under a prefix that depends on who saved it (``language_model.model.``
+in Google's releases, ``model.language_model.`` in newer saves); llama.cpp's converter
+writes only that decoder into the GGUF file (the vision part goes to a separate mmproj
+file). slim2gguf loads the decoder alone as the matching causal LM, so the pipeline sees
+the usual module names (``model.layers.N...``), and maps them back to the files' names
+for the exporter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import MULTIMODAL_ARCHITECTURES
+
+PLAIN_PREFIX = "model."
+PROBE = "layers.0.self_attn.q_proj.weight"  # a weight every supported text decoder has
+
+
+class TextModelError(ValueError):
+    """A multimodal checkpoint whose text decoder cannot be found in its files."""
+
+
+def architecture(model_dir: Path) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return (config.get("architectures") or ["<none>"])[0]
+
+
+def is_multimodal(model_dir: Path) -> bool:
+    return architecture(model_dir) in MULTIMODAL_ARCHITECTURES
+
+
+def causal_config(model_dir: Path) -> Any:
+    """The transformers config of the causal LM: the text config of a multimodal checkpoint."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return config.get_text_config() if is_multimodal(model_dir) else config
+
+
+def _weight_names(model_dir: Path) -> list[str]:
+    """Every tensor name in the model's safetensors files (from the index, or the headers)."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    names: list[str] = []
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            names.extend(f.keys())
+    return names
+
+
+def weight_prefix(model_dir: Path) -> str:
+    """What comes before ``layers.N...`` in the files' names of the decoder's weights."""
+    if not is_multimodal(model_dir):
+        return PLAIN_PREFIX
+    found = {name[: -len(PROBE)] for name in _weight_names(Path(model_dir)) if name.endswith(PROBE)}
+    text = sorted(p for p in found if "language_model" in p)
+    if len(text) != 1:
+        raise TextModelError(f"{model_dir}: cannot tell the text decoder's weights apart (found prefixes {sorted(found)})")
+    return text[0]
+
+
+def file_name(module: str, prefix: str) -> str:
+    """The files' name of a decoder module (``model.layers.3.mlp.down_proj``) under ``prefix``."""
+    return prefix + module.removeprefix(PLAIN_PREFIX)
+
+
+def load_text_model(model_dir: Path) -> nn.Module:
+    """The text decoder of a multimodal checkpoint as its causal LM, float32 on the CPU."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    prefix = weight_prefix(model_dir)
+    heads = {prefix.removesuffix("model.") + "lm_head.weight", "lm_head.weight"}
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix):
+                    state[PLAIN_PREFIX + name[len(prefix) :]] = f.get_tensor(name).float()
+                elif name in heads:
+                    state["lm_head.weight"] = f.get_tensor(name).float()
+    model = AutoModelForCausalLM.from_config(causal_config(model_dir), dtype=torch.float32)
+    missing, _ = model.load_state_dict(state, strict=False)
+    tied = model.config.tie_word_embeddings
+    if set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise TextModelError(f"{model_dir}: the text decoder's weights are incomplete, e.g. {sorted(missing)[:3]}")
+    if tied:
+        model.tie_weights()
+    return model

@@ -92,9 +92,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
+def block_name(index: int) -> str:
+    """The module name of decoder block ``index`` in every supported causal LM."""
+    return f"model.layers.{index}"
+
+
 def block_linears(model: nn.Module, index: int) -> dict[str, nn.Linear]:
     """Full module name -> linear for every nn.Linear inside decoder block ``index``."""
-    prefix = f"model.layers.{index}."
+    prefix = block_name(index) + "."
     layer = decoder_layers(model)[index]
     return {prefix + name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
 

@@ -31,9 +31,20 @@ from .calib import calibration_windows, read_text
 from .checkpoint import CheckpointWriter, finished_with
 from .gptq import few_threads
 from .methods import QuantSettings, check_allocation, quantize_linear
-from .models import architecture_of, block_linear_shapes, block_linears, decoder_layers, load_model, load_tokenizer, resolve_model
+from .models import (
+    ModelError,
+    architecture_of,
+    block_linear_shapes,
+    block_linears,
+    block_name,
+    decoder_layers,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from .qtensor import StoredTensor
 from .storage import type_for
+from .text_model import BlockLoader, TextModelError
 
 BATCH = 8
 
@@ -213,6 +224,21 @@ def _types(tensors: list[StoredTensor]) -> Counter:
     return Counter(qt.stype.name for qt in tensors)
 
 
+def _open_model(path: Path, whole: bool) -> tuple[nn.Module, BlockLoader | None]:
+    """The float model. ``whole`` (self-generated calibration and --bpw's sensitivity run
+    it end to end, as does a model without safetensors files): loaded at once. Otherwise
+    a skeleton whose token embedding is read now and whose blocks the caller reads and
+    frees one at a time (text_model.BlockLoader), so host memory stays flat in depth."""
+    if whole or not any(path.glob("*.safetensors")):
+        return load_model(path), None
+    try:
+        loader = BlockLoader(path)
+        loader.load("model.embed_tokens")
+    except TextModelError as err:
+        raise ModelError(str(err)) from err
+    return loader.skeleton, loader
+
+
 def tensor_settings(
     name: str, lin: nn.Linear, quant: QuantSettings, allocation: Allocation | None, decision: Decision | None
 ) -> tuple[QuantSettings, list[int] | None]:
@@ -357,7 +383,7 @@ def quantize_model(
                               None, widths, _types(finished), done.manifest["num_blocks"], Decision.from_dict(done.budget) if done.budget else None)  # fmt: skip
     calibrated = quant.method != "rtn"
     text = read_text(calib.source) if calibrated and calib.source != "self" else None  # bad files stop here, first
-    model = load_model(path)
+    model, loader = _open_model(path, whole=calibrated and (calib.source == "self" or shapes is not None))
     tokenizer = load_tokenizer(path)
     layers = decoder_layers(model)
     writer = CheckpointWriter(out_dir, settings, len(layers))
@@ -376,7 +402,12 @@ def quantize_model(
             decision = Decision.from_dict(writer.budget)
         elif allocation is not None and allocation.budget is not None and writer.budget is None:
             writer.set_budget(allocation.budget)
+        ahead = [block_name(i) for i in range(max(kinds.index(kind) for kind in kinds))]  # run to the last kind's first layer
+        for name in ahead if loader else ():
+            loader.load(name)
         hidden, kwargs_of = capture_block_inputs(model, windows, dev)
+        for name in ahead if loader else ():
+            loader.release(name)
         n_tokens = windows.numel()
         sample_idx = token_sample(n_tokens, quant.sba_tokens, calib.seed)
     stored = dict(writer.finished_tensors()) if resumed else {}
@@ -386,6 +417,8 @@ def quantize_model(
     with torch.no_grad(), Progress(*columns, console=console) as progress:
         task = progress.add_task("quantizing blocks", total=len(layers))
         for i, layer in enumerate(layers):
+            if loader:
+                loader.load(block_name(i))
             layer.to(dev)
             batches = list(zip(hidden, kwargs_of.get(kinds[i], [])))
             linears = quantized_linears(model, i, quant)
@@ -409,6 +442,8 @@ def quantize_model(
                 progress.update(task, description=f"block {i}: {made}{error}")
             hidden = outputs
             layer.to("cpu")
+            if loader:
+                loader.release(block_name(i))
             progress.advance(task)
     wall = time.perf_counter() - started
     versions = {"slim2gguf": __version__, "torch": torch.__version__, "python": platform.python_version()}

@@ -99,3 +99,64 @@ def load_text_model(model_dir: Path) -> nn.Module:
     if tied:
         model.tie_weights()
     return model
+
+
+class BlockLoader:
+    """The causal LM with its weights read from the safetensors files only when needed.
+
+    ``skeleton`` is the model with every parameter on the meta device (buffers, such as
+    the rotary frequencies, are real); ``load(prefix)`` reads the parameters under a
+    module name (``model.embed_tokens``, ``model.layers.3``) in their stored dtype and
+    casts them to float32, ``release(prefix)`` returns them to the meta device. Host
+    memory then holds what is loaded: the token embedding and one decoder block while
+    the pipeline quantizes, whatever the depth of the model.
+    """
+
+    def __init__(self, model_dir: Path):
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        self.prefix = weight_prefix(self.model_dir)
+        self.shard_of: dict[str, Path] = {}
+        for shard in sorted(self.model_dir.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                self.shard_of.update(dict.fromkeys(f.keys(), shard))
+        with init_empty_weights(include_buffers=False):
+            self.skeleton = AutoModelForCausalLM.from_config(causal_config(self.model_dir), dtype=torch.float32)
+        self.skeleton.eval()
+        self.skeleton.config.use_cache = False
+        self.tied = bool(self.skeleton.config.tie_word_embeddings)
+
+    def _stored_name(self, param: str) -> str:
+        if param == "lm_head.weight":
+            heads = [self.prefix.removesuffix("model.") + param, param]
+            return next((h for h in heads if h in self.shard_of), heads[-1])
+        return file_name(param, self.prefix)
+
+    def load(self, module: str) -> None:
+        """Read every parameter under ``module`` from the files (float32, on the CPU)."""
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
+
+        wanted = [n for n, p in self.skeleton.named_parameters(remove_duplicate=False) if n.startswith(module + ".") and p.is_meta]
+        by_shard: dict[Path, list[str]] = {}
+        for name in wanted:
+            if name == "lm_head.weight" and self.tied:
+                continue
+            stored = self._stored_name(name)
+            if stored not in self.shard_of:
+                raise TextModelError(f"{self.model_dir} has no weight {stored}")
+            by_shard.setdefault(self.shard_of[stored], []).append(name)
+        for shard, names in by_shard.items():
+            with safe_open(str(shard), "pt") as f:
+                for name in names:
+                    value = f.get_tensor(self._stored_name(name)).float()
+                    set_module_tensor_to_device(self.skeleton, name, "cpu", value=value)
+        if self.tied and module in ("model", "model.embed_tokens", "lm_head"):
+            self.skeleton.tie_weights()
+
+    def release(self, module: str) -> None:
+        """Free the parameters under ``module`` (back to the meta device)."""
+        self.skeleton.get_submodule(module).to("meta")

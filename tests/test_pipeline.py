@@ -60,6 +60,26 @@ def test_same_seed_gives_identical_checkpoint(slim_ckpt, tiny_model, tiny_text, 
     assert files_of(again) == files_of(slim_ckpt)
 
 
+def test_blocks_read_one_at_a_time_give_the_same_checkpoint(tiny_model, tiny_text, tmp_path, monkeypatch):
+    """The flat-memory path (text_model.BlockLoader: the embedding, then one block at a
+    time) against the whole model loaded at once: the same bytes; no more than one block
+    is ever read in while quantizing."""
+    from slim2gguf import pipeline
+    from slim2gguf.text_model import BlockLoader
+
+    loaded: list[str] = []
+    original_load, original_release = BlockLoader.load, BlockLoader.release
+    monkeypatch.setattr(BlockLoader, "load", lambda self, module: (loaded.append(module), original_load(self, module)))
+    monkeypatch.setattr(BlockLoader, "release", lambda self, module: (loaded.remove(module), original_release(self, module)))
+    peak: list[int] = []
+    monkeypatch.setattr(pipeline, "_run_block", lambda *a, _run=pipeline._run_block: (peak.append(len(loaded)), _run(*a))[1])
+    quantize_model(str(tiny_model), tmp_path / "lazy", SLIM, calib(tiny_text))
+    monkeypatch.setattr(pipeline, "_open_model", lambda path, whole: (load_model(path), None))
+    quantize_model(str(tiny_model), tmp_path / "whole", SLIM, calib(tiny_text))
+    assert files_of(tmp_path / "lazy") == files_of(tmp_path / "whole")
+    assert peak and max(peak) == 2 and loaded == ["model.embed_tokens"]  # the embedding and one block
+
+
 def test_resume_after_interruption_matches_uninterrupted(slim_ckpt, tiny_model, tiny_text, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
     original = ckpt_mod.CheckpointWriter.write_block

@@ -77,28 +77,11 @@ def file_name(module: str, prefix: str) -> str:
 
 
 def load_text_model(model_dir: Path) -> nn.Module:
-    """The text decoder of a multimodal checkpoint as its causal LM, float32 on the CPU."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    prefix = weight_prefix(model_dir)
-    heads = {prefix.removesuffix("model.") + "lm_head.weight", "lm_head.weight"}
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                if name.startswith(prefix):
-                    state[PLAIN_PREFIX + name[len(prefix) :]] = f.get_tensor(name).float()
-                elif name in heads:
-                    state["lm_head.weight"] = f.get_tensor(name).float()
-    model = AutoModelForCausalLM.from_config(causal_config(model_dir), dtype=torch.float32)
-    missing, _ = model.load_state_dict(state, strict=False)
-    tied = model.config.tie_word_embeddings
-    if set(missing) - ({"lm_head.weight"} if tied else set()):
-        raise TextModelError(f"{model_dir}: the text decoder's weights are incomplete, e.g. {sorted(missing)[:3]}")
-    if tied:
-        model.tie_weights()
-    return model
+    """The text decoder of a multimodal checkpoint as its causal LM, whole, float32 on the CPU."""
+    loader = BlockLoader(model_dir)
+    loader.load("model")
+    loader.load("lm_head")
+    return loader.skeleton
 
 
 class BlockLoader:

@@ -12,6 +12,7 @@ for the exporter.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,14 @@ class BlockLoader:
     def release(self, module: str) -> None:
         """Free the parameters under ``module`` (back to the meta device)."""
         self.skeleton.get_submodule(module).to("meta")
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS. glibc raises its mmap threshold as large
+    tensors are freed, so later ones come from its arenas, which keep what is freed:
+    measured, host memory then grew by 15 % of a block's float32 size for every block."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do

@@ -7,7 +7,8 @@ in Google's releases, ``model.language_model.`` in newer saves); llama.cpp's con
 writes only that decoder into the GGUF file (the vision part goes to a separate mmproj
 file). slim2gguf loads the decoder alone as the matching causal LM, so the pipeline sees
 the usual module names (``model.layers.N...``), and maps them back to the files' names
-for the exporter.
+for the exporter. ``BlockLoader`` reads any of these models from its safetensors files a
+block at a time, so quantizing needs the memory of one block, not of the model.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +49,28 @@ def causal_config(model_dir: Path) -> Any:
     return config.get_text_config() if is_multimodal(model_dir) else config
 
 
-def _weight_names(model_dir: Path) -> list[str]:
-    """Every tensor name in the model's safetensors files (from the index, or the headers)."""
+def shard_of(model_dir: Path) -> dict[str, Path]:
+    """Every tensor name in the model's safetensors files -> the shard holding it (from
+    the index, or the shards' headers)."""
     from safetensors import safe_open
 
+    model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        return list(json.loads(index.read_text())["weight_map"])
-    names: list[str] = []
+        return {name: model_dir / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
+    where: dict[str, Path] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            names.extend(f.keys())
-    return names
+            where.update(dict.fromkeys(f.keys(), shard))
+    return where
 
 
-def weight_prefix(model_dir: Path) -> str:
-    """What comes before ``layers.N...`` in the files' names of the decoder's weights."""
+def weight_prefix(model_dir: Path, names: Iterable[str] | None = None) -> str:
+    """What comes before ``layers.N...`` in the files' names of the decoder's weights
+    (``names``: the files' tensor names, when the caller has read them already)."""
     if not is_multimodal(model_dir):
         return PLAIN_PREFIX
-    found = {name[: -len(PROBE)] for name in _weight_names(Path(model_dir)) if name.endswith(PROBE)}
+    found = {name[: -len(PROBE)] for name in (shard_of(model_dir) if names is None else names) if name.endswith(PROBE)}
     text = sorted(p for p in found if "language_model" in p)
     if len(text) != 1:
         raise TextModelError(f"{model_dir}: cannot tell the text decoder's weights apart (found prefixes {sorted(found)})")
@@ -99,15 +103,11 @@ class BlockLoader:
 
     def __init__(self, model_dir: Path):
         from accelerate import init_empty_weights
-        from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
-        self.prefix = weight_prefix(self.model_dir)
-        self.shard_of: dict[str, Path] = {}
-        for shard in sorted(self.model_dir.glob("*.safetensors")):
-            with safe_open(str(shard), "pt") as f:
-                self.shard_of.update(dict.fromkeys(f.keys(), shard))
+        self.shard_of = shard_of(self.model_dir)
+        self.prefix = weight_prefix(self.model_dir, self.shard_of)
         with init_empty_weights(include_buffers=False):
             self.skeleton = AutoModelForCausalLM.from_config(causal_config(self.model_dir), dtype=torch.float32)
         self.skeleton.eval()
@@ -126,19 +126,18 @@ class BlockLoader:
         from safetensors import safe_open
 
         wanted = [n for n, p in self.skeleton.named_parameters(remove_duplicate=False) if n.startswith(module + ".") and p.is_meta]
-        by_shard: dict[Path, list[str]] = {}
+        by_shard: dict[Path, list[tuple[str, str]]] = {}
         for name in wanted:
             if name == "lm_head.weight" and self.tied:
                 continue
             stored = self._stored_name(name)
             if stored not in self.shard_of:
                 raise TextModelError(f"{self.model_dir} has no weight {stored}")
-            by_shard.setdefault(self.shard_of[stored], []).append(name)
-        for shard, names in by_shard.items():
+            by_shard.setdefault(self.shard_of[stored], []).append((name, stored))
+        for shard, pairs in by_shard.items():
             with safe_open(str(shard), "pt") as f:
-                for name in names:
-                    value = f.get_tensor(self._stored_name(name)).float()
-                    set_module_tensor_to_device(self.skeleton, name, "cpu", value=value)
+                for name, stored in pairs:
+                    set_module_tensor_to_device(self.skeleton, name, "cpu", value=f.get_tensor(stored).float())
         if self.tied and module in ("model", "model.embed_tokens", "lm_head"):
             self.skeleton.tie_weights()
 

@@ -124,7 +124,7 @@ def _print_decision(decision) -> None:
 BITS = typer.Option(None, "--bits", help="Average width of every quantized tensor: 2, 3 or 4 (default 3).")
 DEFAULT_NATIVE_TYPE = "q4_k"
 FORMAT = typer.Option("slim", "--format", help="slim (SliM's mixed-width types: the patched CPU build runs them) or native (stock ggml types: every llama.cpp build, Ollama, LM Studio).")
-TYPE = typer.Option(None, "--type", help=f"--format native: the stock type of the quantized linears: q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, q5_1, q5_0, q4_1, q4_0, iq4_nl or iq4_xs (default {DEFAULT_NATIVE_TYPE}); where a 256-wide type does not divide a tensor's rows, its 32-wide fallback, as llama-quantize.")
+TYPE = typer.Option(None, "--type", help=f"--format native: the stock type of the quantized linears: q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, q5_1, q5_0, q4_1, q4_0, iq4_nl, iq4_xs, iq3_s, iq3_xxs, iq2_s, iq2_xs or iq2_xxs (default {DEFAULT_NATIVE_TYPE}); where a 256-wide type does not divide a tensor's rows, its 32-wide fallback, as llama-quantize.")
 BPW = typer.Option(None, "--bpw", help="Whole-file bits per weight (e.g. 2.75): each tensor's width, group size and the embedding/output types are chosen by measured sensitivity.")
 SENSITIVITY = typer.Option("fisher", "--sensitivity", help="How --bpw scores tensors: fisher (loss increase) or hessian (relative output error); see docs/BENCHMARKS.md.")
 METHOD = typer.Option("slim", "--method", help="slim (SBA + SQC + GPTQ), gptq or rtn.")

@@ -61,6 +61,10 @@ class ColumnQuantizer(Protocol):
         """Codes and stored values of the block's column ``j`` (``w`` [rows])."""
         ...
 
+    def round_span(self, w: torch.Tensor, j: int, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and stored values of columns ``j`` .. ``j + span``, rounded at once (``gptq_blocks(span=...)``)."""
+        ...
+
 
 def gptq_blocks(
     weight: torch.Tensor,
@@ -68,11 +72,17 @@ def gptq_blocks(
     block_size: int,
     fit: Callable[[torch.Tensor, int], ColumnQuantizer],
     block_cols: int = 128,
+    span: int = 1,
 ) -> tuple[torch.Tensor, list[ColumnQuantizer]]:
     """Quantize ``weight`` [rows, cols] column by column; each block's quantizer is
     fitted by ``fit(columns, first column)`` when GPTQ reaches the block, on the
     error-updated weights (no act-order). Returns the codes (uint8 [rows, cols]) and the
-    quantizer of each block."""
+    quantizer of each block.
+
+    With ``span`` > 1, runs of that many columns are rounded at once (a lattice type's
+    grid point) and their error E = (W_c − Q_c) U_cc⁻¹ is fed back as column-by-column
+    GPTQ would for those codes; each run is rounded under the diagonal of U_cc⁻¹ U_cc⁻ᵀ,
+    the weight each column's error has in the loss that feedback leaves."""
     w = weight.clone().float()
     rows, cols = w.shape
     block_cols = max(block_size, block_cols // block_size * block_size)
@@ -83,15 +93,24 @@ def gptq_blocks(
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        for i in range(0, i2 - i1, span):
             col = i1 + i
             if col % block_size == 0:
                 fitted.append(fit(w1[:, i : i + block_size], col))
-            q, value = fitted[-1].round(w1[:, i], col % block_size)
-            codes[:, col] = q.to(torch.uint8).cpu()
-            err = (w1[:, i] - value) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            err1[:, i] = err
+            if span == 1:
+                q, value = fitted[-1].round(w1[:, i], col % block_size)
+                codes[:, col] = q.to(torch.uint8).cpu()
+                err = (w1[:, i] - value) / u1[i, i]
+                w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+                err1[:, i] = err
+                continue
+            run = slice(i, i + span)
+            inverse = torch.linalg.inv(u1[run, run])
+            q, value = fitted[-1].round_span(w1[:, run], col % block_size, (inverse * inverse).sum(1))
+            codes[:, col : col + span] = q.to(torch.uint8).cpu()
+            err = (w1[:, run] - value) @ inverse
+            w1[:, i + span :] -= err @ u1[run, i + span :]
+            err1[:, run] = err
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
     return codes, fitted
 

@@ -105,7 +105,8 @@ def quantize_native(weight: torch.Tensor, hessian: torch.Tensor | None, settings
         return NativeTensor.from_blocks(stype, codes.to(torch.uint8).cpu(), fitted)
     h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
     importance = torch.diag(h) if settings.method == "slim" else torch.ones(w.shape[1], device=w.device)
-    codes, fitted = gptq_blocks(w, inverse_cholesky_upper(h), size, lambda wb, col: stype.fit(wb, importance[col : col + size]))
+    upper = inverse_cholesky_upper(h)
+    codes, fitted = gptq_blocks(w, upper, size, lambda wb, col: stype.fit(wb, importance[col : col + size]), span=stype.span)
     if settings.method == "slim" and settings.refit:
         fitted = refit_native(w, h, stype, codes, fitted)
     return NativeTensor.from_blocks(stype, codes, fitted)

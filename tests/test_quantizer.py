@@ -8,7 +8,7 @@ import torch
 
 from slim2gguf import format as fmt
 from slim2gguf.allocation import allocation_for, group_salience, search_allocation
-from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper
+from slim2gguf.gptq import damped_hessian, gptq_blocks, inverse_cholesky_upper
 from slim2gguf.methods import QuantSettings, quantize_linear
 from slim2gguf.qtensor import QuantizedTensor
 from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, fit_wls, salient_mask, storable_scale
@@ -220,6 +220,37 @@ def test_refit_handles_zero_rows_and_constant_codes():
     out = refit_scales(w, torch.eye(64), qt)
     assert torch.isfinite(out.dequantize()).all()
     assert torch.allclose(out.dequantize(), w, atol=1e-3)
+
+
+class RunRecorder:
+    """Rounds runs of columns to multiples of 0.01 at once and records what it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def round_span(self, w: torch.Tensor, j: int, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value = torch.round(w / 0.01) * 0.01
+        self.seen.append((j, w.clone(), value))
+        return torch.zeros_like(w, dtype=torch.long), value
+
+
+@pytest.mark.parametrize("span", [4, 8])
+def test_runs_rounded_at_once_feed_their_error_back_exactly(span):
+    """GPTQ's loss identity for runs: whatever the codes, tr(ΔW H ΔWᵀ) = Σ ‖(W_c − Q_c) U_cc⁻¹‖²
+    over the runs, W_c as GPTQ presented them. It holds only if each run's error reaches the
+    later columns through U_cc⁻¹ (within the run's coupling included)."""
+    w, x = layer_problem(3, out=8, inp=64)
+    h, w = damped_hessian(hessian(x).double(), w.double(), 0.01)
+    upper = inverse_cholesky_upper(h)
+    recorder = RunRecorder()
+    gptq_blocks(w, upper.float(), 16, lambda wb, col: recorder, block_cols=32, span=span)
+    q = torch.cat([value for _, _, value in recorder.seen], dim=1).double()
+    loss = float(torch.trace((w - q) @ h @ (w - q).T))
+    runs = 0.0
+    for i, (_, seen, value) in enumerate(recorder.seen):
+        cols = slice(i * span, (i + 1) * span)
+        runs += float(((seen - value).double() @ torch.linalg.inv(upper[cols, cols])).pow(2).sum())
+    assert loss == pytest.approx(runs, rel=1e-3)
 
 
 def test_not_positive_definite_is_a_clear_error():

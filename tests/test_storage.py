@@ -13,6 +13,7 @@ from slim2gguf import format as fmt
 from slim2gguf.methods import QuantSettings, quantize_linear
 from slim2gguf.qtensor import NativeTensor, stored_tensor
 from slim2gguf.storage import NATIVE_TYPES, native_type, stored_type
+from slim2gguf.storage.lattice import Lattice
 from tests.test_quantizer import hessian, layer_problem, output_error
 
 TYPES = sorted(NATIVE_TYPES)
@@ -21,9 +22,13 @@ TYPES = sorted(NATIVE_TYPES)
 def random_fields(stype, n: int, gen: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Random codes and fields of every kind the type stores (fp16 scales of either sign,
     integer sub-scales over their whole range), with the extremes planted in blocks 0 and 1."""
-    codes = gen.integers(0, len(stype.levels), size=(n, stype.block_size)).astype(np.uint8)
-    codes[0] = 0
-    codes[1] = len(stype.levels) - 1
+    if isinstance(stype, Lattice):  # codes must name grid points: round random weights onto the grid
+        w = torch.from_numpy(gen.standard_normal((n, stype.block_size)).astype(np.float32)) * float(np.abs(stype.levels).max()) / 2
+        codes = stype.round(w, torch.ones(n), torch.zeros(n))[0].numpy().astype(np.uint8)
+    else:
+        codes = gen.integers(0, len(stype.levels), size=(n, stype.block_size)).astype(np.uint8)
+        codes[0] = 0
+        codes[1] = len(stype.levels) - 1
     fields = {}
     for key, value in stype.fit(torch.zeros(1, stype.block_size), torch.ones(stype.block_size)).fields.items():
         if value.dtype == torch.float16:
@@ -67,10 +72,10 @@ def test_file_holds_exactly_the_weights_the_quantizer_produced(name, method):
     assert data.shape == (24, native_type(name).row_bytes(512))
     from_file = quants.dequantize(data, QT(native_type(name).ggml_type)).astype(np.float32)
     assert np.array_equal(nt.dequantize().numpy().view(np.uint32), from_file.view(np.uint32))
-    assert output_error(w, x, nt) < {"q2_k": 0.2, "q3_k": 0.06}.get(name, 0.02)
+    assert output_error(w, x, nt) < (0.2 if name.startswith(("q2", "iq2")) else 0.06 if name.startswith(("q3", "iq3")) else 0.02)
 
 
-@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "iq4_xs", "q4_0"])
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "iq4_xs", "q4_0", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xxs"])
 def test_gptq_beats_rounding_to_nearest_in_the_same_type(name):
     w, x = layer_problem(11, out=64, inp=512)
     rtn, _ = quantize_linear(w, None, None, QuantSettings("rtn", native=name))
@@ -89,7 +94,7 @@ def test_fit_is_no_worse_than_gguf_py_reference_rounding(name):
     assert float((ours.dequantize() - w).pow(2).sum()) <= float(((torch.from_numpy(reference) - w) ** 2).sum())
 
 
-@pytest.mark.parametrize(("asked", "stored"), [("q4_k", "q5_0"), ("q2_k", "iq4_nl"), ("q6_k", "q8_0"), ("q5_k", "q5_1")])
+@pytest.mark.parametrize(("asked", "stored"), [("q4_k", "q5_0"), ("q2_k", "iq4_nl"), ("q6_k", "q8_0"), ("q5_k", "q5_1"), ("iq2_xxs", "iq4_nl")])
 def test_rows_the_blocks_do_not_divide_fall_back_as_llama_quantize(asked, stored):
     w, x = layer_problem(4, out=8, inp=288)
     nt, _ = quantize_linear(w, hessian(x), None, QuantSettings("slim", native=asked))
@@ -119,7 +124,8 @@ def test_refit_of_the_free_scales_never_raises_the_output_error(name):
         err = nt.dequantize() - w
         return ((err @ h) * err).sum(dim=1)
 
-    assert bool((row_errors(refit) <= row_errors(kept) * (1 + 1e-5) + 1e-12).all())
+    # The refit judges rows by the normal equations' float32 loss, whose terms cancel: ties can land 2e-5 either side.
+    assert bool((row_errors(refit) <= row_errors(kept) * (1 + 1e-4) + 1e-12).all())
     assert float(row_errors(refit).sum()) < float(row_errors(kept).sum())
 
 
@@ -151,3 +157,34 @@ def test_a_stock_tensor_of_the_wrong_row_size_does_not_load():
     data = {"x.data": qt.data[:, :-1]}
     with pytest.raises(ValueError, match="not q4_k rows of 256 columns"):
         stored_tensor(data, "x", {"type": "q4_k", "shape": [4, 256]}, group_size=128)
+
+
+def test_lattice_sign_parity_is_ggml_ksigns():
+    """Seven stored sign bits per 8 weights; the eighth (bit 7) makes the negatives even, as ggml's ksigns table."""
+    ksigns = np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8)
+    bits = Lattice._unsigned(np.arange(128, dtype=np.uint8).reshape(1, 128))
+    assert np.array_equal(np.packbits(bits.reshape(128, 8), axis=1, bitorder="little").reshape(128), ksigns)
+
+
+@pytest.mark.parametrize("name", ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"])
+def test_lattice_runs_land_on_grid_points_with_the_stored_signs(name):
+    """Every run GPTQ rounds is a grid point (the encoder finds its index); where signs come
+    7 bits per 8 weights, an even number of each 8 is negative; anything else is refused."""
+    stype = native_type(name)
+    w, x = layer_problem(7, out=16, inp=256)
+    nt, _ = quantize_linear(w, hessian(x), None, QuantSettings("slim", native=name))
+    codes, fields = stype.decode(nt.pack().reshape(-1, stype.type_size))
+    negative = (codes < len(stype.levels) // 2).reshape(-1, 8).sum(axis=1)
+    assert not stype.even_signs or (negative % 2 == 0).all()
+    assert np.array_equal(stype.encode(codes, fields), nt.pack().reshape(-1, stype.type_size))
+    off = codes.copy()
+    off[0, 0] = len(stype.levels) - 1 - off[0, 0]  # the same magnitude, the other sign
+    if stype.even_signs:
+        with pytest.raises(ValueError, match="odd number"):
+            stype.encode(off, fields)
+    n = len(stype.levels) // 2
+    missing = int(np.flatnonzero(stype._index_of < 0)[0])  # magnitudes no grid point has
+    off = codes.copy()
+    off[:, : stype.vector] = n + missing // n ** np.arange(stype.vector) % n
+    with pytest.raises(ValueError, match="off the grid"):
+        stype.encode(off, fields)

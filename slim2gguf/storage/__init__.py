@@ -7,15 +7,21 @@ from .. import format as fmt
 from .base import BlockParams, NativeType, StoredType
 from .iquants import IQ4_NL, IQ4_XS
 from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+from .lattice import IQ2_S, IQ2_XS, IQ2_XXS, IQ3_S, IQ3_XXS
 from .legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 NATIVE_TYPES: dict[str, NativeType] = {
-    t.name.lower(): t for t in (Q8_0(), Q6_K(), Q5_K(), Q4_K(), Q3_K(), Q2_K(), Q5_1(), Q5_0(), Q4_1(), Q4_0(), IQ4_NL(), IQ4_XS())
+    t.name.lower(): t
+    for t in (Q8_0(), Q6_K(), Q5_K(), Q4_K(), Q3_K(), Q2_K(), Q5_1(), Q5_0(), Q4_1(), Q4_0(), IQ4_NL(), IQ4_XS())
+    + (IQ3_S(), IQ3_XXS(), IQ2_S(), IQ2_XS(), IQ2_XXS())
 }
 
 
 # What a type falls back to for a weight whose rows its blocks do not divide, as llama-quantize.
-FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+FALLBACK = {
+    **{name: "iq4_nl" for name in ("q2_k", "q3_k", "iq4_xs", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs")},
+    **{"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"},
+}
 
 
 def native_type(name: str) -> NativeType:

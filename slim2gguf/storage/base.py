@@ -68,6 +68,13 @@ class BlockParams:
         k = j // self.stype.sub_size
         return self.stype.round(w, self.scale[:, k], self.offset[:, k])
 
+    def round_span(self, w: torch.Tensor, j: int, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and stored values of the block's columns ``j`` .. ``j + span`` (``w`` [rows,
+        span]), rounded at once under ``importance`` [span] (types whose weights share a
+        grid point or sign bits: storage.lattice)."""
+        k = j // self.stype.sub_size
+        return self.stype.round(w, self.scale[:, k], self.offset[:, k], importance)
+
     def round_all(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and stored values of the whole block (``w`` [rows, block_size]), no error feedback."""
         size = self.stype.sub_size
@@ -87,6 +94,7 @@ class NativeType(ABC):
     levels: tuple[int, ...]
     has_offset = False  # whether ggml adds an offset (a min) to scale * level; else 0 * -d stays -0
     free_fields: tuple[str, ...] = ("d",)  # the fp16 fields a weight is linear in (refit.refit_native solves them)
+    span = 1  # weights rounded at once (BlockParams.round_span); 1: each on its own
 
     def __init__(self) -> None:
         self._levels = torch.tensor(self.levels, dtype=torch.float32)
@@ -107,9 +115,12 @@ class NativeType(ABC):
     def file_kvs(self) -> dict[str, Any]:
         return {"file_type": self.file_type, "bits": int(self.bits_per_weight), "group_size": None, "native": self.name}
 
-    def round(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def round(
+        self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest stored value of each weight under (scale, offset) per row (broadcast
-        over trailing columns); a zero scale takes the level nearest zero."""
+        over trailing columns); a zero scale takes the level nearest zero. Weights round
+        on their own here, so ``importance`` does not matter."""
         if w.dim() > scale.dim():
             scale, offset = scale[..., None], offset[..., None]
         safe = torch.where(scale != 0, scale, torch.ones_like(scale))

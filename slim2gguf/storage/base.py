@@ -9,7 +9,8 @@ weight, which names a level of the type's table. A weight dequantizes to
 
 in float32, with scale and offset computed from the stored fields exactly as ggml
 computes them (``sub_scales``). GPTQ fits a block's fields when it reaches the block
-(``fit``), then rounds each column against them (``BlockParams.round``); ``encode``
+(``fit``), then rounds each column against them (``BlockParams.round``; runs of
+columns at once for the lattice types, ``BlockParams.round_span``); ``encode``
 packs codes and fields into ggml's bytes, ``decode`` reads them back. Every value GPTQ
 sees is therefore a value the file stores.
 """

@@ -58,7 +58,9 @@ class Lattice(NativeType):
     def n_mags(self) -> int:
         return len(self.levels) // 2
 
-    def round(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, importance: torch.Tensor | None = None):
+    def round(
+        self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and stored values of runs of ``span`` weights (``w`` [rows, n]) under one
         scale per run (``scale`` [rows] or per weight [rows, n]), each run rounded to its
         nearest grid point under ``importance`` [n] (even when None)."""

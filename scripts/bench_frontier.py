@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ from bench_llamacpp import (  # noqa: E402  (the llama.cpp steps and parsers thi
     convert_f16,
     inspect_file,
     make_imatrix,
+    parse_bench,
     parse_kld_stats,
     quantize_refusal,
     save_png,
@@ -66,6 +68,7 @@ from slim2gguf.validate import parse_llama_perplexity  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 REFERENCE = "F16"
+SPEED_PROMPT, SPEED_GENERATE = 512, 128  # llama-bench pp512 and tg128 (--speed)
 # every llama.cpp file type a user picks from, as llama-quantize names them
 MODEL_TYPES = (
     "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K", "IQ3_XXS", "IQ3_XS", "IQ3_S",
@@ -309,19 +312,40 @@ def measure(job: Job, args: argparse.Namespace, work: Path, src: Path, text: Pat
 # --- reporting ---------------------------------------------------------------------------
 
 
+def measure_speed(measured: list[tuple[Job, dict[str, Any]]], rounds: int, threads: int, work: Path) -> None:
+    """llama-bench pp512 and tg128 of every file, side by side: each round runs every file
+    once in turn, so a slow spell of a shared machine hits all of them alike; each record
+    gets the median of its rounds (``pp512_ts``, ``tg128_ts``: tokens per second). Never
+    cached: speed is the machine's now."""
+    samples: dict[str, dict[str, list[float]]] = {job.name: {} for job, _ in measured}
+    for i in range(rounds):
+        for job, _ in measured:
+            result, _ = timed_tool(
+                "llama-bench",
+                ["-m", job.path, "-p", SPEED_PROMPT, "-n", SPEED_GENERATE, "-t", threads, "-r", 1, "-o", "json"],
+                f"round {i + 1}/{rounds}, {job.name}: llama-bench pp{SPEED_PROMPT} tg{SPEED_GENERATE}",
+                work / "logs" / f"{job.path.stem}.bench.log",
+            )
+            for test, value in parse_bench(result.stdout).items():
+                samples[job.name].setdefault(test, []).append(value["ts"])
+    for job, record in measured:
+        for test, values in samples[job.name].items():
+            record[f"{test}_ts"] = statistics.median(values)
+
+
 def markdown(records: list[dict[str, Any]], header: str, x: str) -> str:
-    lines = [
-        header,
-        "",
-        "| file | by | MiB | bpw file | bpw blocks | PPL | mean KLD | 99% KLD | same top % | make s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    speed = any(f"pp{SPEED_PROMPT}_ts" in r for r in records)
+    columns = ["file", "by", "MiB", "bpw file", "bpw blocks", "PPL", "mean KLD", "99% KLD", "same top %", "make s", "peak RSS MiB"]
+    columns += [f"pp{SPEED_PROMPT} t/s", f"tg{SPEED_GENERATE} t/s"] if speed else []
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(records, key=lambda r: (r[x], r["family"])):
         cells = [
             r["name"], r["family"], f"{r['file_mib']:.1f}", f"{r['bpw_file']:.3f}", f"{r['bpw_blocks']:.3f}", f"{r['ppl']:.3f}",
             f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}", f"{r['same_top_pct']:.2f}",
             f"{r['quant_s']:.0f}" if "quant_s" in r else "", str(r.get("peak_rss_mib", "")),
         ]  # fmt: skip
+        if speed:
+            cells += [f"{r[key]:.2f}" if key in r else "" for key in (f"pp{SPEED_PROMPT}_ts", f"tg{SPEED_GENERATE}_ts")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -387,6 +411,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--work", help="files, logs and results (default: a folder per model in slim2gguf's cache)")
     ap.add_argument("--plot", help="PNG to write (default: results folder in --work)")
+    ap.add_argument("--speed", type=int, default=0, metavar="ROUNDS", help="also llama-bench pp512/tg128 every file, side by side, ROUNDS rounds (median)")
     args = ap.parse_args(argv)
     defaults = {"model": "smollm2-135m", "chunks": 40, "calib_chunks": 32}
     for key, value in (QUICK if args.quick else defaults).items():
@@ -419,7 +444,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     imatrix = None
     if any(job.family == "llama.cpp" and not job.path.exists() for job in jobs):
         imatrix = make_imatrix(work, f16, Path(args.calib), args.calib_chunks, args.ctx, args.threads)
-    records, skipped = [], []
+    records, skipped, measured = [], [], []
     for i, job in enumerate(jobs, 1):
         console.rule(f"{i}/{len(jobs)} {job.name} ({job.path.name})")
         try:
@@ -430,10 +455,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             skipped.append(str(err))
             continue
         records.append(record)
+        measured.append((job, record))
         console.print(
             f"  bpw {record['bpw_file']:.3f} file / {record['bpw_blocks']:.3f} blocks, PPL {record['ppl']:.3f}, "
             f"KLD {record['kld_mean']:.4f} (p99 {record['kld_p99']:.3f}), same top {record['same_top_pct']:.2f}%"
         )
+    if args.speed:
+        measure_speed(measured, args.speed, args.threads, work)
     x = "bpw_blocks" if args.tensor_classes else "bpw_file"
     what = f"only {', '.join(args.tensor_classes)} quantized, every other tensor F16" if args.tensor_classes else "whole model"
     header = (
@@ -442,6 +470,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"{PINNED_COMMIT[:10]} + patches (build {build_key()}); calibration {args.calib_chunks}×{args.ctx} "
         f"tokens of {Path(args.calib).name} (llama-imatrix: the first windows; slim2gguf: seeded random windows, seed {args.seed})."
     )
+    if args.speed:
+        header += f" Speed: llama-bench pp{SPEED_PROMPT} and tg{SPEED_GENERATE}, {args.threads} threads, median of {args.speed} rounds over all files."
     if named:
         header += f" Caveat: {named.note}."
     table = markdown(records, header, x) + "".join(f"\n\nnot measured: {reason}" for reason in skipped)

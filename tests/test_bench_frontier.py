@@ -99,3 +99,14 @@ def test_plan_refuses_a_group_size_that_does_not_fit(bench, tmp_path):
         bench.plan(args, tmp_path, SHAPES)
     args.tensor_classes = ("ffn_down",)  # 1536 inputs
     assert [j.name for j in bench.plan(args, tmp_path, SHAPES)] == ["F16", "slim2-g128"]
+
+
+def test_speed_columns_appear_only_when_measured(bench):
+    record = {"name": "IQ3_S", "family": "llama.cpp", "file_mib": 1.0, "bpw_file": 3.5, "bpw_blocks": 3.44, "ppl": 9.0,
+              "kld_mean": 0.1, "kld_p99": 1.0, "same_top_pct": 80.0}  # fmt: skip
+    assert "t/s" not in bench.markdown([record], "h", "bpw_file")
+    table = bench.markdown([{**record, "pp512_ts": 51.234, "tg128_ts": 9.5}, {**record, "name": "F16"}], "h", "bpw_file")
+    header, rule, *rows = table.splitlines()[2:]
+    assert header.endswith("| pp512 t/s | tg128 t/s |") and rule.count("---") == 13
+    assert rows[0].endswith("| 51.23 | 9.50 |") and rows[1].endswith("|  |  |")
+    assert bench.parse_args(["--speed", "3"]).speed == 3 and bench.parse_args([]).speed == 0

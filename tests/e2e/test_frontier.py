@@ -1,6 +1,7 @@
 """The frontier harness end to end: ``scripts/bench_frontier.py --quick`` makes real files with
 patched llama.cpp's llama-quantize (with llama-imatrix) and ``slim2gguf convert``, measures
-them with llama-perplexity, and a rerun reuses everything it made."""
+them with llama-perplexity, and a rerun reuses everything it made (and, with --speed,
+llama-benches every file)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,10 @@ def test_quick_frontier_measures_both_families_and_resumes(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
     made = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.suffix in (".gguf", ".kld", ".json")}
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*cmd, "--speed", "1"], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(out.read_text()) == records
+    timed = json.loads(out.read_text())
+    assert [{k: v for k, v in r.items() if not k.endswith("_ts")} for r in timed] == records
+    assert all(r["pp512_ts"] > 0 and r["tg128_ts"] > 0 for r in timed)  # llama-bench ran every file, side by side
     assert {p: p.stat().st_mtime_ns for p in made} == made  # nothing was made or measured again
     assert "llama-quantize" not in again.stderr and "perplexity" not in again.stderr

@@ -356,6 +356,8 @@ def line_of(record: dict[str, Any]) -> str:
         recipe = Recipe.parse(record["type"])
         if recipe.bpw is not None:
             return f"slim2gguf --bpw ({recipe.sensitivity})"
+        if recipe.native is not None:
+            return f"slim2gguf --format native ({recipe.method})"
         return f"slim2gguf {recipe.method} g{recipe.group_size}"
     name = record["type"]
     if name.startswith("IQ"):

@@ -90,6 +90,7 @@ def test_plot_lines(bench):
     assert line("llama.cpp", "Q3_K_M") == line("llama.cpp", "Q2_K") == "llama.cpp K-quants"
     assert line("llama.cpp", "Q8_0") == "llama.cpp legacy (Q4_0, Q8_0)"
     assert line("slim2gguf", "slim3-g128") == "slim2gguf slim g128"
+    assert line("slim2gguf", "slim-iq3_s") == line("slim2gguf", "slim-q4_k") == "slim2gguf --format native (slim)"
 
 
 def test_plan_refuses_a_group_size_that_does_not_fit(bench, tmp_path):

@@ -95,6 +95,8 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"{name} has no valid block index"
         if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(n, 1, 1 << 24) for n in shape)):
             return f"{name} has no valid shape"
+        if "type" not in meta and "group_size" not in meta and "group_size" not in settings:
+            return f"{name} names no group size and settings.group_size is missing"
         if "type" in meta:
             if meta["type"] not in NATIVE_TYPES:
                 return f"{name} has an unknown stock type"
@@ -178,7 +180,7 @@ class CheckpointWriter:
 
 
 def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, StoredTensor]]:
-    default_group = manifest["settings"]["group_size"]
+    default_group = manifest["settings"].get("group_size", 0)  # read only by SliM entries naming none (_manifest_problem)
     by_block: dict[int, list[str]] = {}
     for name, meta in manifest["tensors"].items():
         by_block.setdefault(meta["block"], []).append(name)

@@ -146,6 +146,24 @@ def _replace(node, path, value):
     return node
 
 
+def test_eval_refuses_a_manifest_whose_settings_lost_the_group_size(gptq_ckpt, tiny_model, tiny_text, tmp_path):
+    """The case hypothesis found (a KeyError): every entry names its group size, so the
+    run's is not needed; no traceback either way."""
+    broken = tmp_path / "ck"
+    shutil.copytree(gptq_ckpt, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["settings"] = {}
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("eval", tiny_model, "--checkpoint", broken, "--text", tiny_text, "--chunks", "1", "--ctx", "32")
+    if result.exit_code != 0:
+        assert_refused(result)
+    for meta in manifest["tensors"].values():
+        meta.pop("group_size", None)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("eval", tiny_model, "--checkpoint", broken, "--text", tiny_text, "--chunks", "1", "--ctx", "32")
+    assert_refused(result, "names no group size")
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_eval_never_crashes_on_mutated_manifests(gptq_ckpt, tiny_model, tiny_text, tmp_path, data):

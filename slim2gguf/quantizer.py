@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .format import SCALE_VALUE_MASK
+from .storage.base import FIT_ROWS
 
 SQC_POWER = 2.4
 SQC_GRID = torch.cat(
@@ -128,9 +129,15 @@ def fit_wls(w: torch.Tensor, width: int, importance: torch.Tensor) -> GroupParam
     min Σ_j a_j (d·q_j + m − w_j)² for (d, m) in closed form; keep per row the candidate
     whose stored (fp16) quantizer has the least weighted error. ``importance`` [cols] is
     a_j (diag H: the inputs' energy per column). Min-max is a candidate, so the weighted
-    error never exceeds min-max's."""
+    error never exceeds min-max's. Rows are independent, so they are fitted FIT_ROWS at a time."""
     if width == 1:
         return fit_binary(w)
+    fitted = [_fit_wls_rows(w[r : r + FIT_ROWS], width, importance) for r in range(0, w.shape[0], FIT_ROWS)]
+    return GroupParams(torch.cat([d for d, _ in fitted]), torch.cat([m for _, m in fitted]), width)
+
+
+def _fit_wls_rows(w: torch.Tensor, width: int, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fit_wls's stored (d, m) [rows] for a few rows."""
     maxq = (1 << width) - 1
     a = importance.to(w.dtype).clamp_min(0)[None, None, :]
     xmin = w.min(dim=1).values.clamp(max=0)
@@ -153,4 +160,4 @@ def fit_wls(w: torch.Tensor, width: int, importance: torch.Tensor) -> GroupParam
     loss = (a * (codes * d[..., None] + m[..., None] - w[None]).pow(2)).sum(dim=2)
     best = loss.argmin(dim=0)
     rows = torch.arange(w.shape[0], device=w.device)
-    return GroupParams(d[best, rows].to(torch.float16), m[best, rows].to(torch.float16), width)
+    return d[best, rows].to(torch.float16), m[best, rows].to(torch.float16)

@@ -13,6 +13,8 @@ from slim2gguf.methods import QuantSettings, quantize_linear
 from slim2gguf.qtensor import QuantizedTensor
 from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, fit_wls, salient_mask, storable_scale
 from slim2gguf.refit import refit_scales
+from slim2gguf.storage import native_type
+from slim2gguf.storage.base import FIT_ROWS
 
 
 def layer_problem(seed: int, out: int = 96, inp: int = 256, tokens: int = 1024, outliers: bool = False):
@@ -268,3 +270,17 @@ def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="--fit must be one of wls, sqc"):
         QuantSettings("slim", 3, 64, fit="mse")
     assert np.isclose(fmt.slim_type(3, 64).bits_per_weight, 3.5)
+
+
+def test_fits_of_many_rows_equal_those_of_each_row_alone():
+    """Fits run FIT_ROWS rows at a time: the result must not depend on that split."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(FIT_ROWS + 37, 128, generator=gen)
+    imp = torch.rand(128, generator=gen)
+    whole = fit_wls(w, 3, imp)
+    rows = [fit_wls(w[r : r + 1], 3, imp) for r in range(w.shape[0])]
+    assert torch.equal(whole.d, torch.cat([p.d for p in rows])) and torch.equal(whole.m, torch.cat([p.m for p in rows]))
+    q4k, wide = native_type("q4_k"), torch.cat([w, w], dim=1)  # one 256-wide block
+    whole = q4k.fit(wide, imp.repeat(2))
+    parts = [q4k.fit(wide[r : r + 100], imp.repeat(2)) for r in range(0, w.shape[0], 100)]
+    assert all(torch.equal(whole.fields[k], torch.cat([p.fields[k] for p in parts])) for k in whole.fields)

@@ -24,7 +24,7 @@ class WithMins(NativeType):
     has_offset = True
     free_fields = ("d", "dmin")
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+    def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         x = w.float().view(w.shape[0], self.n_sub, self.sub_size)
         scale, offset = fit_affine(x, weights_of(importance, (self.n_sub, self.sub_size)), len(self.levels) - 1)
         d, sc = quantize_scales(scale, *self.scale_range)
@@ -42,7 +42,7 @@ class Signed(NativeType):
     block_size = 256
     scale_range: tuple[int, int]
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+    def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         x = w.float().view(w.shape[0], self.n_sub, self.sub_size)
         s = fit_symmetric(x, weights_of(importance, (self.n_sub, self.sub_size)), self._levels, self.nearest)
         d, sc = quantize_scales(s, *self.scale_range)

@@ -98,7 +98,7 @@ class Lattice(NativeType):
             out[r : r + chunk] = (bias - 2 * (a * y[r : r + chunk]) @ grid.T).argmin(-1)
         return out
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+    def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         rows = w.shape[0]
         x = w.float().view(rows, self.n_sub, self.sub_size)
         a = weights_of(importance, (self.n_sub, self.sub_size))

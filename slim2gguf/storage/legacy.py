@@ -19,7 +19,7 @@ class ScaledBlock(NativeType):
     block_size = 32
     sub_size = 32
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+    def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         x = w.float().view(w.shape[0], 1, self.block_size)
         s = fit_symmetric(x, weights_of(importance, (1, self.block_size)), self._levels, self.nearest)
         return self.params({"d": to_fp16(s[:, 0])})
@@ -90,7 +90,7 @@ class ScaledBlockWithMin(NativeType):
     has_offset = True
     free_fields = ("d", "m")
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+    def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         x = w.float().view(w.shape[0], 1, self.block_size)
         d, m = fit_affine(x, weights_of(importance, (1, self.block_size)), len(self.levels) - 1, signed_offset=True)
         return self.params({"d": to_fp16(d[:, 0]), "m": to_fp16(m[:, 0])})

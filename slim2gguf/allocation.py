@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .gptq import few_threads
 from .quantizer import fit_minmax, fit_wls
 
 
@@ -69,8 +70,9 @@ def search_allocation(
     score = _kl if importance is None else _squared_error
 
     def rounded(c: slice, width: int) -> torch.Tensor:
-        params = fit_minmax(w[:, c], width) if importance is None else fit_wls(w[:, c], width, importance[c])
-        return params.dequantize(params.codes(w[:, c]))
+        with few_threads(w.device):
+            params = fit_minmax(w[:, c], width) if importance is None else fit_wls(w[:, c], width, importance[c])
+            return params.dequantize(params.codes(w[:, c]))
 
     ref = x @ w.T
     base = torch.cat([rounded(c, bits) for c in cols], dim=1)

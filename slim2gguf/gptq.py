@@ -40,9 +40,10 @@ def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def few_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread on the CPU: quantizing a layer is thousands of tiny ops and
-    small factorizations, for which thread hand-off costs far more than it saves
-    (measured 10-25x slower with 2 threads on a 2-core machine)."""
+    """One intra-op thread on the CPU, around the loops of tiny ops (GPTQ's columns, the
+    group fits): there thread hand-off costs far more than it saves (measured 10-25x
+    slower with 2 threads on a 2-core machine). The large factorizations and matmuls
+    around them run on every thread (2x faster there)."""
     if device.type != "cpu":
         yield
         return
@@ -93,25 +94,26 @@ def gptq_blocks(
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
-        for i in range(0, i2 - i1, span):
-            col = i1 + i
-            if col % block_size == 0:
-                fitted.append(fit(w1[:, i : i + block_size], col))
-            if span == 1:
-                q, value = fitted[-1].round(w1[:, i], col % block_size)
-                codes[:, col] = q.to(torch.uint8).cpu()
-                err = (w1[:, i] - value) / u1[i, i]
-                w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-                err1[:, i] = err
-                continue
-            run = slice(i, i + span)
-            inverse = torch.linalg.inv(u1[run, run])
-            q, value = fitted[-1].round_span(w1[:, run], col % block_size, (inverse * inverse).sum(1))
-            codes[:, col : col + span] = q.to(torch.uint8).cpu()
-            err = (w1[:, run] - value) @ inverse
-            w1[:, i + span :] -= err @ u1[run, i + span :]
-            err1[:, run] = err
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+        with few_threads(w.device):
+            for i in range(0, i2 - i1, span):
+                col = i1 + i
+                if col % block_size == 0:
+                    fitted.append(fit(w1[:, i : i + block_size], col))
+                if span == 1:
+                    q, value = fitted[-1].round(w1[:, i], col % block_size)
+                    codes[:, col] = q.to(torch.uint8).cpu()
+                    err = (w1[:, i] - value) / u1[i, i]
+                    w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+                    err1[:, i] = err
+                    continue
+                run = slice(i, i + span)
+                inverse = torch.linalg.inv(u1[run, run])
+                q, value = fitted[-1].round_span(w1[:, run], col % block_size, (inverse * inverse).sum(1))
+                codes[:, col : col + span] = q.to(torch.uint8).cpu()
+                err = (w1[:, run] - value) @ inverse
+                w1[:, i + span :] -= err @ u1[run, i + span :]
+                err1[:, run] = err
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]  # one large matmul per block of columns: every thread
     return codes, fitted
 
 
@@ -138,9 +140,10 @@ def rtn_quantize(weight: torch.Tensor, widths: list[int], group_size: int, fit: 
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
     d = torch.zeros(rows, cols // group_size, dtype=torch.float16)
     m = torch.zeros_like(d)
-    for g, width in enumerate(widths):
-        cs = slice(g * group_size, (g + 1) * group_size)
-        params = fit(weight[:, cs].float(), width, cs)
-        codes[:, cs] = params.codes(weight[:, cs].float()).to(torch.uint8).cpu()
-        d[:, g], m[:, g] = params.d.cpu(), params.m.cpu()
+    with few_threads(weight.device):
+        for g, width in enumerate(widths):
+            cs = slice(g * group_size, (g + 1) * group_size)
+            params = fit(weight[:, cs].float(), width, cs)
+            codes[:, cs] = params.codes(weight[:, cs].float()).to(torch.uint8).cpu()
+            d[:, g], m[:, g] = params.d.cpu(), params.m.cpu()
     return QuantizedTensor(codes, d, m, torch.tensor(widths, dtype=torch.uint8), group_size)

@@ -10,7 +10,7 @@ import torch
 from . import format as fmt
 from .allocation import search_allocation
 from .architectures import TENSOR_CLASSES
-from .gptq import damped_hessian, gptq_blocks, gptq_quantize, inverse_cholesky_upper, rtn_quantize
+from .gptq import damped_hessian, few_threads, gptq_blocks, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import NativeTensor, QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc, fit_wls
 from .refit import refit_native, refit_scales
@@ -100,8 +100,9 @@ def quantize_native(weight: torch.Tensor, hessian: torch.Tensor | None, settings
     if settings.method == "rtn":
         w = weight.float()
         even = torch.ones(size, device=w.device)
-        fitted = [stype.fit(w[:, c : c + size], even) for c in range(0, w.shape[1], size)]
-        codes = torch.cat([p.round_all(w[:, i * size : (i + 1) * size])[0] for i, p in enumerate(fitted)], dim=1)
+        with few_threads(w.device):
+            fitted = [stype.fit(w[:, c : c + size], even) for c in range(0, w.shape[1], size)]
+            codes = torch.cat([p.round_all(w[:, i * size : (i + 1) * size])[0] for i, p in enumerate(fitted)], dim=1)
         return NativeTensor.from_blocks(stype, codes.to(torch.uint8).cpu(), fitted)
     h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
     importance = torch.diag(h) if settings.method == "slim" else torch.ones(w.shape[1], device=w.device)

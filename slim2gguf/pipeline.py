@@ -29,7 +29,6 @@ from .architectures import in_classes
 from .budget import Decision, check_budget, model_shapes, solve
 from .calib import calibration_windows, read_text
 from .checkpoint import CheckpointWriter, finished_with
-from .gptq import few_threads
 from .methods import QuantSettings, check_allocation, quantize_linear
 from .models import (
     ModelError,
@@ -287,8 +286,7 @@ def _quantize_block(
         settings, given = tensor_settings(name, lin, quant, *plan)
         col = collectors.get(name)
         hessian, sample = (col.h, torch.cat(col.sample).to(dev)) if col else (None, None)
-        with few_threads(dev):
-            qt, search = quantize_linear(lin.weight.data.to(dev), hessian, sample, settings, given)
+        qt, search = quantize_linear(lin.weight.data.to(dev), hessian, sample, settings, given)
         lin.weight.data = qt.dequantize().to(dev, lin.weight.dtype)
         tensors[name] = qt
         if search:

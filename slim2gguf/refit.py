@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .gptq import few_threads
 from .qtensor import QuantizedTensor
 from .quantizer import storable_scale
 from .storage import BlockParams, NativeType
@@ -60,6 +61,13 @@ def _normal_equations(bases: list[torch.Tensor | None], weight: torch.Tensor, he
     return a, b
 
 
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """θ = A⁻¹b per row, on one thread: torch 2.13's batched LU on the CPU (MKL) fails for
+    systems above ~200 unknowns when it runs on several threads ("SLASWP parameter 6")."""
+    with few_threads(a.device):
+        return torch.linalg.solve(a, b)
+
+
 def _loss(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """θᵀAθ − 2θᵀb per row: the output error up to the row's constant wHwᵀ (in float64: the
     constant is far larger than the differences compared)."""
@@ -81,7 +89,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, qt: QuantizedTenso
         a, b = _normal_equations([qt.codes[rs].to(h.device).float(), ONES], w[rs], h, qt.group_size)
         ridged = a.clone()
         ridged.diagonal(dim1=1, dim2=2).add_(1e-6 * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30))
-        theta = torch.linalg.solve(ridged, b)
+        theta = _solve(ridged, b)
         new_d = storable_scale(theta[:, :groups])
         new_m = theta[:, groups:].to(torch.float16)
         old = torch.cat([d[rs], m[rs]], dim=1).to(h.device).float()
@@ -116,7 +124,7 @@ def refit_native(weight: torch.Tensor, hessian: torch.Tensor, stype: NativeType,
         a, b = _normal_equations([u[rs] for u in bases], w[rs], h, stype.block_size)
         ridged = a.clone()
         ridged.diagonal(dim1=1, dim2=2).add_(1e-6 * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30))
-        theta = to_fp16(torch.linalg.solve(ridged, b)).float()
+        theta = to_fp16(_solve(ridged, b)).float()
         better = torch.isfinite(theta).all(dim=1) & (_loss(a, b, theta) < _loss(a, b, old[rs]))
         new[rs] = torch.where(better[:, None], theta, old[rs])
     for i, k in enumerate(free):

@@ -272,6 +272,25 @@ def test_settings_reject_bad_values():
     assert np.isclose(fmt.slim_type(3, 64).bits_per_weight, 3.5)
 
 
+def test_refit_solves_wide_rows_on_a_multithreaded_host():
+    """A row of 112 groups is a 224-unknown system: torch's batched LU fails above ~200
+    unknowns on several threads, so the refit solves on one, whatever the caller's setting."""
+    gen = torch.Generator().manual_seed(3)
+    cols = 112 * 32
+    codes = torch.randint(0, 8, (6, cols), generator=gen, dtype=torch.uint8)
+    qt = QuantizedTensor(codes, torch.full((6, 112), 0.01, dtype=torch.float16), torch.full((6, 112), -0.035, dtype=torch.float16), torch.full((112,), 3, dtype=torch.uint8), 32)
+    w = qt.dequantize() + 0.002 * torch.randn(6, cols, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = refit_scales(w, torch.eye(cols), qt)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    err = lambda t: (w - t.dequantize()).pow(2).sum(dim=1)  # noqa: E731
+    assert torch.all(err(out) < err(qt))
+
+
 def test_fits_of_many_rows_equal_those_of_each_row_alone():
     """Fits run FIT_ROWS rows at a time: the result must not depend on that split."""
     gen = torch.Generator().manual_seed(4)

@@ -1,16 +1,20 @@
 """A GGUF file as a Hugging Face model directory, so every command can start from one.
 
-transformers' GGUF loader dequantizes the tensors (any type its gguf-py knows) to
-float32 and rebuilds config and tokenizer; we save that once as a plain safetensors
-directory in the cache. Quantizing an already quantized model compounds the two
-errors, which is why ``resolve_gguf`` warns.
+gguf-py dequantizes the tensors (any type it knows) to float32, one at a time, and
+transformers' GGUF support maps them to Hugging Face names and rebuilds config and
+tokenizer; we save that once as a plain safetensors directory in the cache, a shard per
+decoder block, so a model larger than memory imports too. Quantizing an already
+quantized model compounds the two errors, which is why ``resolve_gguf`` warns.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -36,28 +40,94 @@ def _first_line(err: Exception) -> str:
 
 def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
     """Dequantize ``gguf_path`` into a float32 Hugging Face directory at ``target`` (once;
-    written under a temporary name, so an interrupted run leaves nothing behind)."""
+    written under a temporary name, so an interrupted run leaves nothing behind). The
+    weights go one decoder block per shard, so memory holds one block, not the model."""
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    with atomic_path(target) as tmp, console.status(f"dequantizing {gguf_path.name} with transformers (once)…"):
+    with atomic_path(target) as tmp, console.status(f"dequantizing {gguf_path.name} (once)…") as status:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
+            config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            with init_empty_weights():
+                skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(f"dequantizing {gguf_path.name} (once): {done}"))
         except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as err:
-            raise GGUFImportError(f"transformers cannot load {gguf_path}: {_first_line(err)}") from err
+            raise GGUFImportError(f"cannot import {gguf_path}: {_first_line(err)}") from err
         # the weights are plain float32 now: save them as such, not as "quantized with gguf"
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.dtype = "float32"
-        model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = "float32"
+        config.architectures = [type(skeleton).__name__]
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def _gguf_tensors(gguf_path: Path, skeleton: Any) -> Iterator[tuple[str, Any]]:
+    """Every weight of the file as (Hugging Face name, float32 tensor), one at a time,
+    mapped as transformers' GGUF loader maps them: its per-architecture processors undo
+    what llama.cpp's converter did (LLaMA's q/k row order, Gemma's norm offsets)."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    parsed["tensors"] = {}
+    reader = GGUFReader(gguf_path)
+    architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed.get("config", {}))
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    for tensor in reader.tensors:
+        result = processor.process(
+            weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
+        )
+        if result.name in names:  # np.array copies: the file's own F32 tensors are read-only views
+            yield names[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
+    if parsed["tensors"]:
+        raise NotImplementedError(f"{gguf_path.name}: its {architecture} tensors are merged across the file, which slim2gguf does not read")
+
+
+def _write_shards(tensors: Iterable[tuple[str, Any]], directory: Path, progress: Callable[[str], None]) -> None:
+    """Safetensors shards of ``tensors``, a new one whenever the decoder block changes,
+    and the index that maps each name to its shard."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+    total = 0
+    shard: dict[str, Any] = {}
+    group = None
+
+    def flush() -> None:
+        files.append(f"model-{len(files) + 1:05d}.safetensors")
+        save_file(shard, str(directory / files[-1]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, files[-1]))
+        progress(f"{len(weight_map)} tensors")
+        shard.clear()
+
+    for name, tensor in tensors:
+        block = name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
+        if shard and block != group:
+            flush()
+        group = block
+        shard[name] = tensor
+        total += tensor.numel() * tensor.element_size()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _file_kind(path: Path) -> str:

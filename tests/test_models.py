@@ -51,8 +51,11 @@ def test_gguf_file_refuses_a_wrong_checksum_and_leaves_nothing(tmp_path, monkeyp
 
 
 def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, capsys):
-    """The demo model's own Q4_1 file as MODEL gives the demo model's config and weights."""
+    """The demo model's own Q4_1 file as MODEL gives the demo model's config and exactly
+    the weights transformers' own GGUF loader makes of it, a decoder block per shard."""
+    import torch
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     gguf_path = tmp_path / "smol.gguf"
     gguf_path.symlink_to(named_models.gguf_file(named_models.DEMO))
@@ -61,9 +64,15 @@ def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, ca
     made = resolve_model(str(gguf_path))
     assert "already quantized (mostly Q4_1); quantizing it again compounds both errors" in capsys.readouterr().err
     assert json.loads((made / "config.json").read_text()) == json.loads((demo / "config.json").read_text())
-    ours, reference = load_file(made / "model.safetensors"), load_file(demo / "model.safetensors")
-    assert ours.keys() == reference.keys()
-    assert all((ours[k] == reference[k]).all() for k in ours)
+    index = json.loads((made / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = {shard: load_file(made / shard) for shard in set(index.values())}
+    assert all(name in shards[shard] for name, shard in index.items())
+    blocks = [{n.split(".")[2] if n.startswith("model.layers.") else None for n in shard} for shard in shards.values()]
+    assert all(len(b) == 1 for b in blocks) and len(shards) > json.loads((made / "config.json").read_text())["num_hidden_layers"]
+    reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).state_dict()
+    ours = {name: shards[shard][name] for name, shard in index.items()}
+    assert ours.keys() == {k for k in reference if k != "lm_head.weight"}  # tied to the embedding, as save_pretrained leaves it
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
     assert resolve_model(str(gguf_path)) == made  # cached: no second dequantization
 
 

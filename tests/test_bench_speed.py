@@ -17,5 +17,4 @@ def test_times_every_method_on_one_block(bench, monkeypatch):
     rows = bench.time_block("tiny", 1024, ["rtn", "gptq", "slim"], 3)
     assert [r["method"] for r in rows] == ["rtn", "gptq", "slim"]
     assert all(r["block_s"] >= 0 and r["forward_s"] >= 0 and r["tokens"] == 1024 for r in rows)  # seconds, 2 decimals
-    assert rows[2]["block_s"] > rows[0]["block_s"]  # SliM calibrates and searches; RTN only rounds
     assert {r["params"] for r in rows} == {2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128}  # q, o; k, v (2 of 4 heads); MLP

@@ -261,11 +261,11 @@ def make(job: Job, args: argparse.Namespace, work: Path, f16: Path, imatrix: Pat
 
 
 def bits_per_weight(rows: list[dict[str, Any]], tensors: tuple[str, ...] | None) -> dict[str, float]:
-    """Whole file (every tensor), and the quantized block tensors: all 2-D block weights,
-    or in tensor-level mode only the selected classes'."""
+    """Whole file (every tensor), and the quantized block tensors: all block weights (2-D,
+    and 3-D stacks of experts), or in tensor-level mode only the selected classes'."""
 
     def quantized(row: dict[str, Any]) -> bool:
-        if not (row["name"].startswith("blk.") and len(row["shape"]) == 2):
+        if not (row["name"].startswith("blk.") and len(row["shape"]) >= 2):
             return False
         return tensors is None or row["name"].split(".")[2] in tensors
 

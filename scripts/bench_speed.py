@@ -72,7 +72,7 @@ def time_block(shape: str, tokens: int, methods: list[str], bits: int) -> list[d
         sampling = (tokens, token_sample(tokens, quant.sba_tokens, 0))
         with torch.no_grad():
             started = time.perf_counter()
-            _quantize_block(copy_.model.layers[0], linears, [] if method == "rtn" else batches, quant, (None, None), sampling, device)
+            _quantize_block(0, copy_.model.layers[0], linears, [] if method == "rtn" else batches, quant, (None, None), sampling, device)
             wall = time.perf_counter() - started
         params = sum(lin.weight.numel() for lin in linears.values())
         rows.append({"shape": shape, "tokens": tokens, "method": method, "bits": bits, "forward_s": round(forward, 2),

@@ -8,9 +8,14 @@ checks that with a probe, so a family whose converter does more is refused at ex
 Where families differ in the forward pass (Gemma's sliding-window and global layers,
 its norm offsets and soft-capping), transformers and llama.cpp's converter each do their
 part from the config; what the pipeline needs of that is the config's ``layer_types``.
+Mixture-of-experts families differ in data only: the names of an expert's three linears
+and where their checkpoints keep the MoE block (moe.py makes each expert's linears
+``nn.Linear``s, which the converter stacks into one tensor per kind and block).
 """
 
 from __future__ import annotations
+
+from fnmatch import fnmatchcase
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -21,6 +26,23 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its text decoder (text_model.py); the vision tower is not written
     "Phi3ForCausalLM": "phi3",  # fused qkv_proj and gate_up_proj, kept fused as llama.cpp stores them
+    "Qwen2MoeForCausalLM": "qwen2moe",
+    "Qwen3MoeForCausalLM": "qwen3moe",
+    "MixtralForCausalLM": "mixtral",
+}
+
+# Mixture-of-experts families -> the names of each expert's gate, up and down linears, as
+# their checkpoints (and llama.cpp's converter) name them: ``mlp.experts.E.<name>``.
+EXPERT_LINEARS: dict[str, tuple[str, str, str]] = {
+    "qwen2moe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3moe": ("gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("w1", "w3", "w2"),
+}
+
+# Where a family's checkpoints name a module otherwise than transformers does (module
+# name part -> the files' part): Mixtral's files keep the MoE block as block_sparse_moe.
+FILE_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": ((".mlp.", ".block_sparse_moe."),),
 }
 
 
@@ -44,9 +66,11 @@ def model_family(architecture: str) -> str:
         ) from None
 
 
-# llama.cpp's name for each class of decoder linear -> the Hugging Face module suffixes it
-# covers (Phi-3's fused linears are stored as llama.cpp's attn_qkv and ffn_up): what
-# `--tensors` takes, so one class of tensors can be quantized alone.
+# llama.cpp's name for each class of decoder linear -> the Hugging Face module name
+# patterns it covers (fnmatch, ``*`` an expert's number; Phi-3's fused linears are stored
+# as llama.cpp's attn_qkv and ffn_up): what `--tensors` takes, so one class of tensors
+# can be quantized alone. A block's linear in no class (Qwen MoE's one-row shared-expert
+# gate) is not quantized: llama.cpp keeps it F32, as it does the router.
 TENSOR_CLASSES: dict[str, tuple[str, ...]] = {
     "attn_q": ("self_attn.q_proj",),
     "attn_k": ("self_attn.k_proj",),
@@ -56,6 +80,12 @@ TENSOR_CLASSES: dict[str, tuple[str, ...]] = {
     "ffn_gate": ("mlp.gate_proj",),
     "ffn_up": ("mlp.up_proj", "mlp.gate_up_proj"),
     "ffn_down": ("mlp.down_proj",),
+    "ffn_gate_exps": ("mlp.experts.*.gate_proj", "mlp.experts.*.w1"),
+    "ffn_up_exps": ("mlp.experts.*.up_proj", "mlp.experts.*.w3"),
+    "ffn_down_exps": ("mlp.experts.*.down_proj", "mlp.experts.*.w2"),
+    "ffn_gate_shexp": ("mlp.shared_expert.gate_proj",),
+    "ffn_up_shexp": ("mlp.shared_expert.up_proj",),
+    "ffn_down_shexp": ("mlp.shared_expert.down_proj",),
 }
 
 
@@ -73,10 +103,12 @@ def parse_tensor_classes(text: str) -> tuple[str, ...]:
 def tensor_class(module_name: str) -> str | None:
     """llama.cpp's class of a decoder linear (``model.layers.3.mlp.down_proj`` -> ffn_down)."""
     return next(
-        (c for c, suffixes in TENSOR_CLASSES.items() if any(module_name.endswith("." + s) for s in suffixes)), None
+        (c for c, patterns in TENSOR_CLASSES.items() if any(fnmatchcase(module_name, "*." + p) for p in patterns)), None
     )
 
 
 def in_classes(module_name: str, classes: tuple[str, ...] | None) -> bool:
-    """Whether a decoder linear (``model.layers.3.mlp.down_proj``) is in the selection (None: all)."""
-    return classes is None or tensor_class(module_name) in classes
+    """Whether a decoder linear (``model.layers.3.mlp.down_proj``) is quantized with the
+    selection (None: every class)."""
+    cls = tensor_class(module_name)
+    return cls is not None and (classes is None or cls in classes)

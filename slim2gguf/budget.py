@@ -97,10 +97,11 @@ def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None, native: bool 
     from transformers import AutoModelForCausalLM
 
     from .models import linear_shapes_of
+    from .moe import unfuse
     from .text_model import causal_config
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(causal_config(model_dir))
+        model = unfuse(AutoModelForCausalLM.from_config(causal_config(model_dir)))
     block = linear_shapes_of(model)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()

@@ -149,10 +149,12 @@ def export_gguf(
 
 
 def converter_mapping(model_dir: str | os.PathLike, linears: dict[str, tuple[int, int]]) -> dict[str, dict[str, Any]]:
-    """GGUF tensor name -> ``{"module", "rows"}`` for the float model's ``linears`` (module -> shape).
+    """GGUF tensor name -> ``{"modules", "rows"}`` for the float model's ``linears`` (module -> shape).
 
-    The export's own probe, run alone: ``rows`` is the input row of each GGUF row
-    (None: unchanged order), so a reader can undo what export_gguf did to packed rows.
+    The export's own probe, run alone: ``modules`` are the linears the tensor holds (a
+    block's experts, stacked, or one), ``rows`` the row of their rows put end to end that
+    each GGUF row is (None: that order), so a reader can undo what export_gguf did to
+    packed rows.
     """
     src = ensure_source()
     job = {"kind": "mapping", "model_dir": str(Path(model_dir).resolve()), "linears": linears, "src": str(src)}

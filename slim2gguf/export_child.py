@@ -7,9 +7,10 @@ a subclass of its model class intercepts the tensor stream in three places:
 
 * ``modify_tensors``: for a SliM-quantized linear, the converter's own
   ``modify_tensors`` gets a probe holding each element's flat index instead of the
-  weight; what comes out names the GGUF tensor and shows the converter's row
-  permutation (LLaMA's q/k head order), which is applied to whole packed rows.
-  Anything but a pure row permutation is refused. The float weight is never loaded.
+  weight (``Probe``); what comes out names the GGUF tensor and shows which rows of
+  which weights it holds: the converter's row permutation (LLaMA's q/k head order) or
+  its stacking of a block's experts into one 3-D tensor, applied to whole packed rows.
+  Anything else is refused. The float weight is never loaded.
 * ``tensor_force_quant``: token embedding and LM head get the requested type.
 * ``set_gguf_parameters``: ``general.file_type`` and the ``slim2gguf.*`` keys.
 
@@ -45,7 +46,7 @@ from .architectures import UnsupportedArchitectureError, model_family
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
 from .storage import stored_type
-from .text_model import TextModelError, file_name, weight_prefix
+from .text_model import TextModelError, file_name, file_renames, weight_prefix
 
 
 @dataclass
@@ -70,43 +71,65 @@ def load_converter(src: Path) -> ModuleType:
     return conversion
 
 
-def _probe_dtype(shape: tuple[int, int]) -> torch.dtype:
-    """The narrowest integer type that holds every flat index (int32 halves the work)."""
-    return torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
+class Probe:
+    """Index probes standing in for quantized weights while llama.cpp's converter runs them,
+    and what its outputs say: which weight and row each output row is.
 
+    Each probe holds the flat index of each element, counted on from the probes not yet
+    consumed (a block's experts wait in the converter until it stacks them), so an output
+    names its sources. An output may permute rows (LLaMA's q/k) and stack whole weights
+    (experts, into one 3-D tensor); anything else is refused.
+    """
 
-def _row_source(probe_out: Any, name: str, shape: tuple[int, int]) -> np.ndarray:
-    """Input row of each output row, from what the converter made of the index probe."""
-    rows, cols = shape
-    out = torch.as_tensor(probe_out)
-    if out.dtype != _probe_dtype(shape) or tuple(out.shape) != shape:
-        raise ExportError(
-            f"llama.cpp's converter reshapes or converts {name} (to {tuple(out.shape)} {out.dtype}); "
-            "SliM rows can only be permuted"
-        )
-    src = out[:, 0] // cols
-    if not torch.equal(out, src[:, None] * cols + torch.arange(cols, dtype=out.dtype)):
-        raise ExportError(f"llama.cpp's converter transforms the columns of {name}; SliM rows can only be permuted")
-    if not torch.equal(torch.sort(src).values, torch.arange(rows)):
-        raise ExportError(f"llama.cpp's converter duplicates or drops rows of {name}")
-    return src.numpy()
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[int, tuple[int, int]]] = {}  # weight -> (first index, shape)
+        self.next = 0
 
+    def make(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        if not self.pending:
+            self.next = 0
+        rows, cols = shape
+        start, self.next = self.next, self.next + rows * cols
+        self.pending[name] = (start, shape)
+        dtype = torch.int32 if self.next < 2**31 else torch.int64  # int32 halves the work
+        return torch.arange(start, self.next, dtype=dtype).reshape(rows, cols)
 
-def probe_rows(
-    modify: Callable[[torch.Tensor, str, int | None], Iterable[tuple[str, Any]]],
-    name: str,
-    bid: int | None,
-    shape: tuple[int, int],
-) -> tuple[str, np.ndarray]:
-    """GGUF name and input row of each output row of weight ``name``, from what the
-    converter's ``modify_tensors`` makes of an index probe of its shape."""
-    rows, cols = shape
-    probe = torch.arange(rows * cols, dtype=_probe_dtype(shape)).reshape(rows, cols)
-    out = list(modify(probe, name, bid))
-    if len(out) != 1:
-        raise ExportError(f"llama.cpp's converter turns {name} into {len(out)} tensors; SliM export needs exactly one")
-    new_name, probe_out = out[0]
-    return new_name, _row_source(probe_out, name, shape)
+    @staticmethod
+    def holds(out: Any) -> bool:
+        """Whether a converter output is made of probes (real weights are floating point)."""
+        return getattr(out, "dtype", None) in (torch.int32, torch.int64)
+
+    def sources(self, out: Any, new_name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """For each row of output ``new_name``: the weight it comes from (an index into the
+        returned names, in order of first appearance) and that weight's row. The weights
+        are consumed."""
+        out = torch.as_tensor(out)
+        refused = f"llama.cpp's converter reshapes or converts the weights of {new_name}; SliM rows can only be permuted or stacked"
+        if not self.holds(out) or out.dim() < 2:
+            raise ExportError(refused)
+        names = sorted(self.pending, key=lambda n: self.pending[n][0])
+        starts = torch.tensor([self.pending[n][0] for n in names], dtype=torch.int64)
+        cols = out.shape[-1]
+        flat = out.reshape(-1, cols).to(torch.int64)
+        which = torch.searchsorted(starts, flat[:, 0].contiguous(), right=True) - 1
+        if bool((which < 0).any()):
+            raise ExportError(refused)
+        offset = flat[:, 0] - starts[which]
+        widths = torch.tensor([self.pending[n][1][1] for n in names])[which]
+        if not (bool((widths == cols).all()) and bool((offset % cols == 0).all())):
+            raise ExportError(refused)
+        if not torch.equal(flat, flat[:, :1] + torch.arange(cols)):
+            raise ExportError(f"llama.cpp's converter transforms the columns of {new_name}; SliM rows can only be permuted")
+        rows = offset // cols
+        order = list(dict.fromkeys(which.tolist()))
+        for k in order:
+            if not torch.equal(torch.sort(rows[which == k]).values, torch.arange(self.pending[names[k]][1][0])):
+                raise ExportError(f"llama.cpp's converter duplicates or drops rows of {names[k]}")
+        for k in order:
+            del self.pending[names[k]]
+        position = torch.full((len(names),), -1, dtype=torch.int64)
+        position[order] = torch.arange(len(order))
+        return [names[k] for k in order], position[which].numpy(), rows.numpy()
 
 
 def _slim_model_class(base: type) -> type:
@@ -130,6 +153,7 @@ def _slim_model_class(base: type) -> type:
             self.advance = advance
             self.notes: list[str] = []
             self.quantized: set[str] = set()  # GGUF names of the checkpoint's tensors
+            self.probe = Probe()
             super().__init__(*args, **kwargs)
 
         def set_gguf_parameters(self) -> None:
@@ -150,17 +174,30 @@ def _slim_model_class(base: type) -> type:
 
         def modify_tensors(self, data_torch: torch.Tensor, name: str, bid: int | None) -> Iterable[tuple[str, Any]]:
             self.advance()
-            entry = self.packed.pop(name, None)
-            if entry is None:
-                return super().modify_tensors(data_torch, name, bid)
-            if tuple(data_torch.shape) != entry.shape:
-                raise ExportError(
-                    f"{name} is {tuple(data_torch.shape)} in the model but {entry.shape} in the checkpoint"
-                )
-            new_name, source = probe_rows(super().modify_tensors, name, bid, entry.shape)
-            self.gguf_writer.add_tensor(new_name, entry.rows[source], raw_dtype=QT(entry.type_id))
-            self.quantized.add(new_name)
-            return []
+            entry = self.packed.get(name)
+            if entry is not None:
+                if tuple(data_torch.shape) != entry.shape:
+                    raise ExportError(
+                        f"{name} is {tuple(data_torch.shape)} in the model but {entry.shape} in the checkpoint"
+                    )
+                data_torch = self.probe.make(name, entry.shape)
+            for new_name, out in super().modify_tensors(data_torch, name, bid):
+                if not self.probe.holds(out):
+                    yield new_name, out
+                    continue
+                names, which, rows = self.probe.sources(out, new_name)
+                entries = [self.packed.pop(n) for n in names]
+                if len({e.type_id for e in entries}) != 1:
+                    kinds = sorted({stored_type(e.type_id).name for e in entries})
+                    raise ExportError(
+                        f"llama.cpp's converter stacks weights of types {kinds} into {new_name}; they need one type"
+                    )
+                data = np.empty((len(rows), entries[0].rows.shape[1]), dtype=np.uint8)
+                for k, e in enumerate(entries):
+                    data[which == k] = e.rows[rows[which == k]]
+                shape = tuple(torch.as_tensor(out).shape[:-1]) + (data.shape[1],)
+                self.gguf_writer.add_tensor(new_name, data.reshape(shape), raw_dtype=QT(entries[0].type_id))
+                self.quantized.add(new_name)
 
         def tensor_force_quant(self, name: str, new_name: str, bid: int | None, n_dims: int) -> Any:
             # Where a row does not fit Q8_0's blocks, the converter stores F16 and logs a warning.
@@ -169,6 +206,9 @@ def _slim_model_class(base: type) -> type:
                 return embed
             if self.match_model_tensor_name(new_name, gguf.MODEL_TENSOR.OUTPUT, None):
                 return output
+            routers = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)
+            if any(self.match_model_tensor_name(new_name, key, bid) for key in routers):
+                return False  # the converter's own choice: F32, as llama.cpp keeps routers always
             if bid is not None and n_dims >= 2 and new_name.endswith(".weight"):
                 if self.kvs["tensors"] is not None:  # left float on purpose (--tensors): F16, as llama.cpp would
                     return QT.F16
@@ -178,14 +218,15 @@ def _slim_model_class(base: type) -> type:
     return SlimModel
 
 
-def _pack(checkpoint: Checkpoint, model_class: type, prefix: str, progress: Progress) -> tuple[dict[str, _Packed], Counter]:
-    """Pack every quantized linear, keyed by the converter's name for its weight (the
-    files' name under ``prefix``: text_model.weight_prefix)."""
+def _pack(checkpoint: Checkpoint, model_class: type, model_dir: Path, progress: Progress) -> tuple[dict[str, _Packed], Counter]:
+    """Pack every quantized linear, keyed by the converter's name for its weight (its name
+    in the model's files: text_model.file_name)."""
+    prefix, renames = weight_prefix(model_dir), file_renames(model_dir)
     packed: dict[str, _Packed] = {}
     widths: Counter = Counter()
     task = progress.add_task("packing", total=len(checkpoint.manifest["tensors"]))
     for module_name, qt in checkpoint.tensors():
-        item = model_class.filter_tensors((file_name(module_name, prefix) + ".weight", lambda: None))
+        item = model_class.filter_tensors((file_name(module_name, prefix, renames) + ".weight", lambda: None))
         if item is None:
             raise ExportError(f"llama.cpp's converter drops {module_name}.weight")
         for width in qt.group_widths():
@@ -259,7 +300,7 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     out = Path(job["out"])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not job["progress"]) as bar:
-        packed, widths = _pack(ckpt, model_class, weight_prefix(model_dir), bar)
+        packed, widths = _pack(ckpt, model_class, model_dir, bar)
         kvs = _file_kvs(_dominant_type(packed), settings)
         converting = bar.add_task("converting")
         with torch.inference_mode():
@@ -275,6 +316,11 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
             bar.update(converting, total=len(model.model_tensors))
             try:
                 model.prepare_tensors()
+                if model.probe.pending:
+                    name = sorted(model.probe.pending)[0]
+                    raise ExportError(
+                        f"llama.cpp's converter turns {name} into something other than its rows, permuted or stacked"
+                    )
                 if packed:
                     missing = ", ".join(sorted(packed)[:3])
                     raise ExportError(f"{len(packed)} checkpoint tensors are not in {model_dir}, e.g. {missing}")
@@ -290,11 +336,13 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def linear_mapping(job: dict[str, Any]) -> dict[str, Any]:
-    """GGUF name -> {"module", "rows"} for each linear in ``job["linears"]`` (module -> [rows, cols]).
+    """GGUF name -> {"modules", "rows"} for the linears in ``job["linears"]`` (module -> [rows, cols]).
 
     Runs the same probe as an export, so readers of a file undo exactly the row
-    permutation the export applied. ``rows`` is the input row of each GGUF row, or
-    None where the converter keeps the order. Linears the converter drops are left out.
+    permutation and stacking the export applied. ``modules`` are the linears a tensor
+    holds (several: a block's experts, stacked), ``rows`` the row of their rows put end
+    to end that each GGUF row is, or None where that is the order. Linears the converter
+    drops are left out.
     """
     model_dir = Path(job["model_dir"])
     conversion = load_converter(Path(job["src"]))
@@ -303,18 +351,26 @@ def linear_mapping(job: dict[str, Any]) -> dict[str, Any]:
     model_family(architecture)
     model_class = conversion.get_model_class(architecture)
     mapping: dict[str, Any] = {}
-    prefix = weight_prefix(model_dir)
+    prefix, renames = weight_prefix(model_dir), file_renames(model_dir)
+    probe = Probe()
+    module_of: dict[str, str] = {}
     with torch.inference_mode():
         model = model_class(model_dir, gguf.LlamaFileType.ALL_F32, model_dir)  # the path only names a file
         for module, shape in job["linears"].items():
-            item = model_class.filter_tensors((file_name(module, prefix) + ".weight", lambda: None))
+            item = model_class.filter_tensors((file_name(module, prefix, renames) + ".weight", lambda: None))
             if item is None:
                 continue
             name = item[0]
+            module_of[name] = module
             bid = next((int(part) for part in name.split(".") if part.isdecimal()), None)  # as prepare_tensors
-            gguf_name, source = probe_rows(model.modify_tensors, name, bid, tuple(shape))
-            identity = np.array_equal(source, np.arange(len(source)))
-            mapping[gguf_name] = {"module": module, "rows": None if identity else source.tolist()}
+            for gguf_name, out in model.modify_tensors(probe.make(name, tuple(shape)), name, bid):
+                names, which, rows = probe.sources(out, gguf_name)
+                offsets = np.cumsum([0] + [job["linears"][module_of[n]][0] for n in names])
+                source = offsets[which] + rows
+                identity = np.array_equal(source, np.arange(len(source)))
+                mapping[gguf_name] = {"modules": [module_of[n] for n in names], "rows": None if identity else source.tolist()}
+    if probe.pending:
+        raise ExportError(f"llama.cpp's converter never writes {sorted(probe.pending)[0]}")
     return {"mapping": mapping}
 
 

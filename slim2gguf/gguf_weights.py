@@ -2,9 +2,10 @@
 ``--format native``), named and ordered as the Hugging Face model has them.
 
 Validation has to evaluate exactly the bytes llama.cpp reads. The file names its
-tensors the llama.cpp way and stores some of them (LLaMA's q/k) with rows permuted;
-the exporter's own probe (export.converter_mapping) says which linear each tensor
-is and how its rows were moved, so nothing here knows an architecture's names or
+tensors the llama.cpp way, stores some of them (LLaMA's q/k) with rows permuted and a
+block's experts stacked, one tensor per kind; the exporter's own probe
+(export.converter_mapping) says which linears each tensor holds and how their rows
+were moved, so nothing here knows an architecture's names or
 permutations, and a reader cannot drift from the writer.
 """
 
@@ -58,23 +59,27 @@ def packed_from_gguf(gguf_path: GGUFSource, model_dir: str | os.PathLike) -> dic
         raise GGUFWeightsError(f"{gguf_path} holds no SliM or quantized decoder tensors (not a slim2gguf export?)")
     packed: dict[str, tuple[np.ndarray, StoredType]] = {}
     for tensor, stype in quantized:
-        cols, rows = (int(n) for n in tensor.shape)
         entry = mapping.get(tensor.name)
         if entry is None:
             raise GGUFWeightsError(
                 f"{gguf_path} holds {tensor.name}, which no decoder linear of {model_dir} becomes: "
                 "the file was made from another model"
             )
-        module = entry["module"]
-        if shapes[module] != (rows, cols):
+        modules = entry["modules"]
+        cols, rows = int(tensor.shape[0]), int(np.prod([int(n) for n in tensor.shape[1:]]))
+        if {shapes[m][1] for m in modules} != {cols} or sum(shapes[m][0] for m in modules) != rows:
+            expected = " + ".join(f"{shapes[m][0]}x{shapes[m][1]}" for m in modules)
             raise GGUFWeightsError(
-                f"{tensor.name} is {rows}x{cols} in {gguf_path} but {module} is "
-                f"{shapes[module][0]}x{shapes[module][1]} in {model_dir}: the file was made from another model"
+                f"{tensor.name} is {rows}x{cols} in {gguf_path} but holds {expected} of {model_dir}: "
+                "the file was made from another model"
             )
         data = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, stype.row_bytes(cols))
         restored = np.empty_like(data)
         restored[np.arange(rows) if entry["rows"] is None else np.asarray(entry["rows"])] = data
-        packed[module] = (restored, stype)
+        first = 0
+        for module in modules:
+            packed[module] = (restored[first : first + shapes[module][0]], stype)
+            first += shapes[module][0]
     return packed
 
 

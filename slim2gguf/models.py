@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import named_models, text_model
-from .architectures import SUPPORTED_ARCHITECTURES
+from . import moe, named_models, text_model
+from .architectures import SUPPORTED_ARCHITECTURES, tensor_class
 from .from_gguf import GGUFImportError, is_gguf, resolve_gguf
 
 
@@ -66,10 +66,15 @@ def architecture_of(path: Path) -> str:
 
 
 def load_model(path: Path) -> nn.Module:
-    """The float32 model on the CPU (blocks move to the compute device one at a time)."""
+    """The float32 model on the CPU (blocks move to the compute device one at a time),
+    each expert of a mixture-of-experts model as linears of its own (moe.unfuse)."""
     from transformers import AutoModelForCausalLM
 
     architecture_of(path)
+    try:
+        text_model.check_expert_layout(text_model.shard_of(path), path)
+    except text_model.TextModelError as err:
+        raise ModelError(str(err)) from err
     if text_model.is_multimodal(path):
         try:
             model = text_model.load_text_model(path)
@@ -79,7 +84,7 @@ def load_model(path: Path) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False
-    return model
+    return moe.unfuse(model)
 
 
 def load_tokenizer(path: Path):
@@ -98,10 +103,12 @@ def block_name(index: int) -> str:
 
 
 def block_linears(model: nn.Module, index: int) -> dict[str, nn.Linear]:
-    """Full module name -> linear for every nn.Linear inside decoder block ``index``."""
+    """Full module name -> linear for every linear of decoder block ``index`` that slim2gguf
+    quantizes (every nn.Linear in a tensor class: architectures.TENSOR_CLASSES)."""
     prefix = block_name(index) + "."
     layer = decoder_layers(model)[index]
-    return {prefix + name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+    linears = {prefix + name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+    return {name: lin for name, lin in linears.items() if tensor_class(name) is not None}
 
 
 def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
@@ -110,7 +117,7 @@ def block_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(text_model.causal_config(model_dir))
+        model = moe.unfuse(AutoModelForCausalLM.from_config(text_model.causal_config(model_dir)))
     return linear_shapes_of(model)
 
 

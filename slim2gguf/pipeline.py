@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from . import __version__, sensitivity
-from .architectures import in_classes
+from . import __version__, moe, sensitivity
+from .architectures import EXPERT_LINEARS, in_classes, model_family
 from .budget import Decision, check_budget, model_shapes, solve
 from .calib import calibration_windows, read_text
 from .checkpoint import CheckpointWriter, finished_with
@@ -214,6 +214,12 @@ class InputCollector:
         self.sample.append(x[idx - self.seen].cpu())
         self.seen += x.shape[0]
 
+    def top_up(self, every: InputCollector, tokens: int) -> None:
+        """Add ``tokens - seen`` tokens' worth of ``every``'s average curvature, and its
+        sample (moe.top_up: an expert that few calibration tokens reach)."""
+        self.h.add_(every.h, alpha=(tokens - self.seen) / every.seen)
+        self.sample.extend(every.sample)
+
 
 def _widths_summary(widths: Counter) -> str:
     return " ".join(f"{k}b:{widths[k]}" for k in sorted(widths))
@@ -262,6 +268,7 @@ def tensor_settings(
 
 
 def _quantize_block(
+    index: int,
     layer: nn.Module,
     linears: dict[str, nn.Linear],
     batches: list[tuple[torch.Tensor, dict]],
@@ -269,18 +276,25 @@ def _quantize_block(
     plan: tuple[Allocation | None, Decision | None],
     sampling: tuple[int, torch.Tensor],
     dev: torch.device,
-) -> tuple[dict[str, StoredTensor], dict[str, dict[str, float]], list[torch.Tensor], float | None]:
-    """Quantize one block's linears in place; return them, the SBA search's summary per
-    linear (chosen candidate i, its KL, the uniform allocation's KL; empty without a
-    search), the quantized block's outputs (next block's inputs) and its relative output
-    error (None without calibration)."""
+) -> tuple[dict[str, StoredTensor], dict[str, Any], list[torch.Tensor], float | None]:
+    """Quantize block ``index``'s linears in place; return them, what to record of the
+    block (the SBA search's summary per linear: chosen candidate i, its KL, the uniform
+    allocation's KL; the routed token count of each expert linear topped up), the
+    quantized block's outputs (next block's inputs) and its relative output error (None
+    without calibration)."""
     collectors: dict[str, InputCollector] = {}
+    info: dict[str, Any] = {}
     if batches:
         collectors = {n: InputCollector(lin, *sampling, dev) for n, lin in linears.items()}
         handles = [lin.register_forward_hook(collectors[n]) for n, lin in linears.items()]
-        reference = _run_block(layer, batches, dev)
+        with moe.ExpertInputs(layer, block_name(index)) as recorded:
+            reference = _run_block(layer, batches, dev)
         for h in handles:
             h.remove()
+        topped = moe.top_up(recorded, collectors, lambda lin: InputCollector(lin, *sampling, dev))
+        del recorded
+        if topped:
+            info["experts_topped_up"] = topped
     tensors, searches = {}, {}
     for name, lin in linears.items():
         settings, given = tensor_settings(name, lin, quant, *plan)
@@ -291,12 +305,14 @@ def _quantize_block(
         tensors[name] = qt
         if search:
             searches[name] = search
+    if searches:
+        info["sba_search"] = searches
     if not batches:
-        return tensors, searches, [], None
+        return tensors, info, [], None
     outputs = _run_block(layer, batches, dev)
     num = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
     den = sum(float(r.pow(2).sum()) for r in reference)
-    return tensors, searches, outputs, num / max(den, 1e-30)
+    return tensors, info, outputs, num / max(den, 1e-30)
 
 
 def load_allocation(path: str | os.PathLike) -> Allocation:
@@ -350,6 +366,8 @@ def quantize_model(
     dev = pick_device(device)
     path = resolve_model(model_name)
     arch = architecture_of(path)
+    if quant.bpw is not None and model_family(arch) in EXPERT_LINEARS:
+        raise ValueError("--bpw does not spend a budget across experts (a block's experts of one kind share one stored type); use --bits")
     if allocation is not None and (quant.method != "slim" or quant.native is not None):
         raise ValueError("--allocation reuses SliM widths: it applies to --method slim with SliM types only")
     if allocation is not None:
@@ -426,18 +444,19 @@ def quantize_model(
                 outputs = _run_block(layer, batches, dev)
                 progress.update(task, description=f"block {i}: replayed from checkpoint")
             else:
-                tensors, searches, outputs, rel_err = _quantize_block(
-                    layer, linears, batches, quant, (allocation, decision), (n_tokens, sample_idx), dev
+                tensors, recorded, outputs, rel_err = _quantize_block(
+                    i, layer, linears, batches, quant, (allocation, decision), (n_tokens, sample_idx), dev
                 )
-                info = {"block": i, "rel_output_error": rel_err, **({"sba_search": searches} if searches else {})}
-                writer.write_block(i, tensors, info)
+                writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err, **recorded})
                 block_widths = Counter(w for qt in tensors.values() for w in qt.group_widths())
                 block_types = _types(list(tensors.values()))
                 width_groups.update(block_widths)
                 tensor_types.update(block_types)
                 error = f"  out err {rel_err:.2e}" if rel_err is not None else ""
+                topped = len(recorded.get("experts_topped_up", ()))
+                rare = f"  {topped} expert linears topped up" if topped else ""
                 made = _widths_summary(block_widths) or " ".join(f"{k}×{n}" for k, n in sorted(block_types.items()))
-                progress.update(task, description=f"block {i}: {made}{error}")
+                progress.update(task, description=f"block {i}: {made}{error}{rare}")
             hidden = outputs
             layer.to("cpu")
             if loader:

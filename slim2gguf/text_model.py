@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import MULTIMODAL_ARCHITECTURES
+from .architectures import FILE_RENAMES, MULTIMODAL_ARCHITECTURES, SUPPORTED_ARCHITECTURES
+from .moe import unfuse
 
 PLAIN_PREFIX = "model."
 PROBE = "layers.0.self_attn.q_proj.weight"  # a weight every supported text decoder has
@@ -77,9 +78,29 @@ def weight_prefix(model_dir: Path, names: Iterable[str] | None = None) -> str:
     return text[0]
 
 
-def file_name(module: str, prefix: str) -> str:
-    """The files' name of a decoder module (``model.layers.3.mlp.down_proj``) under ``prefix``."""
-    return prefix + module.removeprefix(PLAIN_PREFIX)
+def check_expert_layout(names: Iterable[str], model_dir: Path) -> None:
+    """Refuse a checkpoint whose experts are stored fused (3-D ``mlp.experts.gate_up_proj``):
+    slim2gguf quantizes, and llama.cpp's converter stacks, one tensor per expert projection."""
+    fused = next((n for n in names if n.endswith(".experts.gate_up_proj")), None)
+    if fused is not None:
+        raise TextModelError(
+            f"{model_dir} stores its experts fused ({fused}); slim2gguf reads checkpoints with one tensor "
+            "per expert projection (mlp.experts.N.gate_proj, ...), as their publishers release them"
+        )
+
+
+def file_renames(model_dir: Path) -> tuple[tuple[str, str], ...]:
+    """How the model's files name modules otherwise than transformers (architectures.FILE_RENAMES)."""
+    return FILE_RENAMES.get(SUPPORTED_ARCHITECTURES.get(architecture(model_dir), ""), ())
+
+
+def file_name(module: str, prefix: str, renames: tuple[tuple[str, str], ...] = ()) -> str:
+    """The files' name of a decoder module (``model.layers.3.mlp.down_proj``) under ``prefix``,
+    with the family's ``renames`` (file_renames)."""
+    name = module.removeprefix(PLAIN_PREFIX)
+    for ours, theirs in renames:
+        name = name.replace(ours, theirs)
+    return prefix + name
 
 
 def load_text_model(model_dir: Path) -> nn.Module:
@@ -107,9 +128,11 @@ class BlockLoader:
 
         self.model_dir = Path(model_dir)
         self.shard_of = shard_of(self.model_dir)
+        check_expert_layout(self.shard_of, self.model_dir)
         self.prefix = weight_prefix(self.model_dir, self.shard_of)
+        self.renames = file_renames(self.model_dir)
         with init_empty_weights(include_buffers=False):
-            self.skeleton = AutoModelForCausalLM.from_config(causal_config(self.model_dir), dtype=torch.float32)
+            self.skeleton = unfuse(AutoModelForCausalLM.from_config(causal_config(self.model_dir), dtype=torch.float32))
         self.skeleton.eval()
         self.skeleton.config.use_cache = False
         self.tied = bool(self.skeleton.config.tie_word_embeddings)
@@ -118,7 +141,7 @@ class BlockLoader:
         if param == "lm_head.weight":
             heads = [self.prefix.removesuffix("model.") + param, param]
             return next((h for h in heads if h in self.shard_of), heads[-1])
-        return file_name(param, self.prefix)
+        return file_name(param, self.prefix, self.renames)
 
     def load(self, module: str) -> None:
         """Read every parameter under ``module`` from the files (float32, on the CPU)."""

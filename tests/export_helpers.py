@@ -130,7 +130,8 @@ def tiny_model_dir(target: Path, architecture: str, tokenizer_dir: Path, **overr
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                  "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3"}  # fmt: skip
+                  "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3",
+                  "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}  # fmt: skip
     params = {
         "architectures": [architecture],
         "hidden_size": 128,

@@ -366,17 +366,18 @@ def test_inspect_rejects_bad_width_code(small_gguf, tmp_path):
     ],
 )
 def test_row_mapping_accepts_only_row_permutations(transform, accepted):
-    from slim2gguf.export_child import _probe_dtype, _row_source
+    from slim2gguf.export_child import Probe
 
-    shape = (16, 12)
-    probe = torch.arange(16 * 12, dtype=_probe_dtype(shape)).reshape(shape)
+    probes = Probe()
+    probe = probes.make("w", (16, 12))
     out = transform(probe)
     if accepted:
-        rows = _row_source(out, "w", shape)
+        names, which, rows = probes.sources(out, "w")
+        assert names == ["w"] and not which.any()
         assert torch.equal(probe[torch.from_numpy(rows)], out)
     else:
         with pytest.raises(ExportError, match="converter"):
-            _row_source(out, "w", shape)
+            probes.sources(out, "w")
 
 
 def _one_tensor_checkpoint(target: Path, model_dir: Path, architecture: str) -> Path:

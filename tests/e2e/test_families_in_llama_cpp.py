@@ -10,7 +10,9 @@ five sliding-window layers, then a global one). Both have a window shorter than 
 evaluation context, so both kinds of layer matter, and llama.cpp's query scale
 (1/sqrt(head_dim)), as every released Gemma 2 and 3 but the 27B has. The multimodal Gemma 3
 checkpoint has a small vision tower beside the same decoder; only the decoder is written.
-Every file's KV section is the converter's own, byte for byte.
+The mixture-of-experts models (Qwen 2 MoE with its shared expert, Qwen 3 MoE, Mixtral) have
+four experts, two per token; llama.cpp stacks each block's experts of a kind into one SliM
+tensor, which its MUL_MAT_ID runs. Every file's KV section is the converter's own, byte for byte.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from slim2gguf.inspect_gguf import dequantize_tensor, open_gguf
 
 pytestmark = pytest.mark.e2e
 
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 FAMILIES = {
     "gemma2": ("Gemma2ForCausalLM", {"num_hidden_layers": 4, "sliding_window": 32, "query_pre_attn_scalar": 32}),
     "gemma3": ("Gemma3ForCausalLM", {"num_hidden_layers": 6, "sliding_window": 32, "query_pre_attn_scalar": 32}),
@@ -36,6 +39,9 @@ FAMILIES = {
         "Gemma3ForConditionalGeneration", {"num_hidden_layers": 6, "sliding_window": 32, "query_pre_attn_scalar": 32}
     ),
     "phi3": ("Phi3ForCausalLM", {"tie_word_embeddings": False}),
+    "qwen2moe": ("Qwen2MoeForCausalLM", MOE | {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 128}),
+    "qwen3moe": ("Qwen3MoeForCausalLM", MOE | {"moe_intermediate_size": 64}),
+    "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

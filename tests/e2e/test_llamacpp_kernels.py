@@ -41,9 +41,10 @@ pytestmark = pytest.mark.e2e
 
 # SLIM2GGUF_KERNEL_TEST_VARIANTS=native skips the two extra (ggml-only) builds
 VARIANTS = tuple(os.environ.get("SLIM2GGUF_KERNEL_TEST_VARIANTS", "native,avx2,generic").split(","))
-# tag -> (rows, groups, rows alternate between two width patterns): odd row counts; 6 groups
-# hold all three widths, 2 groups only b-1 and b+1; "x8" tensors have whole blocks of 8 rows
-SHAPES = {"a": (7, 6, False), "b": (3, 2, False), "mixed": (9, 6, True), "x8": (16, 6, False), "x8mixed": (8, 6, True)}
+# tag -> (rows, groups, rows per width pattern: 0 one pattern, 1 rows alternate between two,
+# 8 each block of 8 rows its own, as a stack of 8-row experts): odd row counts; 6 groups hold
+# all three widths, 2 groups only b-1 and b+1; "x8" tensors have whole blocks of 8 rows
+SHAPES = {"a": (7, 6, 0), "b": (3, 2, 0), "mixed": (9, 6, 1), "x8": (16, 6, 0), "x8mixed": (8, 6, 1), "x8experts": (24, 6, 8)}
 BATCHES = (1, 7)  # activation columns: 1 for token generation; 7 = tiles of 4, 2 and 1 columns
 THREADS = 2
 
@@ -101,14 +102,16 @@ def _random_widths(b: int, n_groups: int, rng: np.random.Generator) -> np.ndarra
     return widths
 
 
-def _random_tensor(stype: fmt.SlimType, rows: int, n_groups: int, rng: np.random.Generator, mixed: bool = False) -> np.ndarray:
-    """Packed rows; with ``mixed``, odd rows get a second width pattern (fmt.unpack rejects
-    such a tensor, so references are made row by row)."""
-    if mixed:
-        patterns = [_random_widths(stype.bits, n_groups, rng) for _ in range(2)]
-        while np.array_equal(*patterns):
-            patterns[1] = _random_widths(stype.bits, n_groups, rng)
-        parts = [_random_tensor_rows(stype, 1, patterns[r % 2], rng, constant_group=r == 0) for r in range(rows)]
+def _random_tensor(stype: fmt.SlimType, rows: int, n_groups: int, rng: np.random.Generator, period: int = 0) -> np.ndarray:
+    """Packed rows; with ``period`` 1, odd rows get a second width pattern; with 8, each block
+    of 8 rows its own (fmt.unpack rejects such tensors, so references are made row by row)."""
+    if period:
+        patterns = [_random_widths(stype.bits, n_groups, rng) for _ in range(2 if period == 1 else rows // period)]
+        for i in range(1, len(patterns)):
+            while np.array_equal(patterns[i], patterns[i - 1]):
+                patterns[i] = _random_widths(stype.bits, n_groups, rng)
+        pick = (lambda r: r % 2) if period == 1 else (lambda r: r // period)
+        parts = [_random_tensor_rows(stype, 1, patterns[pick(r)], rng, constant_group=r == 0) for r in range(rows)]
         return np.concatenate(parts)
     return _random_tensor_rows(stype, rows, _random_widths(stype.bits, n_groups, rng), rng)
 
@@ -144,8 +147,8 @@ def model(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, fmt.SlimT
     rng = np.random.default_rng(20240611)
     tensors = {}
     for stype in fmt.SLIM_TYPES:
-        for tag, (rows, n_groups, mixed) in SHAPES.items():
-            tensors[f"{stype.name.lower()}.{tag}"] = (_random_tensor(stype, rows, n_groups, rng, mixed), stype)
+        for tag, (rows, n_groups, period) in SHAPES.items():
+            tensors[f"{stype.name.lower()}.{tag}"] = (_random_tensor(stype, rows, n_groups, rng, period), stype)
     path = tmp_path_factory.mktemp("slim") / "kernels.gguf"
     _write_gguf(path, tensors)
     return path, tensors
@@ -253,33 +256,45 @@ def test_mul_mat(variant, dump_tool, model, name, batch, buffer, tmp_path):
     options = ["--repack"] if buffer == "repack" else []
     r = _run(dump_tool, *options, path, "mul-mat", name, x_file, batch, out, THREADS, check=not options)
     if options:
-        _, _, mixed = SHAPES[name.split(".")[1]]
+        _, _, period = SHAPES[name.split(".")[1]]
         if not (_interleaves(variant) and packed.shape[0] % 8 == 0):
             assert r.returncode == 1 and "refuses" in r.stderr, r.stderr
             return
         assert r.returncode == 0, r.stderr
-        assert ("kept as is" if mixed else "interleaved by 8 rows") in r.stderr, r.stderr
+        assert ("kept as is" if period == 1 else "interleaved by 8 rows") in r.stderr, r.stderr
     got = np.fromfile(out, dtype=np.float32).reshape(batch, packed.shape[0]).astype(np.float64)
     _check_mul_mat(got, x, packed, stype, cols)
 
 
+@pytest.mark.parametrize("buffer", ["cpu", "repack"])
 @pytest.mark.parametrize("name", TENSOR_IDS)
-def test_mul_mat_id(dump_tool, model, name, tmp_path):
-    """MUL_MAT_ID (MoE): each row is a one-row expert; token t uses experts (3t + 5u + 1) % rows."""
+def test_mul_mat_id(variant, dump_tool, model, name, buffer, tmp_path):
+    """MUL_MAT_ID (MoE): each row is a one-row expert (in the repack buffer, each block of 8
+    rows, interleaved at load as llama.cpp does with a 3-D expert tensor); token t uses
+    experts (3t + 5u + 1) % experts, u = 0, 1."""
     path, tensors = model
     packed, stype = tensors[name]
     rows, cols = packed.shape[0], packed.shape[1] // stype.block_bytes * stype.group_size
-    tokens = 5
+    per = 8 if buffer == "repack" else 1  # rows per expert
+    tokens = 7  # the repack path's tiles of 4, 2 and 1 columns, when one expert gets them all
     x = np.random.default_rng(cols + rows).standard_normal((tokens, cols)).astype(np.float32)
     x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
     x.tofile(x_file)
-    _run(dump_tool, path, "mul-mat-id", name, x_file, tokens, out, THREADS)
-    got = np.fromfile(out, dtype=np.float32).reshape(tokens, 2).astype(np.float64)
+    options = ["--repack"] if buffer == "repack" else []
+    r = _run(dump_tool, *options, path, "mul-mat-id", name, x_file, tokens, out, THREADS, check=not options)
+    if options:
+        _, _, period = SHAPES[name.split(".")[1]]
+        if not (_interleaves(variant) and rows % 8 == 0 and rows > 8):  # ggml's repack needs a 3-D stack
+            assert r.returncode == 1 and ("refuses" in r.stderr or "experts of 8 rows" in r.stderr), r.stderr
+            return
+        assert r.returncode == 0, r.stderr
+        assert ("kept as is" if period == 1 else "interleaved by 8 rows") in r.stderr, r.stderr
+    got = np.fromfile(out, dtype=np.float32).reshape(tokens, 2, per).astype(np.float64)
     for u in range(2):
-        experts = [(3 * t + 5 * u + 1) % rows for t in range(tokens)]
-        # per token, the same check as mul_mat restricted to its expert's row
+        experts = [(3 * t + 5 * u + 1) % (rows // per) for t in range(tokens)]
+        # per token, the same check as mul_mat restricted to its expert's rows
         for t, e in enumerate(experts):
-            _check_mul_mat(got[t : t + 1, u : u + 1], x[t : t + 1], packed[e : e + 1], stype, cols)
+            _check_mul_mat(got[t : t + 1, u], x[t : t + 1], packed[e * per : (e + 1) * per], stype, cols)
 
 
 # --- validation and refused ops ----------------------------------------------------------------

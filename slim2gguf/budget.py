@@ -8,12 +8,16 @@ token embedding and an untied output any stock type below; everything else is fi
 scores every tensor at every candidate; the budget then goes where the summed scores
 fall most (a multiple-choice knapsack, solved exactly up to a fine rounding of bits).
 
+A block's experts of one kind (mixture-of-experts models) are one stored tensor once
+llama.cpp's converter stacks them, so they take one choice together (``ModelShapes.items``).
+
 Everything here reads shapes only (a weightless model), so an unreachable budget is
 refused before any weights load.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,12 @@ def choice_bpw(text: str) -> float:
     return NATIVE_TYPES[text].bits_per_weight if text in NATIVE_TYPES else parse_label(text).bits_per_weight
 
 
+def stored_as(name: str) -> str:
+    """The stored tensor a budgeted tensor lands in: itself, or for an expert's linear its
+    block's stack of that kind (``model.layers.3.mlp.experts.*.w1``)."""
+    return re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+
+
 def linear_settings(in_features: int) -> list[fmt.SlimType]:
     """Every SliM type whose group size divides the linear's input size."""
     return [fmt.SlimType(b, g) for b in SLIM_BITS for g in SLIM_GROUPS if in_features % g == 0]
@@ -90,6 +100,19 @@ class ModelShapes:
                 out[name] = [(t, shape[0] * shape[1] * STANDARD_BPW[t]) for t in EMBED_CANDIDATES if shape[1] % 32 == 0]
         return out
 
+    def items(self) -> dict[str, list[str]]:
+        """Stored tensor -> the budgeted tensors it holds: one, or a block's experts of one
+        kind (equal shapes), which take one choice together."""
+        groups: dict[str, list[str]] = {}
+        for name in self.candidates():
+            groups.setdefault(stored_as(name), []).append(name)
+        return groups
+
+    def item_candidates(self) -> dict[str, list[tuple[str, float]]]:
+        """Stored tensor -> (choice, bits of all it holds) for every choice it can take."""
+        cands = self.candidates()
+        return {key: [(c, len(names) * b) for c, b in cands[names[0]]] for key, names in self.items().items()}
+
 
 def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None, native: bool = False) -> ModelShapes:
     """Shapes of every tensor the GGUF file holds, from a weightless (meta-device) instance
@@ -121,7 +144,7 @@ def model_shapes(model_dir: Path, tensors: tuple[str, ...] | None, native: bool 
 
 def reachable(shapes: ModelShapes) -> tuple[float, float]:
     """The smallest and largest whole-file bits per weight the choices allow."""
-    cands = shapes.candidates()
+    cands = shapes.item_candidates()
     lo = shapes.fixed_bits + sum(min(b for _, b in c) for c in cands.values())
     hi = shapes.fixed_bits + sum(max(b for _, b in c) for c in cands.values())
     return lo / shapes.params, hi / shapes.params
@@ -156,7 +179,7 @@ def _file_sizes(shapes: ModelShapes) -> np.ndarray:
     """Every whole-file bits per weight the choices can make (each tensor's bits rounded to
     1/50 of the tolerance: near enough to name budgets, exact enough to test one)."""
     unit = TOLERANCE * shapes.params / 50
-    options = shapes.candidates().values()
+    options = shapes.item_candidates().values()
     floor = sum(min(b for _, b in c) for c in options)
     span = sum(max(b for _, b in c) for c in options) - floor
     can = np.zeros(int(span / unit) + 2, dtype=bool)
@@ -199,10 +222,12 @@ RESOLUTION = 20000  # budget steps of the knapsack: rounding moves the total by 
 
 def solve(bpw: float, shapes: ModelShapes, scores: dict[str, dict[str, float]], sensitivity: str = "") -> Decision:
     """Spend ``bpw`` × params bits to minimize the summed scores: a multiple-choice knapsack,
-    solved exactly by dynamic programming over the bits above every tensor's cheapest choice
-    (in RESOLUTION steps)."""
+    solved exactly by dynamic programming over the bits above every stored tensor's
+    cheapest choice (in RESOLUTION steps); a stack of experts scores the sum of its own."""
     check_budget(bpw, shapes)
-    options = {name: sorted(cands, key=lambda c: c[1]) for name, cands in sorted(shapes.candidates().items())}
+    members = shapes.items()
+    item_scores = {key: {c: sum(scores[n][c] for n in names) for c in scores[names[0]]} for key, names in members.items()}
+    options = {name: sorted(cands, key=lambda c: c[1]) for name, cands in sorted(shapes.item_candidates().items())}
     floor = sum(cands[0][1] for cands in options.values())
     unit = max(bpw * shapes.params - shapes.fixed_bits - floor, 1.0) / RESOLUTION
     best = np.full(RESOLUTION + 1, np.inf)
@@ -215,7 +240,7 @@ def solve(bpw: float, shapes: ModelShapes, scores: dict[str, dict[str, float]], 
             if c > RESOLUTION:
                 continue
             total = np.full_like(best, np.inf)
-            total[c:] = best[: RESOLUTION + 1 - c] + scores[name][choice]
+            total[c:] = best[: RESOLUTION + 1 - c] + item_scores[name][choice]
             better = total < new
             new[better], pick[better] = total[better], k
         best = new
@@ -226,7 +251,7 @@ def solve(bpw: float, shapes: ModelShapes, scores: dict[str, dict[str, float]], 
     choices, spent = {}, floor
     for (name, cands), pick, cost in zip(reversed(options.items()), reversed(picks), reversed(costs)):
         k = int(pick[j])
-        choices[name] = cands[k][0]
+        choices.update(dict.fromkeys(members[name], cands[k][0]))
         spent += cands[k][1] - cands[0][1]
         j -= cost[k]
     achieved = (spent + shapes.fixed_bits) / shapes.params

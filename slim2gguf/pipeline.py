@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from . import __version__, moe, sensitivity
-from .architectures import EXPERT_LINEARS, in_classes, model_family
+from .architectures import in_classes
 from .budget import Decision, check_budget, model_shapes, solve
 from .calib import calibration_windows, read_text
 from .checkpoint import CheckpointWriter, finished_with
@@ -366,8 +366,6 @@ def quantize_model(
     dev = pick_device(device)
     path = resolve_model(model_name)
     arch = architecture_of(path)
-    if quant.bpw is not None and model_family(arch) in EXPERT_LINEARS:
-        raise ValueError("--bpw does not spend a budget across experts (a block's experts of one kind share one stored type); use --bits")
     if allocation is not None and (quant.method != "slim" or quant.native is not None):
         raise ValueError("--allocation reuses SliM widths: it applies to --method slim with SliM types only")
     if allocation is not None:

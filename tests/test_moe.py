@@ -128,9 +128,27 @@ def test_quantize_a_moe_model_tops_up_its_rarely_routed_experts(tiny_text, tmp_p
         assert down == {e: gate[e] if gate[e] < 64 else None for e in range(8)}  # down_proj has 64 inputs
 
 
-def test_bpw_is_refused_for_a_moe_model(moe_dirs, tmp_path):
-    with pytest.raises(ValueError, match="--bpw does not spend a budget across experts"):
-        quantize_model(str(moe_dirs["MixtralForCausalLM"]), tmp_path / "c", QuantSettings("gptq", 4, 32, bpw=3.5), CalibSettings("self"))
+def test_bpw_gives_a_blocks_experts_of_one_kind_one_setting(moe_dirs, tiny_text, tmp_path):
+    """llama.cpp stacks them into one tensor of one type: the budget decides per stack, and
+    the file lands on the decision's bits per weight through the real exporter."""
+    from slim2gguf import budget
+    from slim2gguf.export import export_gguf
+
+    path = moe_dirs["MixtralForCausalLM"]
+    shapes = budget.model_shapes(path, None)
+    stacks = {k: v for k, v in shapes.items().items() if ".experts.*." in k}
+    assert len(stacks) == 2 * 3 and all(len(v) == 4 for v in stacks.values())
+    sizes = budget._file_sizes(shapes)
+    target = float(sizes[len(sizes) // 2])
+    out = tmp_path / "ck"
+    quantize_model(str(path), out, QuantSettings("gptq", bpw=target), CalibSettings(str(tiny_text), nsamples=4, seqlen=64, seed=1))
+    decision = Checkpoint(out).budget
+    for names in stacks.values():
+        assert len({decision["choices"][n] for n in names}) == 1
+    assert len({decision["choices"][n] for n in shapes.linears}) > 1  # the budget did mix settings
+    report = export_gguf(out, tmp_path / "out.gguf", progress=False)
+    assert report.file_bpw == pytest.approx(decision["bpw"], abs=1e-9)
+    assert abs(report.file_bpw - target) <= budget.TOLERANCE
 
 
 def test_probe_follows_stacked_experts_and_refuses_what_is_not_a_stack():

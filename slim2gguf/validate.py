@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import format as fmt
-from .from_gguf import model_dir_of_file
+from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
 from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
@@ -186,7 +186,10 @@ def validate(
         threshold = default_threshold(reader)
     against_float = model is not None
     if model is None:
-        model = model_dir_of_file(path)
+        try:
+            model = model_dir_of_file(path)
+        except GGUFImportError as err:
+            raise ValidationError(f"{err}; give --model, the model the file was made from") from err
     with tempfile.TemporaryDirectory() as tmp:
         text_file = Path(text_path).expanduser()
         if str(text_path) == "wikitext2":

@@ -197,3 +197,22 @@ def test_a_checkpoint_with_fused_experts_is_refused_with_a_reason(moe_dirs, tmp_
     for whole in (False, True):
         with pytest.raises(ModelError, match="stores its experts fused"):
             _open_model(path, whole)
+
+
+def test_validating_a_moe_file_alone_says_to_give_the_model(moe_dirs, tmp_path):
+    """transformers' GGUF importer merges a Qwen MoE file's experts across tensors, which
+    slim2gguf does not read: validate without --model says so in one line."""
+    from typer.testing import CliRunner
+
+    from slim2gguf.cli import app
+    from slim2gguf.export import export_gguf
+
+    out = tmp_path / "ck"
+    quantize_model(str(moe_dirs["Qwen2MoeForCausalLM"]), out, QuantSettings("rtn", 4, 32), CalibSettings("self"))
+    export_gguf(out, tmp_path / "moe.gguf", progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "moe.gguf"), "--text", str(text), "--ctx", "64", "--chunks", "1"])
+    assert result.exit_code == 2, result.output
+    assert "merged across the file" in result.output and "give --model" in result.output
+    assert "Traceback" not in result.output

@@ -123,19 +123,19 @@ def top_up(recorded: ExpertInputs, collectors: dict[str, Any], new_collector: Ca
     topped: dict[str, int] = {}
     for name, experts in recorded.modules.items():
         for e, expert in enumerate(experts):
-            names = [f"{name}.{e}.{n}" for n in expert.names]
-            short = [n for n, lin in zip(names, expert.linears()) if n in collectors and collectors[n].seen < min_tokens(lin)]
+            linears = {f"{name}.{e}.{n}": lin for n, lin in zip(expert.names, expert.linears())}
+            short = {n: lin for n, lin in linears.items() if n in collectors and collectors[n].seen < min_tokens(lin)}
             if not short:
                 continue
-            every = {n: new_collector(lin) for n, lin in zip(names, expert.linears()) if n in short}
-            handles = [lin.register_forward_hook(every[n]) for n, lin in zip(names, expert.linears()) if n in every]
+            every = {n: new_collector(lin) for n, lin in short.items()}
+            handles = [lin.register_forward_hook(every[n]) for n, lin in short.items()]
             try:
                 for x in recorded.inputs[name]:
                     expert(x)
             finally:
                 for handle in handles:
                     handle.remove()
-            for n in short:
+            for n, lin in short.items():
                 topped[n] = collectors[n].seen
-                collectors[n].top_up(every[n], min_tokens(dict(zip(names, expert.linears()))[n]))
+                collectors[n].top_up(every[n], min_tokens(lin))
     return topped

@@ -72,16 +72,13 @@ def load_model(path: Path) -> nn.Module:
 
     architecture_of(path)
     try:
-        text_model.check_expert_layout(text_model.shard_of(path), path)
+        if text_model.is_multimodal(path):
+            model = text_model.load_text_model(path)  # its BlockLoader checks the expert layout
+        else:
+            text_model.check_expert_layout(text_model.shard_of(path), path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except text_model.TextModelError as err:
         raise ModelError(str(err)) from err
-    if text_model.is_multimodal(path):
-        try:
-            model = text_model.load_text_model(path)
-        except text_model.TextModelError as err:
-            raise ModelError(str(err)) from err
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False
     return moe.unfuse(model)

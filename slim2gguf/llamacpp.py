@@ -65,14 +65,19 @@ CMAKE_OPTIONS = (
     "-DLLAMA_CURL=OFF",
 )
 _X86_SIMD = ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C")
+_AVX2 = ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=ON" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF")
+_SANITIZERS = tuple(f"-D{lib}_SANITIZE_{kind}=ON" for lib in ("LLAMA", "GGML") for kind in ("ADDRESS", "UNDEFINED"))
 # CPU variants: "native" uses everything this CPU has; "avx2" is a portable x86-64 AVX2 build
-# (no AVX512/VNNI: the plain AVX2 kernels run); "generic" turns every x86 SIMD extension off,
-# so the scalar kernels run. The last two exist to test those kernel paths on any x86 machine.
+# (no AVX512/VNNI: the plain AVX2 kernels run); "sanitize" is that build with AddressSanitizer
+# and UBSan, where the tests run the AVX2 kernels and fuzz the loader (so they need no plain
+# avx2 build); "generic" turns every x86 SIMD extension off, so the scalar kernels run.
 CPU_VARIANTS = {
     "native": ("-DGGML_NATIVE=ON",),
-    "avx2": ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=ON" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"),
+    "avx2": _AVX2,
+    "sanitize": (*_AVX2, *_SANITIZERS),
     "generic": ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=OFF" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"),
 }
+LOAD_TOOL = "llama-slim-load"  # the loader's fuzz driver (tests/e2e/test_fuzz_loader.py)
 
 
 class LlamaCppError(RuntimeError):

@@ -20,19 +20,20 @@ is read back by ggml:
   round-to-nearest quantizer).
 
 The kernels run in three builds: "native" (all of this CPU's SIMD: AVX2, plus AVX512-VNNI
-where present), "avx2" (plain AVX2) and "generic" (no SIMD: the scalar kernels).
+where present), "sanitize" (plain AVX2, with AddressSanitizer and UBSan: a read past a row
+or undefined behaviour fails the test) and "generic" (no SIMD: the scalar kernels).
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import re
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from build_variants import AVX2_FLAGS, sanitizer_env, sanitizer_report, x86_flags
 
 from slim2gguf import format as fmt
 from slim2gguf import llamacpp
@@ -40,7 +41,7 @@ from slim2gguf import llamacpp
 pytestmark = pytest.mark.e2e
 
 # SLIM2GGUF_KERNEL_TEST_VARIANTS=native skips the two extra (ggml-only) builds
-VARIANTS = tuple(os.environ.get("SLIM2GGUF_KERNEL_TEST_VARIANTS", "native,avx2,generic").split(","))
+VARIANTS = tuple(os.environ.get("SLIM2GGUF_KERNEL_TEST_VARIANTS", "native,sanitize,generic").split(","))
 # tag -> (rows, groups, rows per width pattern: 0 one pattern, 1 rows alternate between two,
 # 8 each block of 8 rows its own, as a stack of 8-row experts): odd row counts; 6 groups hold
 # all three widths, 2 groups only b-1 and b+1; "x8" tensors have whole blocks of 8 rows
@@ -49,31 +50,18 @@ BATCHES = (1, 7)  # activation columns: 1 for token generation; 7 = tiles of 4, 
 THREADS = 2
 
 
-def _x86_flags() -> set[str]:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _interleaves(variant: str) -> bool:
     """Whether the build interleaves SliM tensors in CPU_REPACK (its AVX2/F16C/FMA kernels)."""
-    return variant != "generic" and {"avx2", "fma", "f16c"} <= _x86_flags()
+    return variant != "generic" and {"avx2", "fma", "f16c"} <= x86_flags()
 
 
 def _skip_reason(variant: str) -> str | None:
-    flags = _x86_flags()
+    flags = x86_flags()
     if variant == "native":
         return None
     if not flags:
         return f"the {variant} build is an x86-64 variant"
-    if variant == "avx2" and not {"avx2", "fma", "f16c", "bmi2"} <= flags:
+    if variant in ("avx2", "sanitize") and not AVX2_FLAGS <= flags:
         return "this CPU has no AVX2"
     return None
 
@@ -155,7 +143,8 @@ def model(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, fmt.SlimT
 
 
 def _run(tool: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(tool), *map(str, args)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([str(tool), *map(str, args)], capture_output=True, text=True, timeout=300, env=sanitizer_env())
+    assert sanitizer_report(r.stderr) is None, f"{tool.name} {' '.join(map(str, args))}:\n{r.stderr[-6000:]}"
     if check and r.returncode != 0:
         raise AssertionError(f"{tool.name} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}")
     return r

@@ -26,7 +26,7 @@ from slim2gguf import format as fmt
 SEED_DIR = Path(__file__).parent / "data" / "fuzz-seeds"
 MODEL_SEED, LORA_SEED = "llama-slim.gguf", "lora-slim.gguf"
 
-# the seed model: head_dim 32, 8k rows everywhere but the output (259 rows: not repacked)
+# the seed model: head_dim 32, 8k rows everywhere but the output (262 rows, the vocabulary: not repacked)
 N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER = 128, 256, 4, 2, 2
 # a SliM type per linear, block by block: every group size, every width
 BLOCK_TYPES = ({"attn_q": (2, 32), "attn_k": (3, 32), "attn_v": (4, 32), "attn_output": (2, 64),
@@ -184,16 +184,16 @@ def layout(data: bytes) -> Layout:
             etype, count = take("I", what + ".array_type"), take("Q", what + ".array_count")
             if etype in _SCALARS:
                 pos += count * struct.calcsize(_SCALARS[etype])
-            else:
-                for i in range(count):
-                    value(etype, f"{what}[{i}]") if i < 4 else _skip_string()
+            elif etype != _STRING:
+                raise ValueError(f"{what}: arrays of arrays are not supported")
+            for i in range(count if etype == _STRING else 0):
+                if i < 4:  # the first strings' lengths are fields; the rest would swamp the others
+                    string(f"{what}[{i}]")
+                else:
+                    (n,) = struct.unpack_from("<Q", data, pos)
+                    pos += 8 + n
         else:
             take(_SCALARS[vtype], what)
-
-    def _skip_string() -> None:
-        nonlocal pos
-        (n,) = struct.unpack_from("<Q", data, pos)
-        pos += 8 + n
 
     pos = 4  # magic
     take("I", "version")
@@ -325,13 +325,14 @@ def mutate(seed: bytes, rng: random.Random) -> Mutant:
             buf[pos : pos + 2] = d_bits.to_bytes(2, "little")
             pos += fmt.group_bytes(stype.bits + 1, stype.group_size)
         what = f"{t.name}: groups widened from byte {header - t.start} (a row of the last 8)"
-    elif kind == "scale":
-        at = header + rng.choice((0, 2))
+    elif kind == "scale":  # fp16 infinities, NaNs, extremes, zeros or any bits
+        part = rng.choice(("scale", "offset"))
         value = rng.choice((0x7C00, 0xFC00, 0x7E00, 0x7FFE, 0x7C02, 0x0000, 0x8000, 0x7BFE, rng.randrange(1 << 16)))
-        keep = int.from_bytes(buf[at : at + 2], "little") & 0x8001 if at == header else 0
-        value = (value & 0x7FFE) | keep if at == header else value
+        at = header if part == "scale" else header + 2
+        if part == "scale":  # its value bits only: the width code it shares the word with stays
+            value = (int.from_bytes(buf[at : at + 2], "little") & 0x8001) | (value & fmt.SCALE_VALUE_MASK)
         buf[at : at + 2] = value.to_bytes(2, "little")
-        what = f"{t.name}: {'scale' if at == header else 'offset'} bits 0x{value:04x} at byte {header - t.start}"
+        what = f"{t.name}: {part} bits 0x{value:04x} at byte {header - t.start}"
     else:  # payload: bytes after the header, in this group or a later one
         for _ in range(rng.randint(1, 16)):
             at = rng.randrange(header + fmt.HEADER_BYTES, t.start + t.nbytes)

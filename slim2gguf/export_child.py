@@ -383,6 +383,8 @@ def main() -> None:
         answer = JOBS[job.get("kind", "convert")](job)
     except (ExportError, CheckpointError, fmt.FormatError, UnsupportedArchitectureError, TextModelError) as err:
         answer = {"error": str(err)}
+    except OSError as err:  # the file system's (disk full, no permission), not the converter's: no traceback
+        answer = {"error": f"export failed on the file system: {err}"}
     except Exception as err:  # the converter's own failure: keep its traceback for a bug report
         traceback.print_exc()
         answer = {"error": f"llama.cpp's converter failed: {type(err).__name__}: {err}"}

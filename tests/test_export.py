@@ -425,6 +425,21 @@ def test_failure_mid_write_leaves_nothing(tiny_models, tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
+def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
+    from slim2gguf import export_child
+
+    def full(job):
+        raise OSError("Not enough free space to write 247959552 bytes after offset 5950624")
+
+    monkeypatch.setitem(export_child.JOBS, "convert", full)
+    monkeypatch.setattr("sys.argv", ["export_child", "{}"])
+    with pytest.raises(SystemExit) as exit_info:
+        export_child.main()
+    out = capsys.readouterr()
+    assert exit_info.value.code == 1 and "Traceback" not in out.err
+    assert json.loads(out.out) == {"error": "export failed on the file system: Not enough free space to write 247959552 bytes after offset 5950624"}
+
+
 def test_interrupt_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     write_random_checkpoint(tmp_path / "ckpt", tiny_models["llama"], 3, 64)
 

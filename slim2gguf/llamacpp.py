@@ -65,7 +65,14 @@ CMAKE_OPTIONS = (
     "-DLLAMA_CURL=OFF",
 )
 _X86_SIMD = ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C")
-_AVX2 = ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=ON" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF")
+
+
+def _x86_simd(state: str) -> tuple[str, ...]:
+    """A portable build with the AVX2-era extensions all ON or all OFF (never AVX512/VNNI)."""
+    return ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}={state}" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF")
+
+
+_AVX2 = _x86_simd("ON")
 _SANITIZERS = tuple(f"-D{lib}_SANITIZE_{kind}=ON" for lib in ("LLAMA", "GGML") for kind in ("ADDRESS", "UNDEFINED"))
 # CPU variants: "native" uses everything this CPU has; "avx2" is a portable x86-64 AVX2 build
 # (no AVX512/VNNI: the plain AVX2 kernels run); "sanitize" is that build with AddressSanitizer
@@ -75,7 +82,7 @@ CPU_VARIANTS = {
     "native": ("-DGGML_NATIVE=ON",),
     "avx2": _AVX2,
     "sanitize": (*_AVX2, *_SANITIZERS),
-    "generic": ("-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=OFF" for x in _X86_SIMD), "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"),
+    "generic": _x86_simd("OFF"),
 }
 LOAD_TOOL = "llama-slim-load"  # the loader's fuzz driver (tests/e2e/test_fuzz_loader.py)
 

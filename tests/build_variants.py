@@ -29,6 +29,18 @@ def x86_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
+def skip_reason(variant: str) -> str | None:
+    """Why this CPU cannot run a build variant (None: it can)."""
+    flags = x86_flags()
+    if variant == "native":
+        return None
+    if not flags:
+        return f"the {variant} build is an x86-64 variant"
+    if variant in ("avx2", "sanitize") and not AVX2_FLAGS <= flags:
+        return "this CPU has no AVX2"
+    return None
+
+
 def sanitizer_env() -> dict[str, str]:
     return dict(os.environ, **SANITIZER_ENV)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from build_variants import AVX2_FLAGS, sanitizer_env, sanitizer_report, x86_flags
+from build_variants import sanitizer_env, sanitizer_report, skip_reason
 from gguf_mutator import LORA_SEED, MODEL_SEED, SEED_DIR, Mutant, layout, mutate, rows_valid
 
 from slim2gguf import format as fmt
@@ -38,8 +38,9 @@ BATCH = 500  # files written, loaded and deleted together
 
 
 def _sanitize_tool(name: str) -> Path:
-    if not AVX2_FLAGS <= x86_flags():
-        pytest.skip("the sanitize build is an x86-64 AVX2 variant")
+    reason = skip_reason("sanitize")
+    if reason:
+        pytest.skip(reason)
     return llamacpp.binary(name, cpu="sanitize")
 
 

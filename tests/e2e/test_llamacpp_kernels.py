@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from build_variants import AVX2_FLAGS, sanitizer_env, sanitizer_report, x86_flags
+from build_variants import sanitizer_env, sanitizer_report, skip_reason, x86_flags
 
 from slim2gguf import format as fmt
 from slim2gguf import llamacpp
@@ -55,20 +55,9 @@ def _interleaves(variant: str) -> bool:
     return variant != "generic" and {"avx2", "fma", "f16c"} <= x86_flags()
 
 
-def _skip_reason(variant: str) -> str | None:
-    flags = x86_flags()
-    if variant == "native":
-        return None
-    if not flags:
-        return f"the {variant} build is an x86-64 variant"
-    if variant in ("avx2", "sanitize") and not AVX2_FLAGS <= flags:
-        return "this CPU has no AVX2"
-    return None
-
-
 @pytest.fixture(scope="module", params=VARIANTS)
 def variant(request) -> str:
-    reason = _skip_reason(request.param)
+    reason = skip_reason(request.param)
     if reason:
         pytest.skip(reason)
     return request.param

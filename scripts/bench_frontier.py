@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ QUICK = {"model": "smollm2-135m", "tensors": "ffn_down", "chunks": 4, "calib_chu
          "types": "IQ2_XS,Q3_K,IQ4_NL", "ours": "slim2-g64"}  # fmt: skip
 _RECIPE = re.compile(r"^(slim|gptq|rtn)([234])-g(32|64|128)$")
 _NATIVE = re.compile(r"^(slim|gptq|rtn)-(" + "|".join(NATIVE_TYPES) + r")$")
+ACT_ORDER = "-ao"
 _BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?$")
 
 
@@ -97,8 +98,15 @@ class Recipe:
     sensitivity: str = "fisher"
     native: str | None = None
 
+    act_order: bool = False  # "-ao" after a recipe: --act-order
+
     @classmethod
     def parse(cls, text: str) -> Recipe:
+        if text.endswith(ACT_ORDER):
+            recipe = cls.parse(text.removesuffix(ACT_ORDER))
+            if recipe.method == "rtn" or recipe.bpw is not None:
+                raise BenchError(f"{text!r}: act-order ('{ACT_ORDER}') orders GPTQ: add it to a slim or gptq recipe of fixed bits or type")
+            return replace(recipe, act_order=True)
         budget = _BUDGET.match(text)
         if budget is not None:
             return cls("slim", 0, 0, float(budget[1]), budget[2] or "fisher")
@@ -112,6 +120,10 @@ class Recipe:
 
     @property
     def name(self) -> str:
+        return self._base_name + (ACT_ORDER if self.act_order else "")
+
+    @property
+    def _base_name(self) -> str:
         if self.bpw is not None:
             return f"bpw{self.bpw:g}" + ("" if self.sensitivity == "fisher" else f"-{self.sensitivity}")
         if self.native is not None:
@@ -120,11 +132,12 @@ class Recipe:
 
     def options(self) -> list[str | int | float]:
         """What `slim2gguf convert` is told."""
+        order = ["--act-order"] if self.act_order else []
         if self.native is not None:
-            return ["--method", self.method, "--format", "native", "--type", self.native]
+            return ["--method", self.method, "--format", "native", "--type", self.native, *order]
         if self.bpw is not None:
             return ["--method", self.method, "--bpw", self.bpw, "--sensitivity", self.sensitivity]
-        return ["--method", self.method, "--bits", self.bits, "--group-size", self.group_size]
+        return ["--method", self.method, "--bits", self.bits, "--group-size", self.group_size, *order]
 
 
 @dataclass
@@ -356,9 +369,10 @@ def line_of(record: dict[str, Any]) -> str:
         recipe = Recipe.parse(record["type"])
         if recipe.bpw is not None:
             return f"slim2gguf --bpw ({recipe.sensitivity})"
+        order = ", act-order" if recipe.act_order else ""
         if recipe.native is not None:
-            return f"slim2gguf --format native ({recipe.method})"
-        return f"slim2gguf {recipe.method} g{recipe.group_size}"
+            return f"slim2gguf --format native ({recipe.method}{order})"
+        return f"slim2gguf {recipe.method} g{recipe.group_size}{order}"
     name = record["type"]
     if name.startswith("IQ"):
         return "llama.cpp i-quants"

@@ -12,13 +12,13 @@ WikiText-2 valid, seed 0).
 
 Variants: ``default`` (the quantizer as it stands), ``no-refit`` (scales as GPTQ fitted
 them), ``no-sba`` (uniform widths), ``sba-slim`` (widths from SliM's min-max/KL scoring),
-``act-order`` (GPTQ visits columns by decreasing H_jj, each group's quantizer fitted
-before the pass on the unquantized weights, then refitted; an experiment, not in the
-product).
+``act-order`` (``--act-order``: GPTQ visits columns by decreasing H_jj, each group's
+quantizer fitted before the pass on the unquantized weights, then refitted).
 
 ``--native q4_k,q2_k`` measures stock types instead (``--format native``): ``rtn`` (each
 block fitted evenly, rounded), ``gptq`` (GPTQ, blocks fitted evenly), ``slim`` (fitted
-by the inputs' energy), ``slim+refit`` (then each row's free scales re-solved).
+by the inputs' energy), ``slim+refit`` (then each row's free scales re-solved),
+``+act-order`` (and GPTQ by decreasing H_jj; blocks fitted before the pass).
 ``--llama-types Q4_K,Q2_K`` adds the same error of llama-quantize's tensors, read from the
 tensor-level files bench_frontier made (``--tensors TENSOR``, same calibration text).
 """
@@ -42,12 +42,18 @@ from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper  # noqa: E402
 from slim2gguf.methods import QuantSettings, quantize_linear  # noqa: E402
 from slim2gguf.models import block_linears, load_model, load_tokenizer, resolve_model  # noqa: E402
 from slim2gguf.pipeline import BATCH, InputCollector, token_sample  # noqa: E402
-from slim2gguf.qtensor import QuantizedTensor  # noqa: E402
-from slim2gguf.quantizer import fit_wls  # noqa: E402
-from slim2gguf.refit import output_error, refit_scales  # noqa: E402
+from slim2gguf.qtensor import NativeTensor, QuantizedTensor  # noqa: E402
+from slim2gguf.refit import output_error  # noqa: E402
+from slim2gguf.storage import native_type  # noqa: E402
 
 VARIANTS = ("default", "no-refit", "no-sba", "sba-slim", "act-order")
-NATIVE_VARIANTS = {"rtn": ("rtn", False), "gptq": ("gptq", False), "slim": ("slim", False), "slim+refit": ("slim", True)}
+NATIVE_VARIANTS = {
+    "rtn": {"method": "rtn", "refit": False},
+    "gptq": {"method": "gptq", "refit": False},
+    "slim": {"method": "slim", "refit": False},
+    "slim+refit": {"method": "slim", "refit": True},
+    "+act-order": {"method": "slim", "refit": True, "act_order": True},
+}
 SEED = 0  # calibration windows and SBA's token sample, as bench_frontier's files
 
 
@@ -72,39 +78,14 @@ def capture(model_name: str, tensor: str, blocks: list[int], calib: Path, settin
     return {b: {"W": lin.weight.data.clone(), "H": col.h, "x": torch.cat(col.sample)} for b, (lin, col) in found.items()}
 
 
-def act_order(weight: torch.Tensor, hessian: torch.Tensor, widths: list[int], group_size: int, damp: float) -> QuantizedTensor:
-    """GPTQ in order of decreasing H_jj with static groups (fitted on the unquantized
-    weights by the least-squares fit), then the scales refitted for the codes."""
-    h, w = damped_hessian(hessian, weight, damp)
-    importance = torch.diag(h)
-    perm = torch.argsort(importance, descending=True)
-    upper = inverse_cholesky_upper(h[perm][:, perm])
-    params = [fit_wls(w[:, g * group_size : (g + 1) * group_size], k, importance[g * group_size : (g + 1) * group_size]) for g, k in enumerate(widths)]
-    wp = w[:, perm].clone()
-    codes = torch.zeros(w.shape, dtype=torch.uint8)
-    for i, col in enumerate(perm.tolist()):
-        p = params[col // group_size]
-        q = p.codes(wp[:, i])
-        codes[:, col] = q.to(torch.uint8)
-        err = (wp[:, i] - p.dequantize(q)) / upper[i, i]
-        wp[:, i:] -= err[:, None] * upper[i, i:][None, :]
-    d = torch.stack([p.d for p in params], dim=1)
-    m = torch.stack([p.m for p in params], dim=1)
-    return refit_scales(w, h, QuantizedTensor(codes, d, m, torch.tensor(widths, dtype=torch.uint8), group_size))
-
-
-def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings) -> QuantizedTensor:
+def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings) -> QuantizedTensor | NativeTensor:
     w, hess, x = layer["W"], layer["H"], layer["x"]
-    if variant in ("default", "no-refit", "no-sba"):
-        changed = {"no-refit": {"refit": False}, "no-sba": {"sba": False}}.get(variant, {})
+    if variant != "sba-slim":
+        changed = {"no-refit": {"refit": False}, "no-sba": {"sba": False}, "act-order": {"act_order": True}}.get(variant, {})
         return quantize_linear(w, hess, x, replace(settings, **changed))[0]
     h, wd = damped_hessian(hess, w, settings.damp)
-    upper = inverse_cholesky_upper(h)
-    importance = None if variant == "sba-slim" else torch.diag(h)
-    widths, _ = search_allocation(wd, upper, x, settings.bits, settings.group_size, importance)
-    if variant == "sba-slim":
-        return quantize_linear(w, hess, x, settings, widths)[0]
-    return act_order(w, hess, widths, settings.group_size, settings.damp)
+    widths, _ = search_allocation(wd, inverse_cholesky_upper(h), x, settings.bits, settings.group_size)
+    return quantize_linear(w, hess, x, settings, widths)[0]
 
 
 def relative_error(layer: dict[str, torch.Tensor], approx: torch.Tensor) -> float:
@@ -118,11 +99,14 @@ def native_table(layers: dict[int, dict[str, torch.Tensor]], types: list[str]) -
     print("|---|" + "---|" * len(NATIVE_VARIANTS))
     for name in types:
         row = []
-        for method, refit in NATIVE_VARIANTS.values():
-            settings = QuantSettings(method, native=name, refit=refit)
+        for variant in NATIVE_VARIANTS.values():
+            if variant.get("act_order") and native_type(name).span > 1:
+                row.append("n/a")  # the lattice types round runs of columns in order
+                continue
+            settings = QuantSettings(native=name, **variant)
             errors = [relative_error(layer, quantize_linear(layer["W"], layer["H"], None, settings)[0].dequantize()) for layer in layers.values()]
-            row.append(sum(errors) / len(errors))
-        print(f"| {name} | " + " | ".join(f"{e:.5f}" for e in row) + " |", flush=True)
+            row.append(f"{sum(errors) / len(errors):.5f}")
+        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 
 
 def llama_table(layers: dict[int, dict[str, torch.Tensor]], model: str, tensor: str, types: list[str]) -> None:

@@ -75,7 +75,7 @@ def _native(format_: str, type_: str | None, bits: int | None, bpw: float | None
     return type_ or DEFAULT_NATIVE_TYPE
 
 
-def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None):
+def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None, act_order: bool = False):
     from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
@@ -84,7 +84,7 @@ def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_l
     native = _native(format_, type_, bits, bpw)
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
-        return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit, native)
+        return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit, native, act_order)
     except ValueError as err:
         _fail(str(err))
 
@@ -141,17 +141,18 @@ SBA = typer.Option(True, "--sba/--no-sba", help="Salience-determined bit allocat
 SQC = typer.Option(True, "--sqc/--no-sqc", help="Quantizer calibration (slim only; off: min-max scales).")
 FIT = typer.Option("wls", "--fit", help="Quantizer calibration objective: wls (least squares weighted by the inputs' energy, as an importance matrix) or sqc (SliM's salience-weighted grid).")
 REFIT = typer.Option(True, "--refit/--no-refit", help="After GPTQ, re-solve each row's scales and offsets for its codes under the calibration Hessian (slim only).")
+ACT_ORDER = typer.Option(False, "--act-order/--no-act-order", help="GPTQ visits inputs by decreasing energy, each group's scales fitted before the pass (slim and gptq; not the IQ2/IQ3 lattice types).")
 ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths of a checkpoint manifest or {name: [widths]} JSON.")
 TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g. ffn_down or attn_v,ffn_down); the rest stay float (F16 in the file).")
 
 
-def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_="slim", type_=None):
+def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_="slim", type_=None, act_order=False):
     from .checkpoint import CheckpointError
     from .methods import DEFAULT_SQC_LAMBDA
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
-    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_)
+    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order)
     try:
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
@@ -170,10 +171,10 @@ def quantize(
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
     sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
-    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE,
+    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE, act_order: bool = ACT_ORDER,
 ) -> None:
     """Quantize a model into a checkpoint (resumable; written atomically)."""
-    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_)
+    report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order)
     if report.decision is not None:
         _print_decision(report.decision)
     what = f"--bpw {bpw:g}" if bpw is not None else (f"{(type_ or DEFAULT_NATIVE_TYPE).upper()}" if format_ == "native" else f"{bits or 3}-bit")
@@ -248,7 +249,7 @@ def convert(
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
     sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
-    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE,
+    bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE, act_order: bool = ACT_ORDER,
     embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default: --bpw's choice, else q8_0)."),
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
@@ -267,7 +268,7 @@ def convert(
     except llamacpp.LlamaCppError as err:
         _fail(f"llama.cpp's source (its converter writes the file) cannot be obtained: {err}")
     ckpt_dir = checkpoint or _default_checkpoint(out)
-    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_)
+    report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order)
     exported = _export(report.path, out, embed_type, output_type)
     if checkpoint is None:
         shutil.rmtree(report.path, ignore_errors=True)

@@ -74,11 +74,17 @@ def gptq_blocks(
     fit: Callable[[torch.Tensor, int], ColumnQuantizer],
     block_cols: int = 128,
     span: int = 1,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[ColumnQuantizer]]:
     """Quantize ``weight`` [rows, cols] column by column; each block's quantizer is
     fitted by ``fit(columns, first column)`` when GPTQ reaches the block, on the
-    error-updated weights (no act-order). Returns the codes (uint8 [rows, cols]) and the
-    quantizer of each block.
+    error-updated weights. Returns the codes (uint8 [rows, cols]) and the quantizer of
+    each block.
+
+    With ``order`` (act-order: a permutation of the columns, ``act_order(h)``), columns
+    are visited in that order and ``upper`` must factor H permuted the same way; a
+    block's columns are then scattered over the pass, so every block's quantizer is
+    fitted before it, on the unquantized weights (static groups).
 
     With ``span`` > 1, runs of that many columns are rounded at once (a lattice type's
     grid point) and their error E = (W_c − Q_c) U_cc⁻¹ is fed back as column-by-column
@@ -89,6 +95,14 @@ def gptq_blocks(
     block_cols = max(block_size, block_cols // block_size * block_size)
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
     fitted: list[ColumnQuantizer] = []
+    columns = list(range(cols))
+    if order is not None:
+        if span != 1:
+            raise ValueError("act-order visits single columns: a type rounding runs of columns cannot use it")
+        with few_threads(w.device):
+            fitted = [fit(w[:, c : c + block_size], c) for c in range(0, cols, block_size)]
+        columns = order.tolist()
+        w = w[:, order]
     for i1 in range(0, cols, block_cols):
         i2 = min(i1 + block_cols, cols)
         w1 = w[:, i1:i2].clone()
@@ -96,11 +110,11 @@ def gptq_blocks(
         u1 = upper[i1:i2, i1:i2]
         with few_threads(w.device):
             for i in range(0, i2 - i1, span):
-                col = i1 + i
-                if col % block_size == 0:
+                col = columns[i1 + i]
+                if order is None and col % block_size == 0:
                     fitted.append(fit(w1[:, i : i + block_size], col))
                 if span == 1:
-                    q, value = fitted[-1].round(w1[:, i], col % block_size)
+                    q, value = fitted[col // block_size].round(w1[:, i], col % block_size)
                     codes[:, col] = q.to(torch.uint8).cpu()
                     err = (w1[:, i] - value) / u1[i, i]
                     w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
@@ -108,13 +122,28 @@ def gptq_blocks(
                     continue
                 run = slice(i, i + span)
                 inverse = torch.linalg.inv(u1[run, run])
-                q, value = fitted[-1].round_span(w1[:, run], col % block_size, (inverse * inverse).sum(1))
+                q, value = fitted[col // block_size].round_span(w1[:, run], col % block_size, (inverse * inverse).sum(1))
                 codes[:, col : col + span] = q.to(torch.uint8).cpu()
                 err = (w1[:, run] - value) @ inverse
                 w1[:, i + span :] -= err @ u1[run, i + span :]
                 err1[:, run] = err
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]  # one large matmul per block of columns: every thread
     return codes, fitted
+
+
+def act_order(hessian: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing H_jj (ties in column order): GPTQ's act-order visits the
+    inputs with the most energy first, while the most columns are left to absorb their error."""
+    return torch.argsort(torch.diag(hessian), descending=True, stable=True)
+
+
+def gptq_order(hessian: torch.Tensor, ordered: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The factor U and the column order ``gptq_blocks`` takes: GPTQ's own order (None), or
+    act-order with U factoring H permuted the same way."""
+    if not ordered:
+        return inverse_cholesky_upper(hessian), None
+    order = act_order(hessian)
+    return inverse_cholesky_upper(hessian[order][:, order]), order
 
 
 def gptq_quantize(
@@ -124,10 +153,13 @@ def gptq_quantize(
     group_size: int,
     fit: GroupFitter,
     block_cols: int = 128,
+    order: torch.Tensor | None = None,
 ) -> QuantizedTensor:
-    """GPTQ into SliM groups: each group's quantizer is fitted at its width when GPTQ reaches it."""
+    """GPTQ into SliM groups: each group's quantizer is fitted at its width when GPTQ
+    reaches it (before the pass with act-order's ``order``: gptq_blocks)."""
     codes, fitted = gptq_blocks(
-        weight, upper, group_size, lambda wg, col: fit(wg, widths[col // group_size], slice(col, col + group_size)), block_cols
+        weight, upper, group_size, lambda wg, col: fit(wg, widths[col // group_size], slice(col, col + group_size)), block_cols,
+        order=order,
     )
     d = torch.stack([p.d.cpu() for p in fitted], dim=1)
     m = torch.stack([p.m.cpu() for p in fitted], dim=1)

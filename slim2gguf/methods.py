@@ -10,7 +10,7 @@ import torch
 from . import format as fmt
 from .allocation import search_allocation
 from .architectures import TENSOR_CLASSES
-from .gptq import damped_hessian, few_threads, gptq_blocks, gptq_quantize, inverse_cholesky_upper, rtn_quantize
+from .gptq import damped_hessian, few_threads, gptq_blocks, gptq_order, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import NativeTensor, QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc, fit_wls
 from .refit import refit_native, refit_scales
@@ -41,6 +41,7 @@ class QuantSettings:
     sensitivity: str = "fisher"  # how the budget scores tensors: fisher or hessian (sensitivity.py)
     refit: bool = True  # slim: re-solve scales and offsets for GPTQ's codes (refit.py); measured: docs/BENCHMARKS.md
     native: str | None = None  # a stock ggml type (storage.NATIVE_TYPES) for every linear instead of SliM's; "auto": --bpw picks
+    act_order: bool = False  # GPTQ visits columns by decreasing H_jj, groups fitted before the pass (gptq.gptq_blocks)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,11 +57,14 @@ class QuantSettings:
             raise ValueError(f"--sensitivity must be one of {', '.join(SENSITIVITIES)}, got '{self.sensitivity}'")
         if self.tensors is not None and (not self.tensors or not set(self.tensors) <= set(TENSOR_CLASSES)):
             raise ValueError(f"tensors must be a non-empty selection of {', '.join(TENSOR_CLASSES)}")
+        if self.act_order and self.method == "rtn":
+            raise ValueError("--act-order orders GPTQ's columns: use --method slim or gptq")
         if self.native == NATIVE_BY_BUDGET:
             if self.bpw is None:
                 raise ValueError(f"native type {NATIVE_BY_BUDGET!r} means each tensor's type is chosen by --bpw: give --bpw")
         elif self.native is not None:
-            native_type(self.native)
+            if native_type(self.native).span > 1 and self.act_order:
+                raise ValueError(f"--act-order visits single columns; {self.native.upper()} rounds runs of them: drop one of the two")
             if self.bpw is not None:
                 raise ValueError("--bpw chooses every tensor's stock type: drop --type")
 
@@ -71,6 +75,8 @@ class QuantSettings:
             data["tensors"] = list(self.tensors)
         if self.native is None:
             del data["native"]  # SliM runs keep the settings (and resume keys) they had before native output
+        if not self.act_order:
+            del data["act_order"]  # likewise for runs without act-order
         return data
 
 
@@ -106,8 +112,10 @@ def quantize_native(weight: torch.Tensor, hessian: torch.Tensor | None, settings
         return NativeTensor.from_blocks(stype, codes.to(torch.uint8).cpu(), fitted)
     h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
     importance = torch.diag(h) if settings.method == "slim" else torch.ones(w.shape[1], device=w.device)
-    upper = inverse_cholesky_upper(h)
-    codes, fitted = gptq_blocks(w, upper, size, lambda wb, col: stype.fit(wb, importance[col : col + size]), span=stype.span)
+    upper, order = gptq_order(h, settings.act_order and stype.span == 1)  # --bpw's lattice picks keep GPTQ's order
+    codes, fitted = gptq_blocks(
+        w, upper, size, lambda wb, col: stype.fit(wb, importance[col : col + size]), span=stype.span, order=order
+    )
     if settings.method == "slim" and settings.refit:
         fitted = refit_native(w, h, stype, codes, fitted)
     return NativeTensor.from_blocks(stype, codes, fitted)
@@ -130,10 +138,11 @@ def quantize_linear(
     if settings.method == "rtn":
         return rtn_quantize(weight.float(), widths or uniform, g, lambda w, k, _: fit_minmax(w, k)), {}
     h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
-    upper = inverse_cholesky_upper(h)
+    upper = inverse_cholesky_upper(h)  # SBA's salience and SQC read H's factor in column order
+    upper_gptq, order = gptq_order(h, settings.act_order) if settings.act_order else (upper, None)
     info: dict[str, float] = {}
     if settings.method == "gptq":
-        return gptq_quantize(w, upper, widths or uniform, g, lambda w_, k, _: fit_minmax(w_, k)), info
+        return gptq_quantize(w, upper_gptq, widths or uniform, g, lambda w_, k, _: fit_minmax(w_, k), order=order), info
     wls = settings.sqc and settings.fit == "wls"
     importance = torch.diag(h)
     if widths is None:
@@ -155,5 +164,5 @@ def quantize_linear(
         def fit(wg: torch.Tensor, k: int, cols: slice):
             return fit_minmax(wg, k)
 
-    qt = gptq_quantize(w, upper, widths, g, fit)
+    qt = gptq_quantize(w, upper_gptq, widths, g, fit, order=order)
     return (refit_scales(w, h, qt) if settings.refit else qt), info

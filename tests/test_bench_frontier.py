@@ -34,6 +34,13 @@ def test_recipes(bench):
     for bad in ("slim5-g64", "slim3", "awq3-g64", "slim3-g48"):
         with pytest.raises(bench.BenchError, match="not a recipe like slim3-g64"):
             bench.Recipe.parse(bad)
+    ordered = bench.Recipe.parse("slim-q3_k-ao")
+    assert (ordered.native, ordered.act_order, ordered.name) == ("q3_k", True, "slim-q3_k-ao")
+    assert ordered.options()[-1] == "--act-order" and bench.Recipe.parse("slim2-g64-ao").options()[-1] == "--act-order"
+    assert bench.line_of({"family": "slim2gguf", "type": "slim2-g64-ao"}) == "slim2gguf slim g64, act-order"
+    for bad in ("rtn2-g64-ao", "bpw3-ao"):
+        with pytest.raises(bench.BenchError, match="act-order"):
+            bench.Recipe.parse(bad)
 
 
 def test_default_recipes_fit_the_quantized_inputs(bench):

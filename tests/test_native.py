@@ -116,6 +116,8 @@ def test_bpw_spends_a_budget_over_stock_types(model_dir, tiny_text, tmp_path):
         (["--format", "native", "--type", "q4_z"], "native type must be one of"),
         (["--format", "gguf"], "--format must be slim or native"),
         (["--format", "native", "--bpw", "4.5", "--type", "q4_k"], "--bpw chooses every tensor's stock type"),
+        (["--format", "native", "--type", "iq2_xs", "--act-order"], "IQ2_XS rounds runs of them"),
+        (["--method", "rtn", "--act-order"], "--act-order orders GPTQ's columns"),
     ],
 )
 def test_cli_refuses_bad_native_choices(tiny_model, tmp_path, args, message):

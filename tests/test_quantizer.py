@@ -8,7 +8,7 @@ import torch
 
 from slim2gguf import format as fmt
 from slim2gguf.allocation import allocation_for, group_salience, search_allocation
-from slim2gguf.gptq import damped_hessian, gptq_blocks, inverse_cholesky_upper
+from slim2gguf.gptq import damped_hessian, gptq_blocks, gptq_order, inverse_cholesky_upper
 from slim2gguf.methods import QuantSettings, quantize_linear
 from slim2gguf.qtensor import QuantizedTensor
 from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, fit_wls, salient_mask, storable_scale
@@ -253,6 +253,66 @@ def test_runs_rounded_at_once_feed_their_error_back_exactly(span):
         cols = slice(i * span, (i + 1) * span)
         runs += float(((seen - value).double() @ torch.linalg.inv(upper[cols, cols])).pow(2).sum())
     assert loss == pytest.approx(runs, rel=1e-3)
+
+
+class ColumnRecorder:
+    """A block's quantizer that rounds to multiples of 0.01, codes each column by its own
+    index, and records what GPTQ showed it, in visiting order (shared ``seen``)."""
+
+    def __init__(self, first: int, fitted_on: torch.Tensor, seen: list) -> None:
+        self.first, self.fitted_on, self.seen = first, fitted_on.clone(), seen
+
+    def round(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        value = torch.round(w / 0.01) * 0.01
+        self.seen.append((self.first + j, w.clone(), value))
+        return torch.full_like(w, self.first + j, dtype=torch.long), value
+
+
+def test_act_order_visits_by_energy_and_feeds_error_back_exactly():
+    """With act-order every block is fitted on the unquantized weights before the pass,
+    columns are visited by decreasing H_jj, codes land in their own columns, and GPTQ's
+    loss identity tr(ΔW H ΔWᵀ) = Σ_i ((w_i − q_i) / U_ii)² holds with U the factor of H
+    permuted the same way (it fails if the order and the factor disagree)."""
+    w, x = layer_problem(5, out=8, inp=64)
+    h, w = damped_hessian(hessian(x).double(), w.double(), 0.01)
+    upper, order = gptq_order(h, True)
+    assert torch.equal(torch.diag(h)[order], torch.sort(torch.diag(h), descending=True).values)
+    seen: list = []
+    codes, fitted = gptq_blocks(w, upper.float(), 16, lambda wb, col: ColumnRecorder(col, wb, seen), block_cols=32, order=order)
+    assert [c for c, _, _ in seen] == order.tolist()
+    assert torch.equal(codes, torch.arange(64, dtype=torch.uint8).expand(8, 64))
+    for b, quantizer in enumerate(fitted):
+        assert torch.equal(quantizer.fitted_on, w[:, b * 16 : (b + 1) * 16].float())
+    q = torch.zeros_like(w)
+    for col, _, value in seen:
+        q[:, col] = value.double()
+    loss = float(torch.trace((w - q) @ h @ (w - q).T))
+    columns = sum(float(((s - v).double() / upper[i, i]).pow(2).sum()) for i, (_, s, v) in enumerate(seen))
+    assert loss == pytest.approx(columns, rel=1e-3)
+
+
+@pytest.mark.parametrize("native", [None, "q3_k"])
+def test_act_order_changes_nothing_where_inputs_are_independent(native):
+    """With a diagonal H no column's error reaches another, so visiting order cannot matter:
+    act-order must give the very file plain GPTQ gives (it fails if codes or scales land
+    in the wrong columns or blocks); with correlated inputs it must not."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 512, generator=gen) * 0.02
+    x = torch.randn(2048, 512, generator=gen) * (0.2 + 2 * torch.rand(512, generator=gen))
+    h = torch.diag(torch.diag(hessian(x)))
+    for hess, same in ((h, True), (hessian(layer_problem(6, inp=512)[1]), False)):
+        plain, _ = quantize_linear(w, hess, x[:512], QuantSettings("slim", 2, 64, native=native))
+        ordered, _ = quantize_linear(w, hess, x[:512], QuantSettings("slim", 2, 64, native=native, act_order=True))
+        assert torch.equal(ordered.dequantize(), plain.dequantize()) is same
+
+
+def test_act_order_settings():
+    with pytest.raises(ValueError, match="--act-order"):
+        QuantSettings("rtn", act_order=True)
+    with pytest.raises(ValueError, match="IQ3_S rounds runs"):
+        QuantSettings("slim", native="iq3_s", act_order=True)
+    assert "act_order" not in QuantSettings().to_dict()  # earlier checkpoints' resume keys stay valid
+    assert QuantSettings(act_order=True).to_dict()["act_order"] is True
 
 
 def test_not_positive_definite_is_a_clear_error():

@@ -139,7 +139,7 @@ def quantize_linear(
         return rtn_quantize(weight.float(), widths or uniform, g, lambda w, k, _: fit_minmax(w, k)), {}
     h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
     upper = inverse_cholesky_upper(h)  # SBA's salience and SQC read H's factor in column order
-    upper_gptq, order = gptq_order(h, settings.act_order) if settings.act_order else (upper, None)
+    upper_gptq, order = gptq_order(h, True) if settings.act_order else (upper, None)
     info: dict[str, float] = {}
     if settings.method == "gptq":
         return gptq_quantize(w, upper_gptq, widths or uniform, g, lambda w_, k, _: fit_minmax(w_, k), order=order), info

@@ -138,11 +138,11 @@ def quantize_linear(
     if settings.method == "rtn":
         return rtn_quantize(weight.float(), widths or uniform, g, lambda w, k, _: fit_minmax(w, k)), {}
     h, w = damped_hessian(hessian.float(), weight.float(), settings.damp)
-    upper = inverse_cholesky_upper(h)  # SBA's salience and SQC read H's factor in column order
-    upper_gptq, order = gptq_order(h, True) if settings.act_order else (upper, None)
+    upper_gptq, order = gptq_order(h, settings.act_order)
     info: dict[str, float] = {}
     if settings.method == "gptq":
         return gptq_quantize(w, upper_gptq, widths or uniform, g, lambda w_, k, _: fit_minmax(w_, k), order=order), info
+    upper = upper_gptq if order is None else inverse_cholesky_upper(h)  # SBA's salience and SQC read H's factor in column order
     wls = settings.sqc and settings.fit == "wls"
     importance = torch.diag(h)
     if widths is None:

@@ -60,6 +60,14 @@ NATIVE_VARIANTS = {
 SEED = 0  # calibration windows and SBA's token sample, as bench_frontier's files
 
 
+class _Collected(Exception):
+    """Raised by the last collecting hook to end a forward pass early."""
+
+
+def _stop(_module, _inputs, _output) -> None:
+    raise _Collected
+
+
 @torch.no_grad()
 def capture(
     model_name: str, tensor: str, blocks: list[int], calib: Path, settings: QuantSettings, held_out: Path | None = None
@@ -77,8 +85,12 @@ def capture(
         sampling = (windows.numel(), token_sample(windows.numel(), settings.sba_tokens, SEED))
         found = {b: InputCollector(lin, *sampling, torch.device("cpu")) for b, lin in linears.items()}
         handles = [linears[b].register_forward_hook(col) for b, col in found.items()]
+        handles.append(linears[max(blocks)].register_forward_hook(_stop))  # the later blocks and the head are not needed
         for start in range(0, windows.shape[0], BATCH):
-            model(windows[start : start + BATCH])
+            try:
+                model(windows[start : start + BATCH])
+            except _Collected:
+                pass
         for h in handles:
             h.remove()
         return found
@@ -113,19 +125,20 @@ def mean_errors(layers: dict[int, dict[str, torch.Tensor]], approx: dict[int, to
     return " / ".join(f"{m:.{digits}f}" for m in means)
 
 
-def native_table(layers: dict[int, dict[str, torch.Tensor]], types: list[str], damp: float) -> None:
-    """Mean relative output error of each stock type under each native variant."""
-    print("| type | " + " | ".join(NATIVE_VARIANTS) + " |")
-    print("|---|" + "---|" * len(NATIVE_VARIANTS))
+def native_table(layers: dict[int, dict[str, torch.Tensor]], types: list[str], variants: list[str], damps: list[float]) -> None:
+    """Mean relative output error of each stock type under each native variant, a row per damping."""
+    print("| type | damp | " + " | ".join(variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
     for name in types:
-        row = []
-        for variant in NATIVE_VARIANTS.values():
-            if variant.get("act_order") and native_type(name).span > 1:
-                row.append("n/a")  # the lattice types round runs of columns in order
-                continue
-            settings = QuantSettings(native=name, damp=damp, **variant)
-            row.append(mean_errors(layers, {b: quantize_linear(layer["W"], layer["H"], None, settings)[0].dequantize() for b, layer in layers.items()}))
-        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+        for damp in damps:
+            row = []
+            for variant in (NATIVE_VARIANTS[v] for v in variants):
+                if variant.get("act_order") and native_type(name).span > 1:
+                    row.append("n/a")  # the lattice types round runs of columns in order
+                    continue
+                settings = QuantSettings(native=name, damp=damp, **variant)
+                row.append(mean_errors(layers, {b: quantize_linear(layer["W"], layer["H"], None, settings)[0].dequantize() for b, layer in layers.items()}))
+            print(f"| {name} | {damp:g} | " + " | ".join(row) + " |", flush=True)
 
 
 def llama_table(layers: dict[int, dict[str, torch.Tensor]], model: str, tensor: str, types: list[str]) -> None:
@@ -160,38 +173,44 @@ def main() -> None:
     parser.add_argument("--blocks", default="1,8,16,24")
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", help=f"SliM variants (default: {','.join(VARIANTS)}); with --native, native variants (default: {','.join(NATIVE_VARIANTS)})")
     parser.add_argument("--native", help="comma-separated stock types to measure instead of SliM variants")
     parser.add_argument("--llama-types", help="comma-separated llama.cpp types whose bench_frontier tensor-level files to measure too")
     parser.add_argument("--calib", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
     parser.add_argument("--held-out", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw",
                         help="text whose inputs measure the error out of sample (skipped when absent)")  # fmt: skip
-    parser.add_argument("--damp", type=float, default=QuantSettings.damp, help="GPTQ's damping (fraction of mean diag H)")
+    parser.add_argument("--damp", default=f"{QuantSettings.damp:g}", help="GPTQ's damping (fraction of mean diag H); several, comma-separated, give a row each")
     args = parser.parse_args()
-    variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+    known = tuple(NATIVE_VARIANTS) if args.native else VARIANTS
+    variants = args.variants.split(",") if args.variants else list(known)
+    unknown = set(variants) - set(known)
     if unknown:
-        sys.exit(f"unknown variant {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+        sys.exit(f"unknown variant {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    try:
+        damps = [float(d) for d in args.damp.split(",")]
+    except ValueError:
+        sys.exit(f"--damp takes numbers, comma-separated, not {args.damp!r}")
     if not args.calib.is_file():
         sys.exit(f"no calibration text at {args.calib}")
     torch.set_num_threads(1)
     held_out = args.held_out if args.held_out.is_file() else None
     layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, QuantSettings("slim", 3, args.group_size), held_out)
-    print(f"{args.model} {args.tensor}, blocks {args.blocks}, damp {args.damp:g}: mean relative output error, "
+    print(f"{args.model} {args.tensor}, blocks {args.blocks}: mean relative output error, "
           + ("calibration / held-out" if held_out else "calibration inputs"))  # fmt: skip
     if args.native:
-        native_table(layers, args.native.split(","), args.damp)
+        native_table(layers, args.native.split(","), variants, damps)
     if args.llama_types:
         llama_table(layers, args.model, args.tensor, args.llama_types.split(","))
     if args.native or args.llama_types:
         return
     print(f"SliM g{args.group_size}")
-    print("| bits | " + " | ".join(variants) + " |")
-    print("|---|" + "---|" * len(variants))
+    print("| bits | damp | " + " | ".join(variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
     for bits in (int(b) for b in args.bits.split(",")):
-        settings = QuantSettings("slim", bits, args.group_size, damp=args.damp)
-        row = [mean_errors(layers, {b: quantize(variant, layer, settings).dequantize() for b, layer in layers.items()}) for variant in variants]
-        print(f"| {bits} | " + " | ".join(row) + " |", flush=True)
+        for damp in damps:
+            settings = QuantSettings("slim", bits, args.group_size, damp=damp)
+            row = [mean_errors(layers, {b: quantize(variant, layer, settings).dequantize() for b, layer in layers.items()}) for variant in variants]
+            print(f"| {bits} | {damp:g} | " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

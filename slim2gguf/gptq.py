@@ -35,7 +35,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
         inverse = torch.cholesky_inverse(lower)
         return torch.linalg.cholesky(inverse, upper=True)
     except torch.linalg.LinAlgError as err:
-        raise ValueError("a Hessian is not positive definite even after damping; raise --damp (e.g. 0.1)") from err
+        raise ValueError("a Hessian is not positive definite even after damping; raise --damp (e.g. 1)") from err
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ class QuantSettings:
     method: str = "slim"
     bits: int = 3
     group_size: int = 128
-    damp: float = 0.01
+    damp: float = 0.3  # ridge on H, fraction of mean diag(H): less overfit to the calibration text (docs/BENCHMARKS.md)
     sqc_lambda: float = DEFAULT_SQC_LAMBDA
     sba_tokens: int = 1024
     sba: bool = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from slim2gguf import format as fmt
+from slim2gguf.gptq import damped_hessian
 from slim2gguf.methods import QuantSettings, quantize_linear
 from slim2gguf.qtensor import NativeTensor, stored_tensor
 from slim2gguf.storage import NATIVE_TYPES, native_type, stored_type
@@ -113,16 +116,19 @@ def test_unknown_type_and_bad_shapes_say_so():
 
 @pytest.mark.parametrize("name", TYPES)
 def test_refit_of_the_free_scales_never_raises_the_output_error(name):
-    """Rows whose re-solved fp16 scales would not lower (w − ŵ) H (w − ŵ)ᵀ keep GPTQ's."""
+    """Rows whose re-solved fp16 scales would not lower (w − ŵ) H (w − ŵ)ᵀ keep GPTQ's
+    (H damped as GPTQ and the refit use it)."""
     w, x = layer_problem(6, out=48, inp=512)
     h = hessian(x)
-    kept, _ = quantize_linear(w, h, None, QuantSettings("slim", native=name, refit=False))
-    refit, _ = quantize_linear(w, h, None, QuantSettings("slim", native=name, refit=True))
+    settings = QuantSettings("slim", native=name)
+    kept, _ = quantize_linear(w, h, None, replace(settings, refit=False))
+    refit, _ = quantize_linear(w, h, None, settings)
     assert not torch.equal(kept.data, refit.data)
+    damped, _ = damped_hessian(h, w, settings.damp)
 
     def row_errors(nt):
         err = nt.dequantize() - w
-        return ((err @ h) * err).sum(dim=1)
+        return ((err @ damped) * err).sum(dim=1)
 
     # The refit judges rows by the normal equations' float32 loss, whose terms cancel: ties can land 2e-5 either side.
     assert bool((row_errors(refit) <= row_errors(kept) * (1 + 1e-4) + 1e-12).all())

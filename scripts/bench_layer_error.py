@@ -190,6 +190,8 @@ def main() -> None:
         damps = [float(d) for d in args.damp.split(",")]
     except ValueError:
         sys.exit(f"--damp takes numbers, comma-separated, not {args.damp!r}")
+    if min(damps) <= 0:
+        sys.exit(f"--damp must be positive, not {args.damp!r}")
     if not args.calib.is_file():
         sys.exit(f"no calibration text at {args.calib}")
     torch.set_num_threads(1)

@@ -190,13 +190,15 @@ def main() -> None:
         damps = [float(d) for d in args.damp.split(",")]
     except ValueError:
         sys.exit(f"--damp takes numbers, comma-separated, not {args.damp!r}")
-    if min(damps) <= 0:
-        sys.exit(f"--damp must be positive, not {args.damp!r}")
+    try:  # QuantSettings holds the rules for the group size and the damping
+        settings = [QuantSettings("slim", 3, args.group_size, damp=damp) for damp in damps]
+    except ValueError as err:
+        sys.exit(str(err))
     if not args.calib.is_file():
         sys.exit(f"no calibration text at {args.calib}")
     torch.set_num_threads(1)
     held_out = args.held_out if args.held_out.is_file() else None
-    layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, QuantSettings("slim", 3, args.group_size), held_out)
+    layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, settings[0], held_out)
     print(f"{args.model} {args.tensor}, blocks {args.blocks}: mean relative output error, "
           + ("calibration / held-out" if held_out else "calibration inputs"))  # fmt: skip
     if args.native:

@@ -82,14 +82,16 @@ QUICK = {"model": "smollm2-135m", "tensors": "ffn_down", "chunks": 4, "calib_chu
 _RECIPE = re.compile(r"^(slim|gptq|rtn)([234])-g(32|64|128)$")
 _NATIVE = re.compile(r"^(slim|gptq|rtn)-(" + "|".join(NATIVE_TYPES) + r")$")
 ACT_ORDER = "-ao"
-_BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?$")
+_BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?(-native)?$")
+NATIVE_BUDGET = "-native"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One of our files: method, average bits and group size ('slim3-g64'), a SliM
-    whole-file budget spent by sensitivity ('bpw3.1', 'bpw3.1-hessian'), or a method and
-    a stock type (--format native: 'slim-q4_k')."""
+    """One of our files: method, average bits and group size ('slim3-g64'), a whole-file
+    budget spent by sensitivity on SliM types ('bpw3.1', 'bpw3.1-hessian') or on stock
+    types ('bpw3.1-native': --format native), or a method and a stock type (--format
+    native: 'slim-q4_k')."""
 
     method: str
     bits: int
@@ -97,7 +99,7 @@ class Recipe:
     bpw: float | None = None
     sensitivity: str = "fisher"
     native: str | None = None
-
+    native_budget: bool = False  # a budget spent on stock types (--bpw with --format native)
     act_order: bool = False  # "-ao" after a recipe: --act-order
 
     @classmethod
@@ -109,13 +111,16 @@ class Recipe:
             return replace(recipe, act_order=True)
         budget = _BUDGET.match(text)
         if budget is not None:
-            return cls("slim", 0, 0, float(budget[1]), budget[2] or "fisher")
+            return cls("slim", 0, 0, float(budget[1]), budget[2] or "fisher", native_budget=budget[3] is not None)
         native = _NATIVE.match(text)
         if native is not None:
             return cls(native[1], 0, 0, native=native[2])
         match = _RECIPE.match(text)
         if match is None:
-            raise BenchError(f"{text!r} is not a recipe like slim3-g64 (method slim/gptq/rtn, bits 2-4, group 32/64/128), bpw3.1[-hessian] or slim-q4_k")
+            raise BenchError(
+                f"{text!r} is not a recipe like slim3-g64 (method slim/gptq/rtn, bits 2-4, group 32/64/128), "
+                "bpw3.1[-hessian][-native] or slim-q4_k"
+            )
         return cls(match[1], int(match[2]), int(match[3]))
 
     @property
@@ -125,7 +130,8 @@ class Recipe:
     @property
     def _base_name(self) -> str:
         if self.bpw is not None:
-            return f"bpw{self.bpw:g}" + ("" if self.sensitivity == "fisher" else f"-{self.sensitivity}")
+            sensitivity = "" if self.sensitivity == "fisher" else f"-{self.sensitivity}"
+            return f"bpw{self.bpw:g}{sensitivity}" + (NATIVE_BUDGET if self.native_budget else "")
         if self.native is not None:
             return f"{self.method}-{self.native}"
         return f"{self.method}{self.bits}-g{self.group_size}"
@@ -136,7 +142,8 @@ class Recipe:
         if self.native is not None:
             return ["--method", self.method, "--format", "native", "--type", self.native, *order]
         if self.bpw is not None:
-            return ["--method", self.method, "--bpw", self.bpw, "--sensitivity", self.sensitivity]
+            stock = ["--format", "native"] if self.native_budget else []
+            return ["--method", self.method, "--bpw", self.bpw, "--sensitivity", self.sensitivity, *stock]
         return ["--method", self.method, "--bits", self.bits, "--group-size", self.group_size, *order]
 
 
@@ -368,7 +375,7 @@ def line_of(record: dict[str, Any]) -> str:
     if record["family"] == "slim2gguf":
         recipe = Recipe.parse(record["type"])
         if recipe.bpw is not None:
-            return f"slim2gguf --bpw ({recipe.sensitivity})"
+            return f"slim2gguf --bpw{' --format native' if recipe.native_budget else ''} ({recipe.sensitivity})"
         order = ", act-order" if recipe.act_order else ""
         if recipe.native is not None:
             return f"slim2gguf --format native ({recipe.method}{order})"
@@ -418,7 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="demo model, ffn_down, 3 llama.cpp types and slim2-g64, 4 chunks")
     ap.add_argument("--json", help="write the records (a list, one per file) here")
     ap.add_argument("--types", help="comma-separated llama.cpp types (default: all of the mode)")
-    ap.add_argument("--ours", help="comma-separated recipes like slim3-g64 or bpw3.1[-hessian] (default: every uniform budget that fits)")
+    ap.add_argument("--ours", help="comma-separated recipes like slim3-g64 or bpw3.1[-hessian][-native] (default: every uniform budget that fits)")
     ap.add_argument("--calib", default=str(SHARED / "wikitext-2" / "valid.txt"), help="calibration text (both sides)")
     ap.add_argument("--calib-chunks", type=int, help="calibration windows of --ctx tokens (default 32; --quick 8)")
     ap.add_argument("--text", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), help="eval text (CRLF -> LF)")

@@ -31,7 +31,11 @@ def test_recipes(bench):
     assert (budget.bpw, budget.sensitivity, budget.name) == (3.25, "hessian", "bpw3.25-hessian")
     assert bench.Recipe.parse("bpw3").options() == ["--method", "slim", "--bpw", 3.0, "--sensitivity", "fisher"]
     assert bench.line_of({"family": "slim2gguf", "type": "bpw3"}) == "slim2gguf --bpw (fisher)"
-    for bad in ("slim5-g64", "slim3", "awq3-g64", "slim3-g48"):
+    stock = bench.Recipe.parse("bpw4.135-hessian-native")
+    assert (stock.bpw, stock.sensitivity, stock.native_budget, stock.name) == (4.135, "hessian", True, "bpw4.135-hessian-native")
+    assert bench.Recipe.parse("bpw4-native").options()[-2:] == ["--format", "native"]
+    assert bench.line_of({"family": "slim2gguf", "type": "bpw4-native"}) == "slim2gguf --bpw --format native (fisher)"
+    for bad in ("slim5-g64", "slim3", "awq3-g64", "slim3-g48", "bpw3-native-hessian"):
         with pytest.raises(bench.BenchError, match="not a recipe like slim3-g64"):
             bench.Recipe.parse(bad)
     ordered = bench.Recipe.parse("slim-q3_k-ao")

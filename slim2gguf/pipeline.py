@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from . import __version__, moe, sensitivity
+from . import __version__, moe, score_cache, sensitivity
 from .architectures import in_classes
-from .budget import Decision, check_budget, model_shapes, solve
+from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
 from .calib import calibration_windows, read_text
 from .checkpoint import CheckpointWriter, finished_with
 from .methods import QuantSettings, check_allocation, quantize_linear
@@ -230,8 +230,8 @@ def _types(tensors: list[StoredTensor]) -> Counter:
 
 
 def _open_model(path: Path, whole: bool) -> tuple[nn.Module, BlockLoader | None]:
-    """The float model. ``whole`` (self-generated calibration and --bpw's sensitivity run
-    it end to end, as does a model without safetensors files): loaded at once. Otherwise
+    """The float model. ``whole`` (self-generated calibration runs it end to end, as does
+    a model without safetensors files): loaded at once. Otherwise
     a skeleton whose token embedding is read now and whose blocks the caller reads and
     frees one at a time (text_model.BlockLoader), so host memory stays flat in depth."""
     if whole or not any(path.glob("*.safetensors")):
@@ -313,6 +313,22 @@ def _quantize_block(
     num = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
     den = sum(float(r.pow(2).sum()) for r in reference)
     return tensors, info, outputs, num / max(den, 1e-30)
+
+
+def _sensitivity_scores(
+    path: Path, whole: nn.Module | None, windows: torch.Tensor, shapes: ModelShapes, method: str, dev: torch.device, console: Console
+) -> dict[str, dict[str, float]]:
+    """A --bpw run's scores: saved by an earlier run with the same model, calibration,
+    estimator and code (score_cache), else measured on the whole float model (``whole``,
+    or loaded here and freed after, so quantization still reads one block at a time)."""
+    key = score_cache.score_key(path, windows, method, shapes, dev)
+    scores = score_cache.load_scores(key)
+    if scores is not None:
+        console.print("sensitivity: the scores an earlier run measured with these model, calibration and settings, reused")
+        return scores
+    scores = sensitivity.measure(whole if whole is not None else load_model(path), windows, shapes, method, dev, console)
+    score_cache.save_scores(key, scores)
+    return scores
 
 
 def load_allocation(path: str | os.PathLike) -> Allocation:
@@ -397,7 +413,7 @@ def quantize_model(
                               None, widths, _types(finished), done.manifest["num_blocks"], Decision.from_dict(done.budget) if done.budget else None)  # fmt: skip
     calibrated = quant.method != "rtn"
     text = read_text(calib.source) if calibrated and calib.source != "self" else None  # bad files stop here, first
-    model, loader = _open_model(path, whole=calibrated and (calib.source == "self" or shapes is not None))
+    model, loader = _open_model(path, whole=calibrated and calib.source == "self")
     tokenizer = load_tokenizer(path)
     layers = decoder_layers(model)
     writer = CheckpointWriter(out_dir, settings, len(layers))
@@ -411,7 +427,7 @@ def quantize_model(
         windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
         if shapes is not None:
             if writer.budget is None:
-                scores = sensitivity.measure(model, windows, shapes, quant.sensitivity, dev, console)
+                scores = _sensitivity_scores(path, model if loader is None else None, windows, shapes, quant.sensitivity, dev, console)
                 writer.set_budget(solve(quant.bpw, shapes, scores, quant.sensitivity).to_dict())
             decision = Decision.from_dict(writer.budget)
         elif allocation is not None and allocation.budget is not None and writer.budget is None:

@@ -230,3 +230,40 @@ def test_bpw_file_lands_on_the_budget(tiny_text, tmp_path):
     assert "bits per weight by block and tensor class" in text
     for stock in ("token_embd", "output"):
         assert f"{decision['choices'][stock].upper()}" in text
+
+
+def test_scores_are_saved_whole_and_read_back_only_on_their_key(tiny_model, tmp_path, monkeypatch):
+    from slim2gguf import score_cache
+
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    shapes = model_shapes(tiny_model, ("ffn_down",))
+    windows = torch.arange(64).view(2, 32)
+    key = score_cache.score_key(tiny_model, windows, "fisher", shapes, torch.device("cpu"))
+    scores = {name: {label: float(i) for i, (label, _) in enumerate(choices)} for name, choices in shapes.candidates().items()}
+    assert score_cache.load_scores(key) is None
+    score_cache.save_scores(key, scores)
+    assert score_cache.load_scores(key) == scores
+    for other in (
+        score_cache.score_key(tiny_model, windows, "hessian", shapes, torch.device("cpu")),
+        score_cache.score_key(tiny_model, windows.flip(0), "fisher", shapes, torch.device("cpu")),
+        score_cache.score_key(tiny_model, windows, "fisher", model_shapes(tiny_model, None), torch.device("cpu")),
+    ):
+        assert score_cache.load_scores(other) is None
+    (saved,) = (tmp_path / "sensitivity").glob("*.json")
+    name = next(iter(scores))
+    score_cache.save_scores(key, {**scores, name: dict(list(scores[name].items())[1:])})
+    assert score_cache.load_scores(key) is None  # a candidate without a score
+    saved.write_text(saved.read_text()[:-20])
+    assert score_cache.load_scores(key) is None  # cut short
+    assert not list(tmp_path.glob("sensitivity/.*"))  # no temporary file left
+
+
+def test_a_second_budget_reuses_the_scores_and_reads_one_block_at_a_time(bpw_ckpt, tiny_model, tiny_text, tmp_path, monkeypatch):
+    from slim2gguf import pipeline, sensitivity
+
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("the whole model loaded"))
+    quantize_model(str(tiny_model), tmp_path / "ck", QuantSettings("slim", sba_tokens=256, bpw=4.5), calib(tiny_text))
+    first, second = Checkpoint(bpw_ckpt[0]).budget, Checkpoint(tmp_path / "ck").budget
+    assert second["scores"] == first["scores"] and second["target_bpw"] == 4.5
+    assert second["choices"] != first["choices"]

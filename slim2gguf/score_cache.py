@@ -1,0 +1,78 @@
+"""Sensitivity scores kept between runs, so files of several sizes measure once.
+
+A ``--bpw`` run's scores depend on the model's weights, the calibration tokens, the
+estimator, the candidates and the code that rounds them, not on the budget; measuring
+them (the Fisher pass over the whole float model, then every candidate's rounding of
+every tensor) costs far more than the knapsack: about an hour on a 1.5B model with stock
+types. So they are saved under a key made of all of those, and read back only when the
+key matches exactly, the saved scores cover every candidate and the file is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import write_bytes_atomic
+from .budget import ModelShapes
+from .paths import cache_dir
+
+_PACKAGE = Path(__file__).parent
+_MODEL_FILES = ("*.safetensors", "*.bin", "*.json")
+
+
+def _model_identity(model_dir: Path) -> list[list[Any]]:
+    """Name, size and modification time of the model's weight and config files."""
+    files = sorted({p for pattern in _MODEL_FILES for p in model_dir.glob(pattern)})
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def score_key(model_dir: Path, windows: torch.Tensor, method: str, shapes: ModelShapes, device: torch.device) -> dict[str, Any]:
+    """Everything the scores depend on (the device too: float sums differ between them)."""
+    tokens = windows.to(torch.int64).contiguous().cpu().numpy()
+    return {
+        "model": _model_identity(model_dir),
+        "windows": [list(tokens.shape), hashlib.sha256(tokens.tobytes()).hexdigest()],
+        "method": method,
+        "candidates": {name: [label for label, _ in choices] for name, choices in shapes.candidates().items()},
+        "device": device.type,
+        "code": _code_digest(),
+        "torch": torch.__version__,
+    }
+
+
+def _path(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "sensitivity" / f"{digest}.json"
+
+
+def load_scores(key: dict[str, Any]) -> dict[str, dict[str, float]] | None:
+    """The scores saved under ``key``, or None (none saved, another key, unreadable, or
+    missing a candidate)."""
+    try:
+        saved = json.loads(_path(key).read_text())
+        scores = saved["scores"]
+        if saved["key"] != key or not all(set(labels) <= set(scores[name]) for name, labels in key["candidates"].items()):
+            return None
+        return {name: {label: float(score) for label, score in row.items()} for name, row in scores.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def save_scores(key: dict[str, Any], scores: dict[str, dict[str, float]]) -> None:
+    """Written whole (temporary file, then rename); a cache that cannot be written is skipped."""
+    try:
+        write_bytes_atomic(_path(key), json.dumps({"key": key, "scores": scores}).encode())
+    except OSError:
+        pass

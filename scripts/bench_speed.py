@@ -11,6 +11,7 @@ block's forward pass that feeds the next block). Loading weights and writing the
 checkpoint are not included (bench_memory.py measures whole runs).
 
     python scripts/bench_speed.py --shapes qwen2.5-1.5b --tokens 4096,16384 --methods rtn,gptq,slim
+    python scripts/bench_speed.py --tokens 4096 --methods slim --native iq3_s,q3_k   # stock types
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slim2gguf.methods import QuantSettings  # noqa: E402
 from slim2gguf.pipeline import _quantize_block, _run_block, capture_block_inputs, quantized_linears, token_sample  # noqa: E402
+from slim2gguf.storage import NATIVE_TYPES  # noqa: E402
 
 # Block shapes of real models: (transformers model type, hidden, FFN, heads, KV heads).
 SHAPES = {
@@ -52,8 +54,9 @@ def one_block_model(shape: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def time_block(shape: str, tokens: int, methods: list[str], bits: int) -> list[dict]:
-    """Seconds for the block's float forward pass, and per method for quantizing it."""
+def time_block(shape: str, tokens: int, methods: list[str], bits: int, native: list[str]) -> list[dict]:
+    """Seconds for the block's float forward pass, and per method (and stock type, with
+    ``native``: --format native) for quantizing it."""
     model = one_block_model(shape)
     device = torch.device("cpu")
     windows = torch.randint(0, 1024, (tokens // SEQLEN, SEQLEN), generator=torch.Generator().manual_seed(0))
@@ -65,8 +68,9 @@ def time_block(shape: str, tokens: int, methods: list[str], bits: int) -> list[d
         _run_block(layer, batches, device)
         forward = time.perf_counter() - started
     rows = []
-    for method in methods:
-        quant = QuantSettings(method, bits)
+    for method, stock in ((m, t) for m in methods for t in native or [None]):
+        quant = QuantSettings(method, bits, native=stock)
+        name = f"{method}-{stock}" if stock else f"{method}{bits}"
         copy_ = copy.deepcopy(model)
         linears = quantized_linears(copy_, 0, quant)
         sampling = (tokens, token_sample(tokens, quant.sba_tokens, 0))
@@ -75,9 +79,9 @@ def time_block(shape: str, tokens: int, methods: list[str], bits: int) -> list[d
             _quantize_block(0, copy_.model.layers[0], linears, [] if method == "rtn" else batches, quant, (None, None), sampling, device)
             wall = time.perf_counter() - started
         params = sum(lin.weight.numel() for lin in linears.values())
-        rows.append({"shape": shape, "tokens": tokens, "method": method, "bits": bits, "forward_s": round(forward, 2),
-                     "block_s": round(wall, 2), "params": params})  # fmt: skip
-        print(f"{shape} {tokens} tokens {method}{bits}: block {wall:.1f} s (one float forward pass {forward:.1f} s)", flush=True)
+        rows.append({"shape": shape, "tokens": tokens, "method": method, **({"native": stock} if stock else {"bits": bits}),
+                     "forward_s": round(forward, 2), "block_s": round(wall, 2), "params": params})  # fmt: skip
+        print(f"{shape} {tokens} tokens {name}: block {wall:.1f} s (one float forward pass {forward:.1f} s)", flush=True)
     return rows
 
 
@@ -87,19 +91,25 @@ def main() -> None:
     parser.add_argument("--tokens", default="4096,16384", help="calibration tokens (multiples of 512)")
     parser.add_argument("--methods", default="rtn,gptq,slim")
     parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--native", default="", help="comma-separated stock types (--format native) instead of --bits")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+    native = [t for t in args.native.lower().split(",") if t]
+    wrong = [t for t in native if t not in NATIVE_TYPES]
+    if wrong:
+        parser.error(f"unknown stock type {wrong[0]!r}; choose from {', '.join(NATIVE_TYPES)}")
     rows = []
     for shape in shapes:
         for tokens in (int(t) for t in args.tokens.split(",")):
-            rows += time_block(shape, tokens, args.methods.split(","), args.bits)
+            rows += time_block(shape, tokens, args.methods.split(","), args.bits, native)
     print("\n| shape | tokens | method | block s | float forward s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['tokens']} | {r['method']}{r['bits']} | {r['block_s']} | {r['forward_s']} |")
+        name = f"{r['method']}-{r['native']}" if "native" in r else f"{r['method']}{r['bits']}"
+        print(f"| {r['shape']} | {r['tokens']} | {name} | {r['block_s']} | {r['forward_s']} |")
     if args.json:
         meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -195,3 +195,22 @@ def test_lattice_runs_land_on_grid_points_with_the_stored_signs(name):
     off[:, : stype.vector] = n + missing // n ** np.arange(stype.vector) % n
     with pytest.raises(ValueError, match="off the grid"):
         stype.encode(off, fields)
+
+
+@pytest.mark.parametrize("name", ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"])
+def test_lattice_search_finds_the_nearest_grid_point_under_the_weights(name, monkeypatch):
+    """The batched search (chunked over rows) against scoring every grid point one run at a
+    time: the same least weighted distance for runs of every shape a fit or GPTQ passes."""
+    from slim2gguf.storage import lattice
+
+    stype = native_type(name)
+    grid = stype._grid
+    gen = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(lattice, "SCORE_ELEMENTS", 3 * 2 * grid.shape[0])  # several chunks of rows
+    for rows, runs, per in ((9, 3, 2), (5, 1, 1), (4, 2, 1)):
+        y = torch.rand(rows, runs, per, stype.vector, generator=gen) * float(grid.max()) * 1.2
+        a = torch.rand(runs, per, stype.vector, generator=gen)
+        a[0, 0, 0] = 0  # a weight the loss ignores
+        found = stype._nearest(y, a)
+        cost = (a[None, :, :, None, :] * (y[:, :, :, None, :] - grid) ** 2).sum(-1)  # [R, M, P, G]
+        assert torch.allclose(cost.gather(-1, found[..., None])[..., 0], cost.min(-1).values, rtol=1e-5, atol=1e-5)

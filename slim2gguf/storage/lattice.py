@@ -89,14 +89,20 @@ class Lattice(NativeType):
         return torch.where(neg, self.n_mags - 1 - mags, self.n_mags + mags)
 
     def _nearest(self, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Grid point [R, M, P] nearest each run y [R, M, P, vector] under weights a [M, P, vector]."""
+        """Grid point [R, M, P] nearest each run y [R, M, P, vector] under weights a [M, P, vector]:
+        the argmin over the grid of Σ a g² − 2 Σ a y g, one batched matmul with the bias added
+        in (baddbmm) per chunk of rows, then ``min`` (twice as fast as ``argmin`` here on a CPU)."""
         grid = self._grid.to(y.device)
-        bias = a @ (grid * grid).T  # [M, P, G]
-        out = torch.empty(y.shape[:-1], dtype=torch.long, device=y.device)
-        chunk = max(1, SCORE_ELEMENTS // max(1, y.shape[1] * y.shape[2] * grid.shape[0]))
-        for r in range(0, y.shape[0], chunk):
-            out[r : r + chunk] = (bias - 2 * (a * y[r : r + chunk]) @ grid.T).argmin(-1)
-        return out
+        rows, runs, per, _ = y.shape
+        n = runs * per
+        bias = (a @ (grid * grid).T).reshape(n, 1, -1)  # [M·P, 1, G]
+        ay = (a * y).reshape(rows, n, self.vector).transpose(0, 1).contiguous()  # [M·P, R, vector]
+        grid_t = grid.T.expand(n, self.vector, grid.shape[0])
+        out = torch.empty(n, rows, dtype=torch.long, device=y.device)
+        chunk = max(1, SCORE_ELEMENTS // max(1, n * grid.shape[0]))
+        for r in range(0, rows, chunk):
+            out[:, r : r + chunk] = torch.baddbmm(bias, ay[:, r : r + chunk], grid_t, alpha=-2).min(-1).indices
+        return out.T.contiguous().view(rows, runs, per)
 
     def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         rows = w.shape[0]

@@ -84,6 +84,7 @@ _NATIVE = re.compile(r"^(slim|gptq|rtn)-(" + "|".join(NATIVE_TYPES) + r")$")
 ACT_ORDER = "-ao"
 _BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?(-native)?$")
 NATIVE_BUDGET = "-native"
+REUSED_SCORES = "sensitivity: reusing the scores"  # what convert prints when a --bpw run skips the measurement
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,9 @@ def convert_ours(job: Job, args: argparse.Namespace, work: Path) -> dict[str, fl
         tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])
         raise BenchError(f"slim2gguf convert {job.name} failed (log: {log}):\n{tail}")
     shutil.rmtree(ckpt, ignore_errors=True)
-    console.print(f"  slim2gguf convert {job.name}: {seconds:.0f} s")
-    return {"quant_s": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+    reused = REUSED_SCORES in log.read_text(errors="replace")  # a --bpw file whose sensitivity pass an earlier one made
+    console.print(f"  slim2gguf convert {job.name}: {seconds:.0f} s" + (" (sensitivity scores reused)" if reused else ""))
+    return {"quant_s": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), **({"scores_reused": True} if reused else {})}
 
 
 def make(job: Job, args: argparse.Namespace, work: Path, f16: Path, imatrix: Path | None) -> dict[str, float]:

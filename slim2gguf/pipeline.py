@@ -9,6 +9,7 @@ activations live on the compute device.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import resource
@@ -43,7 +44,7 @@ from .models import (
 )
 from .qtensor import StoredTensor
 from .storage import type_for
-from .text_model import BlockLoader, TextModelError
+from .text_model import BlockLoader, TextModelError, trim_heap
 
 BATCH = 8
 
@@ -316,18 +317,38 @@ def _quantize_block(
 
 
 def _sensitivity_scores(
-    path: Path, whole: nn.Module | None, windows: torch.Tensor, shapes: ModelShapes, method: str, dev: torch.device, console: Console
+    path: Path,
+    model: nn.Module,
+    loader: BlockLoader | None,
+    windows: torch.Tensor,
+    shapes: ModelShapes,
+    method: str,
+    dev: torch.device,
+    console: Console,
 ) -> dict[str, dict[str, float]]:
-    """A --bpw run's scores: saved by an earlier run with the same model, calibration,
-    estimator and code (score_cache), else measured on the whole float model (``whole``,
-    or loaded here and freed after, so quantization still reads one block at a time)."""
+    """A --bpw run's scores: those an earlier run saved for the same model, calibration,
+    estimator and code (score_cache), else measured on the whole float model: ``model``
+    itself, or, beside a block-by-block ``loader``, a whole copy loaded for the
+    measurement and freed after it (the skeleton's token embedding is dropped meanwhile,
+    so two float32 copies of it never sit side by side)."""
     key = score_cache.score_key(path, windows, method, shapes, dev)
     scores = score_cache.load_scores(key)
     if scores is not None:
-        console.print("sensitivity: the scores an earlier run measured with these model, calibration and settings, reused")
+        console.print(f"sensitivity: reusing the scores in {score_cache.path_of(key)} (same model, calibration, estimator and code)")
         return scores
-    scores = sensitivity.measure(whole if whole is not None else load_model(path), windows, shapes, method, dev, console)
-    score_cache.save_scores(key, scores)
+    if loader is None:
+        scores = sensitivity.measure(model, windows, shapes, method, dev, console)
+    else:
+        for module in ("model.embed_tokens", "lm_head"):  # lm_head: the embedding again, where tied
+            loader.release(module)
+        whole = load_model(path)
+        scores = sensitivity.measure(whole, windows, shapes, method, dev, console)
+        del whole
+        gc.collect()
+        trim_heap()
+        loader.load("model.embed_tokens")
+    if not score_cache.save_scores(key, scores):
+        console.print(f"sensitivity: could not save the scores in {score_cache.path_of(key)}; a later budget measures again")
     return scores
 
 
@@ -427,7 +448,7 @@ def quantize_model(
         windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
         if shapes is not None:
             if writer.budget is None:
-                scores = _sensitivity_scores(path, model if loader is None else None, windows, shapes, quant.sensitivity, dev, console)
+                scores = _sensitivity_scores(path, model, loader, windows, shapes, quant.sensitivity, dev, console)
                 writer.set_budget(solve(quant.bpw, shapes, scores, quant.sensitivity).to_dict())
             decision = Decision.from_dict(writer.budget)
         elif allocation is not None and allocation.budget is not None and writer.budget is None:

@@ -1,22 +1,24 @@
 """Sensitivity scores kept between runs, so files of several sizes measure once.
 
-A ``--bpw`` run's scores depend on the model's weights, the calibration tokens, the
-estimator, the candidates and the code that rounds them, not on the budget; measuring
-them (the Fisher pass over the whole float model, then every candidate's rounding of
-every tensor) costs far more than the knapsack: about an hour on a 1.5B model with stock
-types. So they are saved under a key made of all of those, and read back only when the
-key matches exactly, the saved scores cover every candidate and the file is intact.
+A ``--bpw`` run's scores depend on the model's weights, the calibration tokens the
+estimator reads, the estimator, the candidates and the code and libraries that round
+and run them, not on the budget; measuring them (the Fisher pass over the whole float
+model, then every candidate's rounding of every tensor) costs far more than the
+knapsack. So they are saved under a key made of those, and read back only when the key
+matches exactly, the saved scores cover every candidate and the file is intact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import sensitivity
 from .atomic import write_bytes_atomic
 from .budget import ModelShapes
 from .paths import cache_dir
@@ -32,6 +34,7 @@ def _model_identity(model_dir: Path) -> list[list[Any]]:
 
 
 def _code_digest() -> str:
+    """slim2gguf's source: any change may change how a candidate rounds or is scored."""
     h = hashlib.sha256()
     for path in sorted(_PACKAGE.rglob("*.py")):
         h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
@@ -39,29 +42,37 @@ def _code_digest() -> str:
 
 
 def score_key(model_dir: Path, windows: torch.Tensor, method: str, shapes: ModelShapes, device: torch.device) -> dict[str, Any]:
-    """Everything the scores depend on (the device too: float sums differ between them)."""
-    tokens = windows.to(torch.int64).contiguous().cpu().numpy()
+    """What the scores depend on (the device too: float sums differ between them). The
+    estimator's settings are named as well as hashed with the code, so a caller that
+    changes them at run time gets another key."""
+    tokens = sensitivity.estimator_windows(windows).to(torch.int64).contiguous().cpu().numpy()
     return {
         "model": _model_identity(model_dir),
         "windows": [list(tokens.shape), hashlib.sha256(tokens.tobytes()).hexdigest()],
         "method": method,
+        "sample_rows": sensitivity.SAMPLE_ROWS,
         "candidates": {name: [label for label, _ in choices] for name, choices in shapes.candidates().items()},
         "device": device.type,
         "code": _code_digest(),
-        "torch": torch.__version__,
+        "versions": {package: version(package) for package in ("torch", "transformers", "gguf", "numpy")},
     }
 
 
-def _path(key: dict[str, Any]) -> Path:
+def root() -> Path:
+    """The folder of saved scores."""
+    return cache_dir() / "sensitivity"
+
+
+def path_of(key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "sensitivity" / f"{digest}.json"
+    return root() / f"{digest}.json"
 
 
 def load_scores(key: dict[str, Any]) -> dict[str, dict[str, float]] | None:
     """The scores saved under ``key``, or None (none saved, another key, unreadable, or
     missing a candidate)."""
     try:
-        saved = json.loads(_path(key).read_text())
+        saved = json.loads(path_of(key).read_text())
         scores = saved["scores"]
         if saved["key"] != key or not all(set(labels) <= set(scores[name]) for name, labels in key["candidates"].items()):
             return None
@@ -70,9 +81,10 @@ def load_scores(key: dict[str, Any]) -> dict[str, dict[str, float]] | None:
         return None
 
 
-def save_scores(key: dict[str, Any], scores: dict[str, dict[str, float]]) -> None:
-    """Written whole (temporary file, then rename); a cache that cannot be written is skipped."""
+def save_scores(key: dict[str, Any], scores: dict[str, dict[str, float]]) -> bool:
+    """Written whole (temporary file, then rename); False where the cache cannot be written."""
     try:
-        write_bytes_atomic(_path(key), json.dumps({"key": key, "scores": scores}).encode())
+        write_bytes_atomic(path_of(key), json.dumps({"key": key, "scores": scores}).encode())
     except OSError:
-        pass
+        return False
+    return True

@@ -12,7 +12,13 @@ Two estimators, compared by measurement in docs/BENCHMARKS.md:
 ΔW is round-to-nearest at the candidate (min-max per group for SliM settings, the
 evenly weighted fit of slim2gguf.storage for a linear's stock type, gguf-py's quantizer
 for the embedding's and output's types, as the converter stores them): cheap, and
-ordered like the calibrated quantizer's errors.
+ordered like the calibrated quantizer's errors. Among stock types (``--format native``)
+a decoder linear is scored on at most ``SAMPLE_ROWS`` of its rows: every type rounds rows
+independently, so a sum over rows can be estimated from some of them, and that keeps the
+lattice types' grid searches (minutes per large tensor, hours per 1.5B model) from
+dominating the pass. The ``KEEP_ROWS`` rows with the most at stake (Σ_j F_ij W_ij², or
+Σ_j h_j W_ij²: outlier channels) count exactly; evenly spaced rows of the others stand
+for all of them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,27 @@ from .storage import NATIVE_TYPES
 SENSITIVITIES = ("fisher", "hessian")
 WINDOWS = 16  # calibration windows the estimators read: enough to rank tensors, a minute on the demo model
 _ROWS_PER_CHUNK = 4096
+SAMPLE_ROWS = 256  # of a 1.5B model's 1536- and 8960-row linears: a tenth of the rounding (BENCHMARKS.md)
+KEEP_ROWS = 32
+
+
+def estimator_windows(windows: torch.Tensor) -> torch.Tensor:
+    """The calibration windows the estimators read: the first ``WINDOWS``."""
+    return windows[:WINDOWS]
+
+
+def sampled_rows(at_stake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows of a linear to score and what each stands for: the ``KEEP_ROWS`` with the most
+    ``at_stake`` (one value per row) for themselves, then evenly spaced rows among the rest
+    for all of the rest; None when the linear has no more than ``SAMPLE_ROWS`` rows."""
+    rows = at_stake.numel()
+    if rows <= SAMPLE_ROWS:
+        return None
+    order = torch.argsort(at_stake.cpu(), descending=True, stable=True)
+    kept, rest = order[:KEEP_ROWS], order[KEEP_ROWS:].sort().values
+    spread = rest[torch.linspace(0, len(rest) - 1, SAMPLE_ROWS - KEEP_ROWS).round().long()]
+    counts = torch.cat([torch.ones(KEEP_ROWS), torch.full((len(spread),), len(rest) / len(spread))])
+    return torch.cat([kept, spread]), counts
 
 
 def slim_error(weight: torch.Tensor, stype: fmt.SlimType) -> torch.Tensor:
@@ -144,9 +171,12 @@ def input_energy(model: nn.Module, windows: torch.Tensor, shapes: ModelShapes, d
     return energy
 
 
-def _relative(delta: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, by_row: bool) -> float:
-    """Σ h ΔW² / Σ h W², with h over columns, or over rows (``by_row``: the embedding)."""
+def _relative(delta: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, by_row: bool, counts: torch.Tensor | None = None) -> float:
+    """Σ h ΔW² / Σ h W², with h over columns, or over rows (``by_row``: the embedding);
+    ``counts``: the rows each sampled row stands for."""
     h = h[:, None] if by_row else h[None, :]
+    if counts is not None:
+        h = h * counts[:, None]
     return float((h * delta.pow(2)).sum() / (h * weight.float().pow(2)).sum().clamp_min(1e-30))
 
 
@@ -156,7 +186,7 @@ def measure(
     """Score of every budgeted tensor at every candidate: tensor -> {choice: score}."""
     if method not in SENSITIVITIES:
         raise ValueError(f"--sensitivity must be one of {', '.join(SENSITIVITIES)}, got {method!r}")
-    windows = windows[:WINDOWS]
+    windows = estimator_windows(windows)
     targets = _targets(model, shapes)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     scores: dict[str, dict[str, float]] = {}
@@ -167,7 +197,13 @@ def measure(
             weights = input_energy(model, windows, shapes, device, progress)
         task = progress.add_task("sensitivity: candidates per tensor", total=len(targets))
         for name, choices in shapes.candidates().items():
-            w = targets[name].detach()
+            w, weight, counts = targets[name].detach(), weights[name], None
+            if shapes.native and name not in (EMBED, OUTPUT):
+                w2 = w.float().pow(2)
+                picked = sampled_rows((weight * w2).sum(1) if method == "fisher" else w2 @ weight)
+                if picked is not None:  # the Fisher diagonal is per weight, the input energy per column
+                    rows, counts = picked
+                    w, weight = w[rows], (weight[rows] if method == "fisher" else weight)
             scores[name] = {}
             for label, _bits in choices:
                 if name in (EMBED, OUTPUT):
@@ -177,13 +213,14 @@ def measure(
                 else:
                     delta = slim_error(w.to(device), parse_label(label)).cpu()
                 if method == "fisher":
-                    scores[name][label] = 0.5 * float((weights[name] * delta.pow(2)).sum())
+                    err = weight * delta.pow(2)
+                    scores[name][label] = 0.5 * float((err if counts is None else counts[:, None] * err).sum())
                 elif name == EMBED:
                     score = _relative(delta, w, weights[EMBED], by_row=True)
                     if shapes.output is None:  # tied: the same rows are the LM head too
                         score += _relative(delta, w, weights[OUTPUT], by_row=False)
                     scores[name][label] = score
                 else:
-                    scores[name][label] = _relative(delta, w, weights[name], by_row=False)
+                    scores[name][label] = _relative(delta, w, weight, by_row=False, counts=counts)
             progress.advance(task)
     return scores

@@ -167,10 +167,10 @@ class BlockLoader:
     def release(self, module: str) -> None:
         """Free the parameters under ``module`` (back to the meta device)."""
         self.skeleton.get_submodule(module).to("meta")
-        _trim_heap()
+        trim_heap()
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand freed heap memory back to the OS. glibc raises its mmap threshold as large
     tensors are freed, so later ones come from its arenas, which keep what is freed:
     measured, host memory then grew by 15 % of a block's float32 size for every block."""

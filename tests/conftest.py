@@ -43,6 +43,18 @@ def _corpus(n_words: int, seed: int) -> str:
     return "\n".join(lines)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scores_apart(tmp_path_factory) -> Iterator[None]:
+    """--bpw's saved sensitivity scores (slim2gguf.score_cache) go to a folder of this
+    session, not the user's cache: each test sees only what this session measured."""
+    from slim2gguf import score_cache
+
+    folder = tmp_path_factory.mktemp("scores")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(score_cache, "root", lambda: folder)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"

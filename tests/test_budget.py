@@ -154,8 +154,9 @@ def test_bpw_is_deterministic_and_resumes(bpw_ckpt, tiny_model, tiny_text, tmp_p
     from test_pipeline import files_of
 
     from slim2gguf import checkpoint as ckpt_mod
-    from slim2gguf import sensitivity
+    from slim2gguf import score_cache, sensitivity
 
+    monkeypatch.setattr(score_cache, "root", lambda: tmp_path / "scores")  # measured again, not read back
     out = tmp_path / "again"
     original = ckpt_mod.CheckpointWriter.write_block
 
@@ -235,7 +236,7 @@ def test_bpw_file_lands_on_the_budget(tiny_text, tmp_path):
 def test_scores_are_saved_whole_and_read_back_only_on_their_key(tiny_model, tmp_path, monkeypatch):
     from slim2gguf import score_cache
 
-    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    monkeypatch.setattr(score_cache, "root", lambda: tmp_path)
     shapes = model_shapes(tiny_model, ("ffn_down",))
     windows = torch.arange(64).view(2, 32)
     key = score_cache.score_key(tiny_model, windows, "fisher", shapes, torch.device("cpu"))
@@ -249,21 +250,79 @@ def test_scores_are_saved_whole_and_read_back_only_on_their_key(tiny_model, tmp_
         score_cache.score_key(tiny_model, windows, "fisher", model_shapes(tiny_model, None), torch.device("cpu")),
     ):
         assert score_cache.load_scores(other) is None
-    (saved,) = (tmp_path / "sensitivity").glob("*.json")
+    (saved,) = tmp_path.glob("*.json")
     name = next(iter(scores))
     score_cache.save_scores(key, {**scores, name: dict(list(scores[name].items())[1:])})
     assert score_cache.load_scores(key) is None  # a candidate without a score
     saved.write_text(saved.read_text()[:-20])
     assert score_cache.load_scores(key) is None  # cut short
-    assert not list(tmp_path.glob("sensitivity/.*"))  # no temporary file left
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
 def test_a_second_budget_reuses_the_scores_and_reads_one_block_at_a_time(bpw_ckpt, tiny_model, tiny_text, tmp_path, monkeypatch):
+    from conftest import imported_script
+    from rich.console import Console
+
     from slim2gguf import pipeline, sensitivity
 
     monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: pytest.fail("measured again"))
     monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("the whole model loaded"))
-    quantize_model(str(tiny_model), tmp_path / "ck", QuantSettings("slim", sba_tokens=256, bpw=4.5), calib(tiny_text))
+    console = Console(record=True, width=300)
+    quantize_model(str(tiny_model), tmp_path / "ck", QuantSettings("slim", sba_tokens=256, bpw=4.5), calib(tiny_text), console=console)
+    with imported_script("bench_frontier") as bench:
+        assert bench.REUSED_SCORES in console.export_text()  # what the frontier harness records as "scores_reused"
     first, second = Checkpoint(bpw_ckpt[0]).budget, Checkpoint(tmp_path / "ck").budget
     assert second["scores"] == first["scores"] and second["target_bpw"] == 4.5
     assert second["choices"] != first["choices"]
+
+
+def test_native_scores_read_the_rows_most_at_stake_and_an_even_sample_of_the_rest(tiny_model, tiny_text, monkeypatch):
+    from rich.console import Console
+
+    from slim2gguf import sensitivity
+    from slim2gguf.calib import calibration_windows
+    from slim2gguf.models import load_model, load_tokenizer
+
+    assert sensitivity.sampled_rows(torch.ones(sensitivity.SAMPLE_ROWS)) is None
+    monkeypatch.setattr(sensitivity, "SAMPLE_ROWS", 64)
+    at_stake = torch.ones(256)
+    at_stake[[7, 100, 101]] = 50.0
+    rows, counts = sensitivity.sampled_rows(at_stake)
+    assert rows[:3].tolist() == [7, 100, 101] and len(set(rows.tolist())) == 64  # the outliers first, for themselves
+    spread = rows[sensitivity.KEEP_ROWS :].tolist()
+    assert spread == sorted(spread) and spread[-1] == 255 and max(b - a for a, b in zip(spread, spread[1:])) <= 10
+    assert counts[: sensitivity.KEEP_ROWS].eq(1).all() and float(counts.sum()) == pytest.approx(256)
+    model = load_model(tiny_model)
+    windows = calibration_windows(str(tiny_text), model, load_tokenizer(tiny_model), 4, 64, 0)
+    shapes = model_shapes(tiny_model, None, native=True)
+    sampled = sensitivity.measure(model, windows, shapes, "fisher", torch.device("cpu"), Console(quiet=True))
+    monkeypatch.setattr(sensitivity, "SAMPLE_ROWS", 1 << 30)
+    full = sensitivity.measure(model, windows, shapes, "fisher", torch.device("cpu"), Console(quiet=True))
+    ratios = [sampled[n][c] / full[n][c] for n in full if n in shapes.linears for c in full[n]]
+    assert len(ratios) > 20 and all(0.8 < r < 1.25 for r in ratios), sorted(ratios)  # scaled: unscaled would be 1/4 or 1/2
+    assert any(abs(r - 1) > 1e-6 for r in ratios)  # really a sample
+    assert all(sampled[n] == full[n] for n in full if n not in shapes.linears)  # embedding and output: every row
+
+
+def test_a_tied_model_measures_beside_its_skeleton_and_still_quantizes(tiny_text, tmp_path, monkeypatch):
+    """The measurement loads a whole copy and frees the skeleton's embedding (the head too,
+    where tied to it) meanwhile; quantization then runs block by block on the reloaded,
+    re-tied embedding, as a run whose scores were saved does."""
+    from export_helpers import tiny_model_dir
+
+    from slim2gguf import pipeline, sensitivity
+    from slim2gguf.named_models import demo_model_dir
+
+    model = tiny_model_dir(tmp_path / "qwen", "Qwen2ForCausalLM", demo_model_dir(), tie_word_embeddings=True)
+    seen = []
+    measure = sensitivity.measure
+    monkeypatch.setattr(sensitivity, "measure", lambda m, *a: seen.append(m) or measure(m, *a))
+    target = float(budget._file_sizes(model_shapes(model, None))[-3])
+    quantize_model(str(model), tmp_path / "a", QuantSettings("slim", sba_tokens=256, bpw=target), calib(tiny_text))
+    (whole,) = seen
+    assert not any(p.is_meta for p in whole.parameters())  # a whole model, not the skeleton
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("the whole model loaded again"))
+    quantize_model(str(model), tmp_path / "b", QuantSettings("slim", sba_tokens=256, bpw=target), calib(tiny_text))
+    assert Checkpoint(tmp_path / "a").budget == Checkpoint(tmp_path / "b").budget
+    files = lambda d: {p.name: p.read_bytes() for p in (d / "blocks").iterdir()}  # noqa: E731
+    assert files(tmp_path / "a") == files(tmp_path / "b")

@@ -25,7 +25,6 @@ settings, slim2gguf's code for our files) are unchanged, and an interrupted run 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -61,7 +60,7 @@ from slim2gguf.architectures import TENSOR_CLASSES, in_classes, parse_tensor_cla
 from slim2gguf.atomic import atomic_path, write_bytes_atomic  # noqa: E402
 from slim2gguf.llamacpp import PINNED_COMMIT, LlamaCppError, build_key, ensure_source  # noqa: E402
 from slim2gguf.named_models import find as find_named  # noqa: E402
-from slim2gguf.paths import cache_dir  # noqa: E402
+from slim2gguf.paths import cache_dir, source_digest  # noqa: E402
 from slim2gguf.run import LlamaToolError  # noqa: E402
 from slim2gguf.storage import NATIVE_TYPES  # noqa: E402
 from slim2gguf.validate import parse_llama_perplexity  # noqa: E402
@@ -82,8 +81,8 @@ QUICK = {"model": "smollm2-135m", "tensors": "ffn_down", "chunks": 4, "calib_chu
 _RECIPE = re.compile(r"^(slim|gptq|rtn)([234])-g(32|64|128)$")
 _NATIVE = re.compile(r"^(slim|gptq|rtn)-(" + "|".join(NATIVE_TYPES) + r")$")
 ACT_ORDER = "-ao"
-_BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?(-native)?$")
 NATIVE_BUDGET = "-native"
+_BUDGET = re.compile(r"^bpw(\d+(?:\.\d+)?)(?:-(fisher|hessian))?(" + NATIVE_BUDGET + ")?$")
 REUSED_SCORES = "sensitivity: reusing the scores"  # what convert prints when a --bpw run skips the measurement
 
 
@@ -164,10 +163,7 @@ class Job:
 
 def code_key() -> str:
     """slim2gguf's source: our files are made again when it changes."""
-    h = hashlib.sha256()
-    for path in sorted((ROOT / "slim2gguf").rglob("*.py")):
-        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:12]
+    return source_digest()[:12]
 
 
 def fitting_groups(shapes: dict[str, tuple[int, int]], tensors: tuple[str, ...] | None) -> list[int]:

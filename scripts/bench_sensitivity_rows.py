@@ -2,13 +2,14 @@
 
 Why: the sensitivity pass rounds every decoder linear at every stock type, and the
 lattice types' grid searches make that hours on a 1.5B model; slim2gguf.sensitivity
-scores at most SAMPLE_ROWS evenly spaced rows per linear, scaled to all of them. This
+scores at most SAMPLE_ROWS rows per linear: the KEEP_ROWS most at stake for themselves,
+evenly spaced ones for the rest. This
 measures the sample against every row on one model and one calibration: how far the
 scores move, and, for budgets across the reachable range, how many tensors the knapsack
 sets differently and the regret, the summed full-row score of the sampled decision over
 that of the full-row decision (1.000: the same quality by the budget's own measure).
 
-    python scripts/bench_sensitivity_rows.py --model smollm2-135m --budgets 4.5,5,5.5,6,7
+    python scripts/bench_sensitivity_rows.py --model smollm2-135m --budgets 4.5,4.75,5,5.25,5.477,6,7
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--budgets", default="4,4.5,5,5.5,6", help="whole-file bits per weight to decide")
+    ap.add_argument("--budgets", default="4.5,5,5.477,6,7", help="whole-file bits per weight to decide")
     ap.add_argument("--calib", default=str(WIKI_VALID))
     ap.add_argument("--method", default="fisher", choices=sensitivity.SENSITIVITIES)
     ap.add_argument("--tensors", help="budget only these classes (e.g. ffn_down,attn_v), the rest F16: a cheaper check")

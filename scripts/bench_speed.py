@@ -54,6 +54,11 @@ def one_block_model(shape: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def row_name(row: dict) -> str:
+    """'slim3' for a --bits row, 'slim-iq3_s' for a stock type's."""
+    return f"{row['method']}-{row['native']}" if "native" in row else f"{row['method']}{row['bits']}"
+
+
 def time_block(shape: str, tokens: int, methods: list[str], bits: int, native: list[str]) -> list[dict]:
     """Seconds for the block's float forward pass, and per method (and stock type, with
     ``native``: --format native) for quantizing it."""
@@ -70,7 +75,6 @@ def time_block(shape: str, tokens: int, methods: list[str], bits: int, native: l
     rows = []
     for method, stock in ((m, t) for m in methods for t in native or [None]):
         quant = QuantSettings(method, bits, native=stock)
-        name = f"{method}-{stock}" if stock else f"{method}{bits}"
         copy_ = copy.deepcopy(model)
         linears = quantized_linears(copy_, 0, quant)
         sampling = (tokens, token_sample(tokens, quant.sba_tokens, 0))
@@ -81,7 +85,7 @@ def time_block(shape: str, tokens: int, methods: list[str], bits: int, native: l
         params = sum(lin.weight.numel() for lin in linears.values())
         rows.append({"shape": shape, "tokens": tokens, "method": method, **({"native": stock} if stock else {"bits": bits}),
                      "forward_s": round(forward, 2), "block_s": round(wall, 2), "params": params})  # fmt: skip
-        print(f"{shape} {tokens} tokens {name}: block {wall:.1f} s (one float forward pass {forward:.1f} s)", flush=True)
+        print(f"{shape} {tokens} tokens {row_name(rows[-1])}: block {wall:.1f} s (one float forward pass {forward:.1f} s)", flush=True)
     return rows
 
 
@@ -108,8 +112,7 @@ def main() -> None:
             rows += time_block(shape, tokens, args.methods.split(","), args.bits, native)
     print("\n| shape | tokens | method | block s | float forward s |\n|---|---|---|---|---|")
     for r in rows:
-        name = f"{r['method']}-{r['native']}" if "native" in r else f"{r['method']}{r['bits']}"
-        print(f"| {r['shape']} | {r['tokens']} | {name} | {r['block_s']} | {r['forward_s']} |")
+        print(f"| {r['shape']} | {r['tokens']} | {row_name(r)} | {r['block_s']} | {r['forward_s']} |")
     if args.json:
         meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+PACKAGE = Path(__file__).parent
 
 
 def cache_dir() -> Path:
@@ -12,3 +15,11 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def source_digest() -> str:
+    """SHA-256 of slim2gguf's source files: what cached results made by this code are keyed by."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        h.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()

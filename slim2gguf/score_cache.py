@@ -21,9 +21,8 @@ import torch
 from . import sensitivity
 from .atomic import write_bytes_atomic
 from .budget import ModelShapes
-from .paths import cache_dir
+from .paths import cache_dir, source_digest
 
-_PACKAGE = Path(__file__).parent
 _MODEL_FILES = ("*.safetensors", "*.bin", "*.json")
 
 
@@ -31,14 +30,6 @@ def _model_identity(model_dir: Path) -> list[list[Any]]:
     """Name, size and modification time of the model's weight and config files."""
     files = sorted({p for pattern in _MODEL_FILES for p in model_dir.glob(pattern)})
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
-def _code_digest() -> str:
-    """slim2gguf's source: any change may change how a candidate rounds or is scored."""
-    h = hashlib.sha256()
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
 
 
 def score_key(model_dir: Path, windows: torch.Tensor, method: str, shapes: ModelShapes, device: torch.device) -> dict[str, Any]:
@@ -53,7 +44,7 @@ def score_key(model_dir: Path, windows: torch.Tensor, method: str, shapes: Model
         "sample_rows": sensitivity.SAMPLE_ROWS,
         "candidates": {name: [label for label, _ in choices] for name, choices in shapes.candidates().items()},
         "device": device.type,
-        "code": _code_digest(),
+        "code": source_digest(),  # any change may change how a candidate rounds or is scored
         "versions": {package: version(package) for package in ("torch", "transformers", "gguf", "numpy")},
     }
 

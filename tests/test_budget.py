@@ -309,6 +309,7 @@ def test_a_tied_model_measures_beside_its_skeleton_and_still_quantizes(tiny_text
     where tied to it) meanwhile; quantization then runs block by block on the reloaded,
     re-tied embedding, as a run whose scores were saved does."""
     from export_helpers import tiny_model_dir
+    from test_pipeline import files_of
 
     from slim2gguf import pipeline, sensitivity
     from slim2gguf.named_models import demo_model_dir
@@ -324,5 +325,4 @@ def test_a_tied_model_measures_beside_its_skeleton_and_still_quantizes(tiny_text
     monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("the whole model loaded again"))
     quantize_model(str(model), tmp_path / "b", QuantSettings("slim", sba_tokens=256, bpw=target), calib(tiny_text))
     assert Checkpoint(tmp_path / "a").budget == Checkpoint(tmp_path / "b").budget
-    files = lambda d: {p.name: p.read_bytes() for p in (d / "blocks").iterdir()}  # noqa: E731
-    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert files_of(tmp_path / "a" / "blocks") == files_of(tmp_path / "b" / "blocks")

@@ -38,13 +38,14 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from . import format as fmt
 from .architectures import UnsupportedArchitectureError, model_family
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
+from .progress import Progress
 from .storage import stored_type
 from .text_model import TextModelError, file_name, file_renames, weight_prefix
 

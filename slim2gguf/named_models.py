@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+from rich.progress import BarColumn, DownloadColumn, TextColumn
 
 from .atomic import atomic_path
 from .from_gguf import hf_dir_from_gguf
 from .paths import cache_dir
+from .progress import Progress
 
 console = Console(stderr=True)
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
+from rich.console import Console
 from torch import nn
+
+from .progress import Progress
 
 METHODS = ("llama", "full")
 
@@ -77,7 +79,7 @@ def perplexity(
     if reference is not None:
         reference.to(device)
     total_nll, total_kld, ref_nll, scored = 0.0, 0.0, 0.0, 0
-    with Progress(transient=True) as progress:
+    with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("perplexity", total=n_chunks)
         for start in range(0, n_chunks, batch):
             x = windows[start : start + batch].to(device)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from . import __version__, moe, score_cache, sensitivity
@@ -42,6 +42,7 @@ from .models import (
     load_tokenizer,
     resolve_model,
 )
+from .progress import Progress
 from .qtensor import StoredTensor
 from .storage import type_for
 from .text_model import BlockLoader, TextModelError, trim_heap

@@ -27,11 +27,12 @@ import gguf
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import format as fmt
 from .budget import EMBED, OUTPUT, ModelShapes, parse_label
+from .progress import Progress
 from .quantizer import fit_minmax
 from .storage import NATIVE_TYPES
 

@@ -165,8 +165,9 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
     slim = [r for r in rows if r["widths"] is not None]
     if slim:
         console.print(_totals("SliM tensors", slim))
-    if len({r["type"] for r in slim}) > 1:  # a --bpw file: where the bits went
-        console.print(bpw_table(block_cells(rows), "bits per weight by block and tensor class"))
+    cells = block_cells(rows)
+    if len(set(cells.values())) > 1:  # a mix (a --bpw file, SliM or stock types): where the bits went
+        console.print(bpw_table(cells, "bits per weight by block and tensor class"))
 
 
 def dequantize_tensor(path_or_reader: str | os.PathLike | gguf.GGUFReader, name: str) -> np.ndarray:

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from export_helpers import tiny_model_dir
+from rich.console import Console
 from test_cli import invoke
 from test_pipeline import calib, files_of
 
 from slim2gguf.checkpoint import Checkpoint
 from slim2gguf.export import export_gguf
 from slim2gguf.gguf_weights import slim_weights_from_gguf
-from slim2gguf.inspect_gguf import open_gguf
+from slim2gguf.inspect_gguf import open_gguf, print_inspect
 from slim2gguf.methods import QuantSettings
 from slim2gguf.models import load_model, set_linear_weights
 from slim2gguf.named_models import demo_model_dir
@@ -106,6 +107,10 @@ def test_bpw_spends_a_budget_over_stock_types(model_dir, tiny_text, tmp_path):
     assert {n: t.type_name for n, t in tensors.items()} == linears
     exported = export_gguf(out, tmp_path / "out.gguf", progress=False)
     assert abs(exported.file_bpw - 6.0) <= 0.02
+    assert len(set(linears.values())) > 1
+    console = Console(record=True, width=200)
+    print_inspect(tmp_path / "out.gguf", console)
+    assert "bits per weight by block and tensor class" in console.export_text()
 
 
 @pytest.mark.parametrize(

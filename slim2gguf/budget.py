@@ -3,7 +3,8 @@
 Each decoder linear may take any SliM setting its input size allows (average width
 2-4, group 128/64/32: 2.25-5 bits per weight) or, for ``--format native``, any stock
 type whose blocks divide its rows (slim2gguf.storage: Q2_K's 2.625 to Q8_0's 8.5), the
-token embedding and an untied output any stock type below; everything else is fixed (1-D tensors F32, linears a
+token embedding and an untied output a legacy type (Q4_0-Q8_0) or, for ``--format
+native``, a K-quant too (Q2_K-Q6_K); everything else is fixed (1-D tensors F32, linears a
 ``--tensors`` selection leaves float F16). Sensitivity (``slim2gguf.sensitivity``)
 scores every tensor at every candidate; the budget then goes where the summed scores
 fall most (a multiple-choice knapsack, solved exactly up to a fine rounding of bits).
@@ -33,6 +34,11 @@ from .storage import NATIVE_TYPES
 # converter quantizes them with gguf-py (round to nearest within 32-wide blocks).
 STANDARD_BPW = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5}
 EMBED_CANDIDATES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+# gguf-py cannot write these; the exporter rounds them with slim2gguf.storage (each block
+# fitted evenly), as the sensitivity pass scores them. A stock-type budget may give them
+# to the embedding and output too, as llama.cpp's mixes do (Q6_K output, Q2_K-Q4_K embedding).
+STORAGE_EMBED_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+NATIVE_EMBED_CANDIDATES = EMBED_CANDIDATES + STORAGE_EMBED_TYPES
 SLIM_BITS = (2, 3, 4)
 SLIM_GROUPS = (128, 64, 32)
 TOLERANCE = 0.02  # how far from the asked bits per weight a file may land
@@ -97,7 +103,11 @@ class ModelShapes:
         out = {n: [(k, r * c * b) for k, b in linear_choices(c, self.native)] for n, (r, c) in self.linears.items()}
         for name, shape in ((EMBED, self.embed), (OUTPUT, self.output)):
             if shape is not None:
-                out[name] = [(t, shape[0] * shape[1] * STANDARD_BPW[t]) for t in EMBED_CANDIDATES if shape[1] % 32 == 0]
+                out[name] = [
+                    (t, shape[0] * shape[1] * NATIVE_TYPES[t].bits_per_weight)
+                    for t in (NATIVE_EMBED_CANDIDATES if self.native else EMBED_CANDIDATES)
+                    if shape[1] % NATIVE_TYPES[t].block_size == 0
+                ]
         return out
 
     def items(self) -> dict[str, list[str]]:
@@ -160,9 +170,10 @@ def check_budget(bpw: float, shapes: ModelShapes) -> None:
     lo, hi = reachable(shapes)
     if not lo - TOLERANCE <= bpw <= hi + TOLERANCE:
         least, most = ("its smallest stock type", "Q8_0") if shapes.native else ("SliM 2-bit at its largest group", "SliM 4-bit at its smallest group")
+        embed_least = min(cands[EMBED], key=lambda c: c[1])[0].upper()
         raise BudgetError(
             f"--bpw {bpw:g} is out of reach for this model: from {lo:.2f} (every linear {least}, "
-            f"token embedding{'' if shapes.output is None else ' and output'} Q4_0, 1-D tensors F32) "
+            f"token embedding{'' if shapes.output is None else ' and output'} {embed_least}, 1-D tensors F32) "
             f"to {hi:.2f} ({most}, Q8_0); choose a budget in that range"
         )
     sizes = _file_sizes(shapes)

@@ -250,7 +250,7 @@ def convert(
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
     sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
     bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE, act_order: bool = ACT_ORDER,
-    embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default: --bpw's choice, else q8_0)."),
+    embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k (default: --bpw's choice, else q8_0)."),
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Keep the quantized checkpoint here (default: a cache folder, removed after a successful export)."),
 ) -> None:

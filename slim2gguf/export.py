@@ -23,11 +23,11 @@ from typing import Any
 
 from .architectures import model_family
 from .atomic import atomic_path
-from .budget import STANDARD_BPW
+from .budget import STANDARD_BPW, STORAGE_EMBED_TYPES
 from .checkpoint import Checkpoint
 from .llamacpp import ensure_source
 
-STANDARD_TYPES = tuple(STANDARD_BPW)  # what gguf-py can write
+STANDARD_TYPES = tuple(STANDARD_BPW) + STORAGE_EMBED_TYPES  # gguf-py writes the first, slim2gguf.storage the K-quants
 KV_PREFIX = "slim2gguf."
 CHILD_MODULE = "slim2gguf.export_child"
 

@@ -43,8 +43,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from . import __version__
 from . import format as fmt
 from .architectures import UnsupportedArchitectureError, model_family
+from .budget import STORAGE_EMBED_TYPES
 from .checkpoint import Checkpoint, CheckpointError
 from .export import KV_PREFIX, ExportError
+from .methods import QuantSettings, quantize_native
 from .progress import Progress
 from .storage import stored_type
 from .text_model import TextModelError, file_name, file_renames, weight_prefix
@@ -184,7 +186,11 @@ def _slim_model_class(base: type) -> type:
                 data_torch = self.probe.make(name, entry.shape)
             for new_name, out in super().modify_tensors(data_torch, name, bid):
                 if not self.probe.holds(out):
-                    yield new_name, out
+                    rounded = self._storage_rows(new_name, out)
+                    if rounded is None:
+                        yield new_name, out
+                    else:
+                        self.gguf_writer.add_tensor(new_name, rounded[0], raw_dtype=rounded[1])
                     continue
                 names, which, rows = self.probe.sources(out, new_name)
                 entries = [self.packed.pop(n) for n in names]
@@ -199,6 +205,20 @@ def _slim_model_class(base: type) -> type:
                 shape = tuple(torch.as_tensor(out).shape[:-1]) + (data.shape[1],)
                 self.gguf_writer.add_tensor(new_name, data.reshape(shape), raw_dtype=QT(entries[0].type_id))
                 self.quantized.add(new_name)
+
+        def _storage_rows(self, new_name: str, out: Any) -> tuple[np.ndarray, QT] | None:
+            """The embedding's or output's rows in a type gguf-py cannot write (a K-quant),
+            rounded by slim2gguf.storage as the sensitivity pass scored it; None for the rest."""
+            embed, output = self.standard
+            for key, qtype in ((gguf.MODEL_TENSOR.TOKEN_EMBD, embed), (gguf.MODEL_TENSOR.OUTPUT, output)):
+                if qtype.name.lower() in STORAGE_EMBED_TYPES and self.match_model_tensor_name(new_name, key, None):
+                    weight = type(out).to_eager(out) if isinstance(out, gguf.LazyBase) else out
+                    settings = QuantSettings("rtn", native=qtype.name.lower())
+                    stored = quantize_native(torch.as_tensor(weight).float(), None, settings)
+                    if stored.stype.ggml_type != qtype:
+                        self.notes.append(f"{new_name}: {qtype.name} blocks do not divide its rows; stored as {stored.stype.name}")
+                    return stored.pack(), QT(stored.stype.ggml_type)
+            return None
 
         def tensor_force_quant(self, name: str, new_name: str, bid: int | None, n_dims: int) -> Any:
             # Where a row does not fit Q8_0's blocks, the converter stores F16 and logs a warning.

@@ -10,8 +10,9 @@ Two estimators, compared by measurement in docs/BENCHMARKS.md:
   uses), forward passes only; every tensor's relative error counts the same.
 
 ΔW is round-to-nearest at the candidate (min-max per group for SliM settings, the
-evenly weighted fit of slim2gguf.storage for a linear's stock type, gguf-py's quantizer
-for the embedding's and output's types, as the converter stores them): cheap, and
+evenly weighted fit of slim2gguf.storage for a linear's stock type and for the
+embedding's and output's K-quants, gguf-py's quantizer for their legacy types: as the
+exporter stores them): cheap, and
 ordered like the calibrated quantizer's errors. Among stock types (``--format native``)
 a decoder linear is scored on at most ``SAMPLE_ROWS`` of its rows: every type rounds rows
 independently, so a sum over rows can be estimated from some of them, and that keeps the
@@ -31,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from torch import nn
 
 from . import format as fmt
-from .budget import EMBED, OUTPUT, ModelShapes, parse_label
+from .budget import EMBED, EMBED_CANDIDATES, OUTPUT, ModelShapes, parse_label
 from .progress import Progress
 from .quantizer import fit_minmax
 from .storage import NATIVE_TYPES
@@ -206,9 +207,13 @@ def measure(
                     rows, counts = picked
                     w, weight = w[rows], (weight[rows] if method == "fisher" else weight)
             scores[name] = {}
+            if method == "fisher" and name in (EMBED, OUTPUT):
+                seen = weight.ne(0).any(1)  # rows of tokens the windows never touch cost nothing: skipped, exactly
+                if not bool(seen.all()):
+                    w, weight = w[seen], weight[seen]
             for label, _bits in choices:
                 if name in (EMBED, OUTPUT):
-                    delta = stock_error(w, label)
+                    delta = stock_error(w, label) if label in EMBED_CANDIDATES else native_error(w.to(device), label)
                 elif label in NATIVE_TYPES:
                     delta = native_error(w.to(device), label)
                 else:

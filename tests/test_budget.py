@@ -3,6 +3,8 @@ per-tensor decision through quantize, resume, reuse and export."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -302,6 +304,46 @@ def test_native_scores_read_the_rows_most_at_stake_and_an_even_sample_of_the_res
     assert len(ratios) > 20 and all(0.8 < r < 1.25 for r in ratios), sorted(ratios)  # scaled: unscaled would be 1/4 or 1/2
     assert any(abs(r - 1) > 1e-6 for r in ratios)  # really a sample
     assert all(sampled[n] == full[n] for n in full if n not in shapes.linears)  # embedding and output: every row
+
+
+def test_native_budgets_may_give_the_embedding_and_output_k_quants():
+    """Stock-type budgets add the K-quants where their 256-wide blocks divide the rows."""
+    shapes = ModelShapes({"model.layers.0.mlp.down_proj": (256, 512)}, embed=(1000, 512), output=(1000, 512),
+                         fixed_params=0, fixed_bits=0.0, native=True)  # fmt: skip
+    assert [c for c, _ in shapes.candidates()[budget.OUTPUT]] == list(budget.NATIVE_EMBED_CANDIDATES)
+    assert [c for c, _ in replace(shapes, native=False).candidates()[budget.EMBED]] == list(budget.EMBED_CANDIDATES)
+    narrow = replace(shapes, embed=(1000, 576), output=None)
+    assert [c for c, _ in narrow.candidates()[budget.EMBED]] == list(budget.EMBED_CANDIDATES)
+    with pytest.raises(budget.BudgetError, match="token embedding and output Q2_K"):
+        budget.check_budget(2.0, shapes)
+
+
+def test_embedding_k_quant_scores_are_the_storage_rounding_s_over_every_row(tiny_text, tmp_path):
+    """The Fisher score of a K-quant embedding is ½ΣF·ΔW² of the exporter's rounding;
+    rows the windows never touch are skipped, which changes nothing."""
+    from export_helpers import tiny_model_dir
+    from rich.console import Console
+
+    from slim2gguf import sensitivity
+    from slim2gguf.calib import calibration_windows
+    from slim2gguf.models import load_model, load_tokenizer
+    from slim2gguf.named_models import demo_model_dir
+    from slim2gguf.progress import Progress
+
+    path = tiny_model_dir(tmp_path / "wide", "LlamaForCausalLM", demo_model_dir(), hidden_size=256, head_dim=64,
+                          tie_word_embeddings=False)  # fmt: skip
+    model = load_model(path)
+    windows = calibration_windows(str(tiny_text), model, load_tokenizer(path), 4, 64, 0)
+    shapes = model_shapes(path, ("ffn_down",), native=True)
+    scores = sensitivity.measure(model, windows, shapes, "fisher", torch.device("cpu"), Console(quiet=True))
+    with Progress(disable=True) as progress:
+        fisher = sensitivity.fisher_weights(model, sensitivity.estimator_windows(windows), shapes, torch.device("cpu"), progress)
+    embedding = model.get_input_embeddings().weight.detach()
+    assert not bool(fisher[budget.EMBED].ne(0).any(1).all())  # some rows really skipped
+    for stock in budget.STORAGE_EMBED_TYPES:
+        expected = 0.5 * float((fisher[budget.EMBED] * sensitivity.native_error(embedding, stock).pow(2)).sum())
+        assert scores[budget.EMBED][stock] == pytest.approx(expected, rel=1e-5), stock
+    assert scores[budget.OUTPUT]["q2_k"] > scores[budget.OUTPUT]["q4_k"] > scores[budget.OUTPUT]["q6_k"]
 
 
 def test_a_tied_model_measures_beside_its_skeleton_and_still_quantizes(tiny_text, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ from slim2gguf.inspect_gguf import GGUFFileError, dequantize_tensor, inspect_row
 from slim2gguf.llamacpp import ensure_source
 from slim2gguf.named_models import demo_model_dir
 from slim2gguf.qtensor import QuantizedTensor
+from slim2gguf.sensitivity import native_error
 
 GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -380,7 +381,7 @@ def test_row_mapping_accepts_only_row_permutations(transform, accepted):
             probes.sources(out, "w")
 
 
-def _one_tensor_checkpoint(target: Path, model_dir: Path, architecture: str) -> Path:
+def _one_tensor_checkpoint(target: Path, model_dir: Path, architecture: str, shape: tuple[int, int] = (64, 128)) -> Path:
     settings = {
         "model_path": str(model_dir),
         "architecture": architecture,
@@ -390,8 +391,36 @@ def _one_tensor_checkpoint(target: Path, model_dir: Path, architecture: str) -> 
     }
     writer = CheckpointWriter(target, settings, 1)
     gen = torch.Generator().manual_seed(0)
-    writer.write_block(0, {"model.layers.0.mlp.up_proj": random_qtensor(64, 128, 3, 64, gen)}, {})
+    writer.write_block(0, {"model.layers.0.mlp.up_proj": random_qtensor(*shape, 3, 64, gen)}, {})
     return writer.finish({})
+
+
+def test_k_quant_embedding_and_output_are_rounded_by_storage(tmp_path, demo_dir):
+    """gguf-py cannot write K-quants: the exporter rounds the embedding and output with
+    slim2gguf.storage, as the sensitivity pass scores them; where the type's blocks do
+    not divide the rows, its 32-wide fallback, with a warning."""
+    model = tiny_model_dir(tmp_path / "wide", "LlamaForCausalLM", demo_dir, hidden_size=256, intermediate_size=128,
+                           head_dim=64, tie_word_embeddings=False)  # fmt: skip
+    ckpt = _one_tensor_checkpoint(tmp_path / "ck", model, "LlamaForCausalLM", shape=(128, 256))
+    with warnings.catch_warnings():  # the float model's other linears are not in the checkpoint
+        warnings.simplefilter("ignore", ExportWarning)
+        export_gguf(ckpt, tmp_path / "out.gguf", embed_type="q3_k", output_type="q6_k", progress=False)
+    reader = open_gguf(tmp_path / "out.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert (types["token_embd.weight"], types["output.weight"]) == ("Q3_K", "Q6_K")
+    weights = load_file(str(model / "model.safetensors"))
+    for name, source, stock in (("token_embd", "model.embed_tokens", "q3_k"), ("output", "lm_head", "q6_k")):
+        w = weights[f"{source}.weight"].float()
+        expected = (w + native_error(w, stock)).numpy()
+        assert np.array_equal(dequantize_tensor(reader, f"{name}.weight"), expected), name
+
+    narrow = tiny_model_dir(tmp_path / "narrow", "LlamaForCausalLM", demo_dir)  # 128 columns: no 256-wide blocks
+    ckpt = _one_tensor_checkpoint(tmp_path / "ck2", narrow, "LlamaForCausalLM", shape=(256, 128))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        export_gguf(ckpt, tmp_path / "narrow.gguf", embed_type="q6_k", progress=False)
+    assert any("Q6_K blocks do not divide its rows; stored as Q8_0" in str(w.message) for w in caught)
+    assert {t.name: t.tensor_type.name for t in open_gguf(tmp_path / "narrow.gguf").tensors}["token_embd.weight"] == "Q8_0"
 
 
 def test_unsupported_architecture(tmp_path, demo_dir):
@@ -405,8 +434,8 @@ def test_unsupported_architecture(tmp_path, demo_dir):
 
 def test_bad_standard_type(tmp_path, demo_dir):
     ckpt = _one_tensor_checkpoint(tmp_path / "ckpt", demo_dir, "LlamaForCausalLM")
-    with pytest.raises(ExportError, match="q4_k"):
-        export_gguf(ckpt, tmp_path / "out.gguf", embed_type="q4_k")
+    with pytest.raises(ExportError, match="iq2_xs"):
+        export_gguf(ckpt, tmp_path / "out.gguf", embed_type="iq2_xs")
 
 
 def test_failure_mid_write_leaves_nothing(tiny_models, tmp_path):

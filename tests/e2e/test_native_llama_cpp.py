@@ -2,6 +2,7 @@
 
 * every stock type, quantized by GPTQ, dequantizes through llama.cpp's own ``to_float``
   exactly as slim2gguf.storage dequantizes it (a file with one tensor per type);
+* K-quant token embedding and output (rounded by slim2gguf.storage at export) likewise;
 * the demo model converted to Q4_K (with llama-quantize's Q5_0 fallback on its
   576-wide rows): every quantized tensor bit exact in llama.cpp, and llama-perplexity
   agrees with PyTorch on the file's values within 1 %;
@@ -54,6 +55,29 @@ def test_every_stock_type_dequantizes_in_llama_cpp_as_in_pytorch(tmp_path):
     writer.close()
     for name, values in expected.items():
         got = llama_dequant(path, name, values.shape, tmp_path)
+        assert got.view(np.uint32).tobytes() == values.view(np.uint32).tobytes(), name
+
+
+def test_k_quant_embedding_and_output_dequantize_in_llama_cpp_as_in_pytorch(tmp_path):
+    """The embedding and output that slim2gguf.storage rounds at export (K-quants gguf-py
+    cannot write) read back in llama.cpp exactly as PyTorch reads them."""
+    from export_helpers import tiny_model_dir, write_random_checkpoint
+
+    from slim2gguf.export import export_gguf
+    from slim2gguf.inspect_gguf import dequantize_tensor
+    from slim2gguf.named_models import demo_model_dir
+
+    llamacpp.build()
+    model = tiny_model_dir(tmp_path / "wide", "LlamaForCausalLM", demo_model_dir(), hidden_size=256, intermediate_size=128,
+                           head_dim=64, tie_word_embeddings=False)  # fmt: skip
+    write_random_checkpoint(tmp_path / "ck", model, 3, 64)
+    export_gguf(tmp_path / "ck", tmp_path / "wide.gguf", embed_type="q3_k", output_type="q6_k", progress=False)
+    reader = open_gguf(tmp_path / "wide.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert (types["token_embd.weight"], types["output.weight"]) == ("Q3_K", "Q6_K")
+    for name in ("token_embd.weight", "output.weight"):
+        values = np.ascontiguousarray(dequantize_tensor(reader, name), dtype=np.float32)
+        got = llama_dequant(tmp_path / "wide.gguf", name, values.shape, tmp_path)
         assert got.view(np.uint32).tobytes() == values.view(np.uint32).tobytes(), name
 
 

@@ -318,7 +318,7 @@ def test_native_budgets_may_give_the_embedding_and_output_k_quants():
         budget.check_budget(2.0, shapes)
 
 
-def test_embedding_k_quant_scores_are_the_storage_rounding_s_over_every_row(tiny_text, tmp_path):
+def test_embedding_k_quant_scores_are_the_storage_rounding_over_every_row(tiny_text, tmp_path):
     """The Fisher score of a K-quant embedding is ½ΣF·ΔW² of the exporter's rounding;
     rows the windows never touch are skipped, which changes nothing."""
     from export_helpers import tiny_model_dir

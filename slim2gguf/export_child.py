@@ -206,27 +206,32 @@ def _slim_model_class(base: type) -> type:
                 self.gguf_writer.add_tensor(new_name, data.reshape(shape), raw_dtype=QT(entries[0].type_id))
                 self.quantized.add(new_name)
 
-        def _storage_rows(self, new_name: str, out: Any) -> tuple[np.ndarray, QT] | None:
-            """The embedding's or output's rows in a type gguf-py cannot write (a K-quant),
-            rounded by slim2gguf.storage as the sensitivity pass scored it; None for the rest."""
-            embed, output = self.standard
-            for key, qtype in ((gguf.MODEL_TENSOR.TOKEN_EMBD, embed), (gguf.MODEL_TENSOR.OUTPUT, output)):
-                if qtype.name.lower() in STORAGE_EMBED_TYPES and self.match_model_tensor_name(new_name, key, None):
-                    weight = type(out).to_eager(out) if isinstance(out, gguf.LazyBase) else out
-                    settings = QuantSettings("rtn", native=qtype.name.lower())
-                    stored = quantize_native(torch.as_tensor(weight).float(), None, settings)
-                    if stored.stype.ggml_type != qtype:
-                        self.notes.append(f"{new_name}: {qtype.name} blocks do not divide its rows; stored as {stored.stype.name}")
-                    return stored.pack(), QT(stored.stype.ggml_type)
-            return None
-
-        def tensor_force_quant(self, name: str, new_name: str, bid: int | None, n_dims: int) -> Any:
-            # Where a row does not fit Q8_0's blocks, the converter stores F16 and logs a warning.
+        def _standard_type(self, new_name: str) -> QT | None:
+            """The type asked for the token embedding or the output; None for other tensors."""
             embed, output = self.standard
             if self.match_model_tensor_name(new_name, gguf.MODEL_TENSOR.TOKEN_EMBD, None):
                 return embed
             if self.match_model_tensor_name(new_name, gguf.MODEL_TENSOR.OUTPUT, None):
                 return output
+            return None
+
+        def _storage_rows(self, new_name: str, out: Any) -> tuple[np.ndarray, QT] | None:
+            """The embedding's or output's rows in a type gguf-py cannot write (a K-quant),
+            rounded by slim2gguf.storage as the sensitivity pass scored it; None for the rest."""
+            qtype = self._standard_type(new_name)
+            if qtype is None or qtype.name.lower() not in STORAGE_EMBED_TYPES:
+                return None
+            weight = type(out).to_eager(out) if isinstance(out, gguf.LazyBase) else out
+            stored = quantize_native(torch.as_tensor(weight).float(), None, QuantSettings("rtn", native=qtype.name.lower()))
+            if stored.stype.ggml_type != qtype:
+                self.notes.append(f"{new_name}: {qtype.name} blocks do not divide its rows; stored as {stored.stype.name}")
+            return stored.pack(), QT(stored.stype.ggml_type)
+
+        def tensor_force_quant(self, name: str, new_name: str, bid: int | None, n_dims: int) -> Any:
+            # Where a row does not fit Q8_0's blocks, the converter stores F16 and logs a warning.
+            standard = self._standard_type(new_name)
+            if standard is not None:
+                return standard
             routers = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)
             if any(self.match_model_tensor_name(new_name, key, bid) for key in routers):
                 return False  # the converter's own choice: F32, as llama.cpp keeps routers always

@@ -212,8 +212,8 @@ def measure(
                 if not bool(seen.all()):
                     w, weight = w[seen], weight[seen]
             for label, _bits in choices:
-                if name in (EMBED, OUTPUT):
-                    delta = stock_error(w, label) if label in EMBED_CANDIDATES else native_error(w.to(device), label)
+                if name in (EMBED, OUTPUT) and label in EMBED_CANDIDATES:  # written by gguf-py
+                    delta = stock_error(w, label)
                 elif label in NATIVE_TYPES:
                     delta = native_error(w.to(device), label)
                 else:

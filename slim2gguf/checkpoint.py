@@ -67,6 +67,16 @@ def _is_int(value: Any, lo: int, hi: int) -> bool:
     return type(value) is int and lo <= value <= hi
 
 
+def is_decision(budget: Any) -> bool:
+    """Whether ``budget`` has what budget.Decision reads: the target, the bpw reached, a choice per tensor."""
+    return (
+        isinstance(budget, dict)
+        and all(isinstance(budget.get(k), (int, float)) for k in ("target_bpw", "bpw"))
+        and isinstance(budget.get("choices"), dict)
+        and all(isinstance(c, str) for c in budget["choices"].values())
+    )
+
+
 def _manifest_problem(manifest: dict[str, Any]) -> str | None:
     """What is wrong with a manifest's structure (None: what readers index is there and typed)."""
     settings, tensors = manifest["settings"], manifest["tensors"]
@@ -80,12 +90,7 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
     if not isinstance(manifest.get("blocks", []), list):
         return "'blocks' must be a list"
     budget = manifest.get("budget")
-    if budget is not None and not (
-        isinstance(budget, dict)
-        and all(isinstance(budget.get(k), (int, float)) for k in ("target_bpw", "bpw"))
-        and isinstance(budget.get("choices"), dict)
-        and all(isinstance(c, str) for c in budget["choices"].values())
-    ):
+    if budget is not None and not is_decision(budget):
         return "'budget' is not a --bpw decision"
     for name, meta in tensors.items():
         if not isinstance(meta, dict):

@@ -56,8 +56,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _native(format_: str, type_: str | None, bits: int | None, bpw: float | None) -> str | None:
-    """The stock type every quantized linear gets (None: SliM types; "auto": --bpw picks)."""
+def _native(format_: str, type_: str | None, bits: int | None, bpw: float | None, reuse: bool = False) -> str | None:
+    """The stock type every quantized linear gets (None: SliM types; "auto": --bpw picks,
+    or ``reuse``: an --allocation's decision)."""
     from .methods import NATIVE_BY_BUDGET
 
     if format_ not in ("slim", "native"):
@@ -68,20 +69,20 @@ def _native(format_: str, type_: str | None, bits: int | None, bpw: float | None
         return None
     if bits is not None:
         _fail("--bits sets SliM widths; with --format native pick a stock type with --type")
-    if bpw is not None:
+    if bpw is not None or reuse:
         if type_ is not None:
-            _fail("--bpw chooses every tensor's stock type: drop --type")
+            _fail(f"{'--bpw chooses' if bpw is not None else '--allocation gives'} every tensor's stock type: drop --type")
         return NATIVE_BY_BUDGET
     return type_ or DEFAULT_NATIVE_TYPE
 
 
-def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None, act_order: bool = False):
+def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None, act_order: bool = False, reuse: bool = False):
     from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
     if bits is not None and bpw is not None:
         _fail("give --bits (every tensor the same width) or --bpw (a whole-file budget), not both")
-    native = _native(format_, type_, bits, bpw)
+    native = _native(format_, type_, bits, bpw, reuse)
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
         return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit, native, act_order)
@@ -142,7 +143,7 @@ SQC = typer.Option(True, "--sqc/--no-sqc", help="Quantizer calibration (slim onl
 FIT = typer.Option("wls", "--fit", help="Quantizer calibration objective: wls (least squares weighted by the inputs' energy, as an importance matrix) or sqc (SliM's salience-weighted grid).")
 REFIT = typer.Option(True, "--refit/--no-refit", help="After GPTQ, re-solve each row's scales and offsets for its codes under the calibration Hessian (slim only).")
 ACT_ORDER = typer.Option(False, "--act-order/--no-act-order", help="GPTQ visits inputs by decreasing energy, each group's scales fitted before the pass (slim and gptq; not the IQ2/IQ3 lattice types).")
-ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths of a checkpoint manifest or {name: [widths]} JSON.")
+ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths (and --bpw decision) of a checkpoint manifest or {name: [widths]} JSON; with --format native, a --bpw run's stock type per tensor.")
 TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g. ffn_down or attn_v,ffn_down); the rest stay float (F16 in the file).")
 
 
@@ -152,7 +153,7 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
-    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order)
+    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order, allocation is not None)
     try:
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)

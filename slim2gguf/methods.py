@@ -59,10 +59,9 @@ class QuantSettings:
             raise ValueError(f"tensors must be a non-empty selection of {', '.join(TENSOR_CLASSES)}")
         if self.act_order and self.method == "rtn":
             raise ValueError("--act-order orders GPTQ's columns: use --method slim or gptq")
-        if self.native == NATIVE_BY_BUDGET:
-            if self.bpw is None:
-                raise ValueError(f"native type {NATIVE_BY_BUDGET!r} means each tensor's type is chosen by --bpw: give --bpw")
-        elif self.native is not None:
+        if self.native == NATIVE_BY_BUDGET and self.act_order:  # chosen by --bpw or reused from a decision (pipeline)
+            raise ValueError("--act-order visits single columns; the IQ2/IQ3 types a stock-type budget may choose round runs of them: drop --act-order")
+        if self.native is not None and self.native != NATIVE_BY_BUDGET:
             if native_type(self.native).span > 1 and self.act_order:
                 raise ValueError(f"--act-order visits single columns; {self.native.upper()} rounds runs of them: drop one of the two")
             if self.bpw is not None:

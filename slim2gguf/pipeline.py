@@ -29,8 +29,8 @@ from . import __version__, moe, score_cache, sensitivity
 from .architectures import in_classes
 from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
 from .calib import calibration_windows, read_text
-from .checkpoint import CheckpointWriter, finished_with
-from .methods import QuantSettings, check_allocation, quantize_linear
+from .checkpoint import CheckpointWriter, finished_with, is_decision
+from .methods import NATIVE_BY_BUDGET, QuantSettings, check_allocation, quantize_linear
 from .models import (
     ModelError,
     architecture_of,
@@ -44,7 +44,7 @@ from .models import (
 )
 from .progress import Progress
 from .qtensor import StoredTensor
-from .storage import type_for
+from .storage import NATIVE_TYPES, type_for
 from .text_model import BlockLoader, TextModelError, trim_heap
 
 BATCH = 8
@@ -78,11 +78,17 @@ class QuantizeReport:
 class Allocation:
     """Saved widths to reuse (``--allocation``): per tensor, with the group size where
     the source records it, and a --bpw run's decision (which also fixes the token
-    embedding's and output's types)."""
+    embedding's and output's types). A stock-type --bpw run's decision has no widths:
+    it is reused whole, each tensor's stock type as chosen."""
 
     widths: dict[str, list[int]]
     group_sizes: dict[str, int] = field(default_factory=dict)
     budget: dict[str, Any] | None = None
+
+    @property
+    def stock_types(self) -> bool:
+        """Whether this is a --format native --bpw decision (every choice a stock type)."""
+        return self.budget is not None and not self.widths and all(c in NATIVE_TYPES for c in self.budget["choices"].values())
 
 
 def pick_device(name: str) -> torch.device:
@@ -355,7 +361,7 @@ def _sensitivity_scores(
 
 def load_allocation(path: str | os.PathLike) -> Allocation:
     """Widths per tensor from a checkpoint manifest (with its group sizes and --bpw
-    decision) or a plain {name: [widths]} JSON."""
+    decision), a stock-type --bpw run's decision, or a plain {name: [widths]} JSON."""
     import json
 
     try:
@@ -370,14 +376,20 @@ def load_allocation(path: str | os.PathLike) -> Allocation:
     if not isinstance(data, dict):
         raise wrong
     if "tensors" in data:
-        tensors = data["tensors"]
-        if not isinstance(tensors, dict) or not all(isinstance(m, dict) and widths_ok(m.get("widths")) for m in tensors.values()):
+        tensors, budget = data["tensors"], data.get("budget")
+        if not isinstance(tensors, dict) or not all(isinstance(m, dict) for m in tensors.values()):
+            raise wrong
+        if budget is not None and not is_decision(budget):
+            raise wrong
+        if tensors and not any("widths" in m for m in tensors.values()):
+            stock = Allocation({}, budget=budget)
+            if not stock.stock_types:
+                raise ValueError(f"--allocation {path} gives every tensor one stock type, chosen by no --bpw budget: nothing to reuse")
+            return stock
+        if not all(widths_ok(m.get("widths")) for m in tensors.values()):
             raise wrong
         groups = {name: meta["group_size"] for name, meta in tensors.items() if "group_size" in meta}
         if not all(g in (32, 64, 128) for g in groups.values()):
-            raise wrong
-        budget = data.get("budget")
-        if budget is not None and not (isinstance(budget, dict) and isinstance(budget.get("choices"), dict)):
             raise wrong
         return Allocation({name: meta["widths"] for name, meta in tensors.items()}, groups, budget)
     if not all(widths_ok(v) for v in data.values()):
@@ -404,12 +416,20 @@ def quantize_model(
     dev = pick_device(device)
     path = resolve_model(model_name)
     arch = architecture_of(path)
-    if allocation is not None and (quant.method != "slim" or quant.native is not None):
-        raise ValueError("--allocation reuses SliM widths: it applies to --method slim with SliM types only")
+    stock = allocation is not None and allocation.stock_types
+    if allocation is not None and quant.method != "slim":
+        raise ValueError("--allocation reuses a SliM run's choices: it applies to --method slim only")
+    if stock and quant.native != NATIVE_BY_BUDGET:
+        raise ValueError("--allocation gives each tensor a stock type (a --format native --bpw run): add --format native, no --type")
+    if allocation is not None and not stock and quant.native is not None:
+        raise ValueError("--allocation gives SliM widths: drop --format native")
+    if quant.native == NATIVE_BY_BUDGET and quant.bpw is None and not stock:
+        raise ValueError("stock types chosen per tensor need --bpw, or the --allocation of a --format native --bpw run")
     if allocation is not None:
-        missing = sorted(n for n in block_linear_shapes(path) if in_classes(n, quant.tensors) and n not in allocation.widths)
+        chosen = allocation.budget["choices"] if stock else allocation.widths
+        missing = sorted(n for n in block_linear_shapes(path) if in_classes(n, quant.tensors) and n not in chosen)
         if missing:
-            raise ValueError(f"--allocation has no widths for {missing[0]} ({len(missing)} linears missing)")
+            raise ValueError(f"--allocation has no {'stock type' if stock else 'widths'} for {missing[0]} ({len(missing)} linears missing)")
     if allocation is None and quant.bpw is None:
         check_shapes(block_linear_shapes(path), quant)
     shapes = None
@@ -452,8 +472,10 @@ def quantize_model(
                 scores = _sensitivity_scores(path, model, loader, windows, shapes, quant.sensitivity, dev, console)
                 writer.set_budget(solve(quant.bpw, shapes, scores, quant.sensitivity).to_dict())
             decision = Decision.from_dict(writer.budget)
-        elif allocation is not None and allocation.budget is not None and writer.budget is None:
-            writer.set_budget(allocation.budget)
+        elif allocation is not None and allocation.budget is not None:
+            if writer.budget is None:
+                writer.set_budget(allocation.budget)
+            decision = Decision.from_dict(writer.budget) if stock else None
         ahead = [block_name(i) for i in range(max(kinds.index(kind) for kind in kinds))]  # run to the last kind's first layer
         for name in ahead if loader else ():
             loader.load(name)
@@ -481,7 +503,7 @@ def quantize_model(
                 progress.update(task, description=f"block {i}: replayed from checkpoint")
             else:
                 tensors, recorded, outputs, rel_err = _quantize_block(
-                    i, layer, linears, batches, quant, (allocation, decision), (n_tokens, sample_idx), dev
+                    i, layer, linears, batches, quant, (None if stock else allocation, decision), (n_tokens, sample_idx), dev
                 )
                 writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err, **recorded})
                 block_widths = Counter(w for qt in tensors.values() for w in qt.group_widths())

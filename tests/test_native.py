@@ -21,7 +21,7 @@ from slim2gguf.inspect_gguf import open_gguf, print_inspect
 from slim2gguf.methods import QuantSettings
 from slim2gguf.models import load_model, set_linear_weights
 from slim2gguf.named_models import demo_model_dir
-from slim2gguf.pipeline import quantize_model
+from slim2gguf.pipeline import load_allocation, quantize_model
 from slim2gguf.qtensor import NativeTensor
 from slim2gguf.storage import NATIVE_TYPES
 
@@ -94,11 +94,16 @@ def test_model_computes_with_the_stored_values(native_ckpt, model_dir):
     assert torch.equal(weight, dict(Checkpoint(native_ckpt).tensors())["model.layers.0.mlp.down_proj"].dequantize())
 
 
-def test_bpw_spends_a_budget_over_stock_types(model_dir, tiny_text, tmp_path):
+@pytest.fixture(scope="module")
+def bpw_native_ckpt(model_dir, tiny_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "bpw"
+    return out, quantize_model(str(model_dir), out, QuantSettings("slim", native="auto", bpw=6.0), calib(tiny_text))
+
+
+def test_bpw_spends_a_budget_over_stock_types(bpw_native_ckpt, tmp_path):
     """--format native --bpw: each linear's stock type (and the embedding's and output's)
     from the budget; the exported file lands on it."""
-    out = tmp_path / "ck"
-    report = quantize_model(str(model_dir), out, QuantSettings("slim", native="auto", bpw=6.0), calib(tiny_text))
+    out, report = bpw_native_ckpt
     choices = report.decision.choices
     linears = {n: c for n, c in choices.items() if n.startswith("model.layers.")}
     assert len(linears) == 14 and set(linears.values()) <= set(NATIVE_TYPES)
@@ -131,9 +136,51 @@ def test_cli_refuses_bad_native_choices(tiny_model, tmp_path, args, message):
     assert not (tmp_path / "ck").exists()
 
 
+def test_allocation_reuses_a_stock_type_budget(bpw_native_ckpt, model_dir, tiny_text, tmp_path, monkeypatch):
+    """--format native --allocation M: a stock-type --bpw run's decision is reused whole
+    (each linear's type, the embedding's and output's), with no sensitivity pass."""
+    from slim2gguf import sensitivity
+
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: pytest.fail("a reused decision measures again"))
+    source, decided = bpw_native_ckpt
+    out = tmp_path / "reused"
+    report = quantize_model(str(model_dir), out, QuantSettings("slim", native="auto"), calib(tiny_text),
+                            allocation=load_allocation(source / "manifest.json"))  # fmt: skip
+    assert report.decision.choices == decided.decision.choices and Checkpoint(out).budget == Checkpoint(source).budget
+    assert {n: t.type_name for n, t in Checkpoint(out).tensors()} == {n: t.type_name for n, t in Checkpoint(source).tensors()}
+    assert block_files(out) == block_files(source)  # same calibration: the same tensors (the manifests' settings differ)
+
+
+def block_files(ckpt: Path) -> dict[str, bytes]:
+    return {name: data for name, data in files_of(ckpt).items() if name.startswith("blocks/")}
+
+
+def test_stock_types_need_a_budget_or_a_decision(model_dir, tiny_text, tmp_path):
+    with pytest.raises(ValueError, match="need --bpw, or the --allocation"):
+        quantize_model(str(model_dir), tmp_path / "ck", QuantSettings("slim", native="auto"), calib(tiny_text))
+    with pytest.raises(ValueError, match="drop --act-order"):
+        QuantSettings("slim", native="auto", bpw=4.0, act_order=True)
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "args", "message"),
+    [
+        ("native", ["--format", "native"], "chosen by no --bpw budget: nothing to reuse"),
+        ("bpw", [], "add --format native, no --type"),
+        ("bpw", ["--format", "native", "--type", "q4_k"], "--allocation gives every tensor's stock type: drop --type"),
+        ("slim", ["--format", "native"], "--allocation gives SliM widths: drop --format native"),
+    ],
+)
+def test_cli_refuses_allocations_of_the_other_format(source, args, message, native_ckpt, bpw_native_ckpt, model_dir, tmp_path):
+    manifest = tmp_path / "widths.json"
+    manifest.write_text('{"model.layers.0.mlp.down_proj": [3, 3]}')
+    manifest = {"native": native_ckpt / "manifest.json", "bpw": bpw_native_ckpt[0] / "manifest.json", "slim": manifest}[source]
+    code, out = invoke("quantize", str(model_dir), "-o", str(tmp_path / "ck"), "--allocation", str(manifest), *args)
+    assert code == 2 and message in out and "Traceback" not in out
+    assert not (tmp_path / "ck").exists()
+
+
 def test_native_refuses_slim_only_paths(native_ckpt, model_dir, tiny_text, tmp_path):
     code, out = invoke("eval", str(model_dir), "--checkpoint", str(native_ckpt), "--text", str(tiny_text), "--backend", "triton")
     assert code == 2 and "SliM types only" in out
-    code, out = invoke("quantize", str(model_dir), "-o", str(tmp_path / "ck"), "--format", "native",
-                       "--allocation", str(native_ckpt / "manifest.json"))  # fmt: skip
-    assert code == 2 and "--allocation" in out

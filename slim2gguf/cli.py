@@ -178,7 +178,12 @@ def quantize(
     report = _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order)
     if report.decision is not None:
         _print_decision(report.decision)
-    what = f"--bpw {bpw:g}" if bpw is not None else (f"{(type_ or DEFAULT_NATIVE_TYPE).upper()}" if format_ == "native" else f"{bits or 3}-bit")
+    if allocation is not None:
+        what = f"--allocation {allocation.name}"
+    elif bpw is not None:
+        what = f"--bpw {bpw:g}"
+    else:
+        what = (type_ or DEFAULT_NATIVE_TYPE).upper() if format_ == "native" else f"{bits or 3}-bit"
     console.print(_summary_table(report, f"{method} {what} checkpoint: {report.path}"))
 
 

@@ -3,8 +3,8 @@
 Each decoder linear may take any SliM setting its input size allows (average width
 2-4, group 128/64/32: 2.25-5 bits per weight) or, for ``--format native``, any stock
 type whose blocks divide its rows (slim2gguf.storage: Q2_K's 2.625 to Q8_0's 8.5), the
-token embedding and an untied output a legacy type (Q4_0-Q8_0) or, for ``--format
-native``, a K-quant too (Q2_K-Q6_K); everything else is fixed (1-D tensors F32, linears a
+token embedding and an untied output a legacy type (Q4_0-Q8_0) or a K-quant (Q2_K-Q6_K,
+where 256 divides their rows); everything else is fixed (1-D tensors F32, linears a
 ``--tensors`` selection leaves float F16). Sensitivity (``slim2gguf.sensitivity``)
 scores every tensor at every candidate; the budget then goes where the summed scores
 fall most (a multiple-choice knapsack, solved exactly up to a fine rounding of bits).
@@ -33,12 +33,13 @@ from .storage import NATIVE_TYPES
 # Stock llama.cpp types for the token embedding and output, bits per weight. The
 # converter quantizes them with gguf-py (round to nearest within 32-wide blocks).
 STANDARD_BPW = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5}
-EMBED_CANDIDATES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+LEGACY_EMBED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # gguf-py writes these
 # gguf-py cannot write these; the exporter rounds them with slim2gguf.storage (each block
-# fitted evenly), as the sensitivity pass scores them. A stock-type budget may give them
-# to the embedding and output too, as llama.cpp's mixes do (Q6_K output, Q2_K-Q4_K embedding).
+# fitted evenly), as the sensitivity pass scores them. A budget may give them to the
+# embedding and output, as llama.cpp's mixes do (Q6_K output, Q2_K-Q4_K embedding): at the
+# same bits Q4_K has less error than Q4_0 (docs/BENCHMARKS.md).
 STORAGE_EMBED_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
-NATIVE_EMBED_CANDIDATES = EMBED_CANDIDATES + STORAGE_EMBED_TYPES
+EMBED_CANDIDATES = LEGACY_EMBED_TYPES + STORAGE_EMBED_TYPES
 SLIM_BITS = (2, 3, 4)
 SLIM_GROUPS = (128, 64, 32)
 TOLERANCE = 0.02  # how far from the asked bits per weight a file may land
@@ -105,7 +106,7 @@ class ModelShapes:
             if shape is not None:
                 out[name] = [
                     (t, shape[0] * shape[1] * NATIVE_TYPES[t].bits_per_weight)
-                    for t in (NATIVE_EMBED_CANDIDATES if self.native else EMBED_CANDIDATES)
+                    for t in EMBED_CANDIDATES
                     if shape[1] % NATIVE_TYPES[t].block_size == 0
                 ]
         return out

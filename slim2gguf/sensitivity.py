@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from torch import nn
 
 from . import format as fmt
-from .budget import EMBED, EMBED_CANDIDATES, OUTPUT, ModelShapes, parse_label
+from .budget import EMBED, LEGACY_EMBED_TYPES, OUTPUT, ModelShapes, parse_label
 from .progress import Progress
 from .quantizer import fit_minmax
 from .storage import NATIVE_TYPES
@@ -212,7 +212,7 @@ def measure(
                 if not bool(seen.all()):
                     w, weight = w[seen], weight[seen]
             for label, _bits in choices:
-                if name in (EMBED, OUTPUT) and label in EMBED_CANDIDATES:  # written by gguf-py
+                if name in (EMBED, OUTPUT) and label in LEGACY_EMBED_TYPES:  # written by gguf-py
                     delta = stock_error(w, label)
                 elif label in NATIVE_TYPES:
                     delta = native_error(w.to(device), label)

@@ -306,14 +306,15 @@ def test_native_scores_read_the_rows_most_at_stake_and_an_even_sample_of_the_res
     assert all(sampled[n] == full[n] for n in full if n not in shapes.linears)  # embedding and output: every row
 
 
-def test_native_budgets_may_give_the_embedding_and_output_k_quants():
-    """Stock-type budgets add the K-quants where their 256-wide blocks divide the rows."""
+@pytest.mark.parametrize("native", [True, False])
+def test_budgets_may_give_the_embedding_and_output_k_quants(native):
+    """Budgets of either format add the K-quants where their 256-wide blocks divide the rows."""
     shapes = ModelShapes({"model.layers.0.mlp.down_proj": (256, 512)}, embed=(1000, 512), output=(1000, 512),
-                         fixed_params=0, fixed_bits=0.0, native=True)  # fmt: skip
-    assert [c for c, _ in shapes.candidates()[budget.OUTPUT]] == list(budget.NATIVE_EMBED_CANDIDATES)
-    assert [c for c, _ in replace(shapes, native=False).candidates()[budget.EMBED]] == list(budget.EMBED_CANDIDATES)
+                         fixed_params=0, fixed_bits=0.0, native=native)  # fmt: skip
+    for name in (budget.EMBED, budget.OUTPUT):
+        assert [c for c, _ in shapes.candidates()[name]] == list(budget.LEGACY_EMBED_TYPES + budget.STORAGE_EMBED_TYPES)
     narrow = replace(shapes, embed=(1000, 576), output=None)
-    assert [c for c, _ in narrow.candidates()[budget.EMBED]] == list(budget.EMBED_CANDIDATES)
+    assert [c for c, _ in narrow.candidates()[budget.EMBED]] == list(budget.LEGACY_EMBED_TYPES)
     with pytest.raises(budget.BudgetError, match="token embedding and output Q2_K"):
         budget.check_budget(2.0, shapes)
 

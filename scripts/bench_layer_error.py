@@ -18,6 +18,21 @@ them), ``no-sba`` (uniform widths), ``sba-slim`` (widths from SliM's min-max/KL 
 ``act-order`` (``--act-order``: GPTQ visits columns by decreasing H_jj, each group's
 quantizer fitted before the pass on the unquantized weights, then refitted).
 
+A wider range of widths per group (each then through GPTQ and the refit; the cell says
+how many groups left the average width): ``sba-2`` (SBA's candidates moving groups ±2
+bits), ``dp-1``, ``dp-2``, ``dp-any`` (widths over b±1, b±2 or 1-8 bits chosen by each
+group's own error, the least-squares fit's rounding under its diagonal block of H, by an
+exact dynamic program at exactly b bits on average; the cell also gives the largest
+group error at b bits over the smallest), ``forced-1``, ``forced-2`` (an eighth of the
+groups, the least salient, down 1 or 2 bits and an eighth, the most salient, up as many).
+Learnable weight clipping (SliM-LLM+, after OmniQuant): ``rtn-minmax``, ``rtn-wls``
+(round to nearest with min-max or the least-squares fit), ``rtn-lwc`` (per row and group,
+clip factors σ(γ)·max and σ(β)·min trained by Adam through straight-through rounding on
+the calibration output error), ``lwc-gptq`` (LWC's quantizers as GPTQ's, then the refit).
+
+    python scripts/bench_layer_error.py --variants no-sba,default,sba-2,dp-1,dp-2,dp-any,forced-1,forced-2
+    python scripts/bench_layer_error.py --variants rtn-minmax,rtn-wls,rtn-lwc,default,lwc-gptq
+
 ``--native q4_k,q2_k`` measures stock types instead (``--format native``): ``rtn`` (each
 block fitted evenly, rounded), ``gptq`` (GPTQ, blocks fitted evenly), ``slim`` (fitted
 by the inputs' energy), ``slim+refit`` (then each row's free scales re-solved),
@@ -29,8 +44,9 @@ tensor-level files bench_frontier made (``--tensors TENSOR``, same calibration t
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,18 +54,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slim2gguf.allocation import search_allocation  # noqa: E402
+from slim2gguf.allocation import allocation_for, group_salience, search_allocation  # noqa: E402
 from slim2gguf.architectures import TENSOR_CLASSES  # noqa: E402
 from slim2gguf.calib import windows_from_text  # noqa: E402
-from slim2gguf.gptq import damped_hessian, inverse_cholesky_upper  # noqa: E402
+from slim2gguf.gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize  # noqa: E402
 from slim2gguf.methods import QuantSettings, quantize_linear  # noqa: E402
 from slim2gguf.models import block_linears, load_model, load_tokenizer, resolve_model  # noqa: E402
 from slim2gguf.pipeline import BATCH, InputCollector, token_sample  # noqa: E402
-from slim2gguf.qtensor import NativeTensor, QuantizedTensor  # noqa: E402
-from slim2gguf.refit import output_error  # noqa: E402
+from slim2gguf.quantizer import GroupParams, fit_minmax, fit_wls  # noqa: E402
+from slim2gguf.refit import output_error, refit_scales  # noqa: E402
 from slim2gguf.storage import native_type  # noqa: E402
 
 VARIANTS = ("default", "no-refit", "no-sba", "sba-slim", "act-order")
+WIDE_VARIANTS = {"sba-2": 2, "dp-1": 1, "dp-2": 2, "dp-any": 8, "forced-1": 1, "forced-2": 2}  # variant -> bits a group may move
+CLIP_VARIANTS = ("rtn-minmax", "rtn-wls", "rtn-lwc", "lwc-gptq")
+MAX_WIDTH = 8  # codes are bytes in memory; the file's types store b±1 only
+LWC_STEPS, LWC_LR, LWC_INIT = 300, 5e-3, 4.0  # Adam steps and rate; σ(4) ≈ 0.98 starts near min-max
 NATIVE_VARIANTS = {
     "rtn": {"method": "rtn", "refit": False},
     "gptq": {"method": "gptq", "refit": False},
@@ -103,14 +123,141 @@ def capture(
     return layers
 
 
-def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings) -> QuantizedTensor | NativeTensor:
+@dataclass
+class Quantized:
+    """A variant's dequantized weight, and for the wider widths what they did."""
+
+    approx: torch.Tensor | None  # None where the variant's widths cannot exist
+    why_not: str = ""
+    moved: int | None = None  # groups away from the average width, of
+    groups: int = 0
+    spread: float | None = None  # largest group error at the average width over the smallest
+
+
+def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings) -> Quantized:
     w, hess, x = layer["W"], layer["H"], layer["x"]
-    if variant != "sba-slim":
+    if variant in CLIP_VARIANTS:
+        return Quantized(clipped(variant, layer, settings))
+    if variant not in WIDE_VARIANTS and variant != "sba-slim":
         changed = {"no-refit": {"refit": False}, "no-sba": {"sba": False}, "act-order": {"act_order": True}}.get(variant, {})
-        return quantize_linear(w, hess, x, replace(settings, **changed))[0]
+        return Quantized(quantize_linear(w, hess, x, replace(settings, **changed))[0].dequantize())
+    bits, g = settings.bits, settings.group_size
     h, wd = damped_hessian(hess, w, settings.damp)
-    widths, _ = search_allocation(wd, inverse_cholesky_upper(h), x, settings.bits, settings.group_size)
-    return quantize_linear(w, hess, x, settings, widths)[0]
+    upper = inverse_cholesky_upper(h)
+    spread = None
+    if variant == "sba-slim":
+        widths, _ = search_allocation(wd, upper, x, bits, g)
+    elif variant.startswith("dp-"):
+        reach = WIDE_VARIANTS[variant]
+        widths, spread = widths_by_error(wd, h, bits, g, max(1, bits - reach), min(MAX_WIDTH, bits + reach))
+    else:
+        step = WIDE_VARIANTS[variant]
+        if bits - step < 1:
+            return Quantized(None, f"no {bits - step}-bit width")
+        if variant.startswith("sba"):
+            widths, _ = search_allocation(wd, upper, x, bits, g, torch.diag(h), step=step)
+        else:
+            order = torch.argsort(group_salience(wd, upper, g), stable=True)
+            widths = allocation_for(order, order.numel() // 8, bits, step)
+    approx = quantize_linear(w, hess, x, settings, widths)[0].dequantize()
+    return Quantized(approx, moved=sum(k != bits for k in widths), groups=len(widths), spread=spread)
+
+
+def widths_by_error(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, lo: int, hi: int) -> tuple[list[int], float]:
+    """Widths in [lo, hi] averaging exactly ``bits`` with the least sum of the groups' own
+    errors (each group rounded alone by the least-squares fit, its error under its diagonal
+    block of H), by an exact dynamic program over groups and bits spent; and the largest
+    group error at ``bits`` over the smallest (how uneven the groups are)."""
+    n = w.shape[1] // group_size
+    importance = torch.diag(h)
+    cost = torch.full((n, hi + 1), math.inf, dtype=torch.float64)
+    for j in range(n):
+        c = slice(j * group_size, (j + 1) * group_size)
+        for k in range(lo, hi + 1):
+            fitted = fit_wls(w[:, c], k, importance[c])
+            e = w[:, c] - fitted.dequantize(fitted.codes(w[:, c]))
+            cost[j, k] = float(((e @ h[c, c]) * e).sum())
+    at_bits = cost[:, bits]
+    return cheapest_widths(cost, bits * n), float(at_bits.max() / at_bits.min())
+
+
+def cheapest_widths(cost: torch.Tensor, total: int) -> list[int]:
+    """The widths k_j (``cost`` [groups, widths]: cost[j, k], inf where k is not allowed)
+    summing to ``total`` with the least Σ cost[j, k_j]: a dynamic program over groups and bits spent."""
+    best = torch.full((total + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0
+    choice = torch.zeros((cost.shape[0], total + 1), dtype=torch.long)
+    for j, row in enumerate(cost.tolist()):
+        spent = torch.full_like(best, math.inf)
+        for k, value in enumerate(row):
+            if k == 0 or math.isinf(value) or k > total:
+                continue
+            cand = torch.full_like(best, math.inf)
+            cand[k:] = best[:-k] + value
+            better = cand < spent
+            spent[better], choice[j, better] = cand[better], k
+        best = spent
+    widths, t = [], total
+    for j in reversed(range(cost.shape[0])):
+        widths.append(int(choice[j, t]))
+        t -= widths[-1]
+    return widths[::-1]
+
+
+def clipped(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings) -> torch.Tensor:
+    """Round-to-nearest baselines and learnable weight clipping, uniform widths."""
+    bits, g = settings.bits, settings.group_size
+    h, w = damped_hessian(layer["H"], layer["W"], settings.damp)
+    widths = [bits] * (w.shape[1] // g)
+    if variant == "rtn-minmax":
+        return rtn_quantize(w, widths, g, lambda wg, k, _: fit_minmax(wg, k)).dequantize()
+    if variant == "rtn-wls":
+        importance = torch.diag(h)
+        return rtn_quantize(w, widths, g, lambda wg, k, c: fit_wls(wg, k, importance[c])).dequantize()
+    key = (id(layer), bits, g)  # rtn-lwc and lwc-gptq share one training per layer and width
+    if key not in _LWC_TRAINED:
+        _LWC_TRAINED[key] = lwc_quantizers(w, layer["H"], bits, g)
+    params = _LWC_TRAINED[key]
+    if variant == "rtn-lwc":
+        return rtn_quantize(w, widths, g, lambda _wg, _k, c: params[c.start // g]).dequantize()
+    qt = gptq_quantize(w, inverse_cholesky_upper(h), widths, g, lambda _wg, _k, c: params[c.start // g])
+    return refit_scales(w, h, qt).dequantize()
+
+
+_LWC_TRAINED: dict[tuple[int, int, int], list[GroupParams]] = {}
+
+
+def lwc_quantizers(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int) -> list[GroupParams]:
+    """Per group, the min-max quantizer of the weights clipped to [σ(β)·min, σ(γ)·max], the
+    factors per row and group trained by Adam through straight-through rounding to
+    minimize the calibration output error tr(ΔW H ΔWᵀ) (SliM-LLM+'s learnable weight clipping)."""
+    rows, cols = w.shape
+    maxq = (1 << bits) - 1
+    wg = w.view(rows, cols // group_size, group_size)
+    xmax, xmin = wg.amax(dim=-1).clamp(min=0), wg.amin(dim=-1).clamp(max=0)
+    gamma = torch.full_like(xmax, LWC_INIT, requires_grad=True)
+    beta = torch.full_like(xmin, LWC_INIT, requires_grad=True)
+    opt = torch.optim.Adam([gamma, beta], lr=LWC_LR)
+    energy = ((w @ hessian) * w).sum()
+
+    def ste(t: torch.Tensor) -> torch.Tensor:
+        return t + (torch.round(t) - t).detach()
+
+    for _ in range(LWC_STEPS):
+        top, bottom = torch.sigmoid(gamma) * xmax, torch.sigmoid(beta) * xmin
+        d = ((top - bottom) / maxq).clamp_min(1e-10)[..., None]
+        z = ste(-bottom[..., None] / d).clamp(0, maxq)
+        approx = ((ste(wg / d) + z).clamp(0, maxq) - z) * d
+        e = w - approx.view(rows, cols)
+        loss = ((e @ hessian) * e).sum() / energy
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        top, bottom = torch.sigmoid(gamma) * xmax, torch.sigmoid(beta) * xmin
+        return [
+            fit_minmax(wg[:, j].clamp(bottom[:, j, None], top[:, j, None]), bits) for j in range(cols // group_size)
+        ]
 
 
 def relative_error(layer: dict[str, torch.Tensor], approx: torch.Tensor, hessian: str = "H") -> float:
@@ -123,6 +270,23 @@ def mean_errors(layers: dict[int, dict[str, torch.Tensor]], approx: dict[int, to
     keys = ["H", "H_test"] if all("H_test" in layer for layer in layers.values()) else ["H"]
     means = [sum(relative_error(layers[b], approx[b], key) for b in layers) / len(layers) for key in keys]
     return " / ".join(f"{m:.{digits}f}" for m in means)
+
+
+def cell(layers: dict[int, dict[str, torch.Tensor]], variant: str, settings: QuantSettings) -> str:
+    """One table cell: the variant's mean errors; for the wider widths, the groups moved in
+    all blocks and the range of the blocks' spreads."""
+    made = {b: quantize(variant, layer, settings) for b, layer in layers.items()}
+    missing = next((q.why_not for q in made.values() if q.approx is None), None)
+    if missing is not None:
+        return f"n/a ({missing})"
+    text = mean_errors(layers, {b: q.approx for b, q in made.items()})
+    if all(q.moved is None for q in made.values()):
+        return text
+    notes = [f"{sum(q.moved for q in made.values())}/{sum(q.groups for q in made.values())} moved"]
+    spreads = [q.spread for q in made.values() if q.spread is not None]
+    if spreads:
+        notes.append(f"spread {min(spreads):.1f}-{max(spreads):.1f}×")
+    return f"{text} ({', '.join(notes)})"
 
 
 def native_table(layers: dict[int, dict[str, torch.Tensor]], types: list[str], variants: list[str], damps: list[float]) -> None:
@@ -173,7 +337,7 @@ def main() -> None:
     parser.add_argument("--blocks", default="1,8,16,24")
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--variants", help=f"SliM variants (default: {','.join(VARIANTS)}); with --native, native variants (default: {','.join(NATIVE_VARIANTS)})")
+    parser.add_argument("--variants", help=f"SliM variants (default: {','.join(VARIANTS)}; also {','.join((*WIDE_VARIANTS, *CLIP_VARIANTS))}); with --native, native variants (default: {','.join(NATIVE_VARIANTS)})")
     parser.add_argument("--native", help="comma-separated stock types to measure instead of SliM variants")
     parser.add_argument("--llama-types", help="comma-separated llama.cpp types whose bench_frontier tensor-level files to measure too")
     parser.add_argument("--calib", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
@@ -181,7 +345,7 @@ def main() -> None:
                         help="text whose inputs measure the error out of sample (skipped when absent)")  # fmt: skip
     parser.add_argument("--damp", default=f"{QuantSettings.damp:g}", help="GPTQ's damping (fraction of mean diag H); several, comma-separated, give a row each")
     args = parser.parse_args()
-    known = tuple(NATIVE_VARIANTS) if args.native else VARIANTS
+    known = tuple(NATIVE_VARIANTS) if args.native else (*VARIANTS, *WIDE_VARIANTS, *CLIP_VARIANTS)
     variants = args.variants.split(",") if args.variants else list(known)
     unknown = set(variants) - set(known)
     if unknown:
@@ -213,7 +377,7 @@ def main() -> None:
     for bits in (int(b) for b in args.bits.split(",")):
         for damp in damps:
             settings = QuantSettings("slim", bits, args.group_size, damp=damp)
-            row = [mean_errors(layers, {b: quantize(variant, layer, settings).dequantize() for b, layer in layers.items()}) for variant in variants]
+            row = [cell(layers, variant, settings) for variant in variants]
             print(f"| {bits} | {damp:g} | " + " | ".join(row) + " |", flush=True)
 
 

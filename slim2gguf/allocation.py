@@ -28,13 +28,14 @@ def group_salience(weight: torch.Tensor, upper: torch.Tensor, group_size: int) -
     return delta.sum(dim=0).view(-1, group_size).sum(dim=1)
 
 
-def allocation_for(order: torch.Tensor, i: int, bits: int) -> list[int]:
-    """Widths when the i least salient groups drop a bit and the i most salient gain one."""
+def allocation_for(order: torch.Tensor, i: int, bits: int, step: int = 1) -> list[int]:
+    """Widths when the i least salient groups drop ``step`` bits and the i most salient
+    gain as many (the pipeline moves one bit; bench_layer_error.py measures two)."""
     widths = [bits] * order.numel()
     for g in order[:i].tolist():
-        widths[g] = bits - 1
+        widths[g] = bits - step
     for g in order[order.numel() - i :].tolist() if i else []:
-        widths[g] = bits + 1
+        widths[g] = bits + step
     return widths
 
 
@@ -56,12 +57,14 @@ def search_allocation(
     bits: int,
     group_size: int,
     importance: torch.Tensor | None = None,
+    step: int = 1,
 ) -> tuple[list[int], dict[str, float]]:
     """Best balanced allocation for ``weight`` [out, in] given calibration ``inputs`` [tokens, in].
 
     Without ``importance``, SliM's scoring (min-max, KL); with it ([in], the least-squares
     fit's weights), groups rounded by that fit and scored by squared output error.
-    Returns the widths per group and a summary (chosen i, its score, the uniform one's)."""
+    ``step``: the bits a moved group loses or gains. Returns the widths per group and a
+    summary (chosen i, its score, the uniform one's)."""
     w = weight.float()
     x = inputs.float()
     n_groups = w.shape[1] // group_size
@@ -81,9 +84,9 @@ def search_allocation(
     uniform = best
     for i in range(1, n_groups // 2):
         lo, hi = cols[int(order[i - 1])], cols[int(order[n_groups - i])]
-        out += x[:, lo] @ (rounded(lo, bits - 1) - base[:, lo]).T
-        out += x[:, hi] @ (rounded(hi, bits + 1) - base[:, hi]).T
+        out += x[:, lo] @ (rounded(lo, bits - step) - base[:, lo]).T
+        out += x[:, hi] @ (rounded(hi, bits + step) - base[:, hi]).T
         value = score(ref, out)
         if value < best:
             best_i, best = i, value
-    return allocation_for(order, best_i, bits), {"i": best_i, "score": best, "score_uniform": uniform}
+    return allocation_for(order, best_i, bits, step), {"i": best_i, "score": best, "score_uniform": uniform}

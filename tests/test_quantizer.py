@@ -212,7 +212,11 @@ def test_refit_in_row_chunks_equals_all_rows_at_once(monkeypatch):
     whole = refit_scales(wd, h, qt)
     monkeypatch.setattr(refit_mod, "SYSTEM_ELEMENTS", 7 * 16**2)  # 7 rows per chunk
     chunked = refit_scales(wd, h, qt)
-    assert torch.equal(chunked.d, whole.d) and torch.equal(chunked.m, whole.m)
+    for part, full in ((chunked.d, whole.d), (chunked.m, whole.m)):
+        # the same systems solved in other batches: float32 rounding may move a value that lies
+        # on an fp16 rounding boundary by one step (seen on one CPU: 1 offset of 768), never more
+        torch.testing.assert_close(part, full, rtol=2**-10, atol=2**-24)
+        assert int((part != full).sum()) <= part.numel() // 100
     assert not torch.equal(whole.d, qt.d)
 
 

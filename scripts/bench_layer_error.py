@@ -346,7 +346,7 @@ def main() -> None:
     parser.add_argument("--damp", default=f"{QuantSettings.damp:g}", help="GPTQ's damping (fraction of mean diag H); several, comma-separated, give a row each")
     args = parser.parse_args()
     known = tuple(NATIVE_VARIANTS) if args.native else (*VARIANTS, *WIDE_VARIANTS, *CLIP_VARIANTS)
-    variants = args.variants.split(",") if args.variants else list(known)
+    variants = args.variants.split(",") if args.variants else list(NATIVE_VARIANTS if args.native else VARIANTS)
     unknown = set(variants) - set(known)
     if unknown:
         sys.exit(f"unknown variant {', '.join(sorted(unknown))}; choose from {', '.join(known)}")

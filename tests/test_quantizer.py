@@ -114,11 +114,11 @@ def test_allocation_is_balanced_with_exact_average(seed):
     n_groups = int(torch.randint(2, 20, (1,), generator=gen))
     order = torch.randperm(n_groups, generator=gen)
     for bits, step in ((2, 1), (3, 1), (4, 1), (3, 2), (4, 2)):
-        for i in range(1, n_groups // 2):
+        for i in range(n_groups // 2):
             widths = allocation_for(order, i, bits, step)
             assert sum(widths) == bits * n_groups
             assert widths.count(bits - step) == widths.count(bits + step) == i
-            assert {widths[g] for g in order[:i].tolist()} == {bits - step}  # the least salient move down
+            assert {widths[g] for g in order[:i].tolist()} <= {bits - step}  # the least salient move down
 
 
 def test_sba_raises_planted_salient_block():

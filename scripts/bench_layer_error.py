@@ -175,8 +175,7 @@ def widths_by_error(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int
         c = slice(j * group_size, (j + 1) * group_size)
         for k in range(lo, hi + 1):
             fitted = fit_wls(w[:, c], k, importance[c])
-            e = w[:, c] - fitted.dequantize(fitted.codes(w[:, c]))
-            cost[j, k] = float(((e @ h[c, c]) * e).sum())
+            cost[j, k] = float(output_error(w[:, c], fitted.dequantize(fitted.codes(w[:, c])), h[c, c]).sum())
     at_bits = cost[:, bits]
     return cheapest_widths(cost, bits * n), float(at_bits.max() / at_bits.min())
 
@@ -238,7 +237,7 @@ def lwc_quantizers(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size
     gamma = torch.full_like(xmax, LWC_INIT, requires_grad=True)
     beta = torch.full_like(xmin, LWC_INIT, requires_grad=True)
     opt = torch.optim.Adam([gamma, beta], lr=LWC_LR)
-    energy = ((w @ hessian) * w).sum()
+    energy = output_error(w, torch.zeros_like(w), hessian).sum()
 
     def ste(t: torch.Tensor) -> torch.Tensor:
         return t + (torch.round(t) - t).detach()
@@ -248,8 +247,7 @@ def lwc_quantizers(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size
         d = ((top - bottom) / maxq).clamp_min(1e-10)[..., None]
         z = ste(-bottom[..., None] / d).clamp(0, maxq)
         approx = ((ste(wg / d) + z).clamp(0, maxq) - z) * d
-        e = w - approx.view(rows, cols)
-        loss = ((e @ hessian) * e).sum() / energy
+        loss = output_error(w, approx.view(rows, cols), hessian).sum() / energy
         opt.zero_grad()
         loss.backward()
         opt.step()

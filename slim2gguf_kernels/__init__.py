@@ -1,7 +1,7 @@
 """Triton kernels that read SliM packed tensors (docs/FORMAT.md) directly.
 
-Import as ``slim2gguf_kernels``. On a machine without CUDA, set TRITON_INTERPRET=1
-before the first import to run them on CPU tensors through Triton's interpreter.
+On a machine without CUDA, set TRITON_INTERPRET=1 before the first import to run them
+on CPU tensors through Triton's interpreter.
 """
 
 from .dequant import dequantize

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import few_threads
 from .quantizer import fit_minmax, fit_wls
+from .threads import few_threads
 
 
 def group_salience(weight: torch.Tensor, upper: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -3,14 +3,14 @@ columns not yet quantized through the upper Cholesky factor of the inverse Hessi
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from .qtensor import QuantizedTensor
 from .quantizer import GroupParams
+from .threads import few_threads
 
 GroupFitter = Callable[[torch.Tensor, int, slice], GroupParams]
 
@@ -36,23 +36,6 @@ def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
         return torch.linalg.cholesky(inverse, upper=True)
     except torch.linalg.LinAlgError as err:
         raise ValueError("a Hessian is not positive definite even after damping; raise --damp (e.g. 1)") from err
-
-
-@contextlib.contextmanager
-def few_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread on the CPU, around the loops of tiny ops (GPTQ's columns, the
-    group fits): there thread hand-off costs far more than it saves (measured 10-25x
-    slower with 2 threads on a 2-core machine). The large factorizations and matmuls
-    around them run on every thread (2x faster there)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class ColumnQuantizer(Protocol):

@@ -10,12 +10,13 @@ import torch
 from . import format as fmt
 from .allocation import search_allocation
 from .architectures import TENSOR_CLASSES
-from .gptq import damped_hessian, few_threads, gptq_blocks, gptq_order, gptq_quantize, inverse_cholesky_upper, rtn_quantize
+from .gptq import damped_hessian, gptq_blocks, gptq_order, gptq_quantize, inverse_cholesky_upper, rtn_quantize
 from .qtensor import NativeTensor, QuantizedTensor
 from .quantizer import fit_minmax, fit_sqc, fit_wls
 from .refit import refit_native, refit_scales
 from .sensitivity import SENSITIVITIES
 from .storage import native_type, type_for
+from .threads import few_threads
 
 METHODS = ("slim", "gptq", "rtn")
 NATIVE_BY_BUDGET = "auto"  # QuantSettings.native when --bpw chooses each linear's stock type

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import few_threads
 from .qtensor import QuantizedTensor
 from .quantizer import storable_scale
 from .storage import BlockParams, NativeType
 from .storage.base import to_fp16
+from .threads import few_threads
 
 SYSTEM_ELEMENTS = 1 << 26  # rows solved at once × (2G)²: bounds the systems' memory (256 MB in float32)
 

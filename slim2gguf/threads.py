@@ -1,4 +1,4 @@
-"""Intra-op threads on the CPU: one around loops of tiny ops."""
+"""Intra-op threads on the CPU: one around loops of tiny ops, every one for the large ops inside them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+_REPLACED: list[int] = []  # the thread counts few_threads replaced, innermost last
+
 
 @contextlib.contextmanager
 def few_threads(device: torch.device) -> Iterator[None]:
@@ -17,9 +20,24 @@ def few_threads(device: torch.device) -> Iterator[None]:
         yield
         return
     before = torch.get_num_threads()
+    _REPLACED.append(before)
     torch.set_num_threads(1)
     try:
         yield
     finally:
+        _REPLACED.pop()
         torch.set_num_threads(before)
 
+
+@contextlib.contextmanager
+def every_thread() -> Iterator[None]:
+    """Inside ``few_threads``, the threads it took away, for one large op in its loop (a
+    lattice type's grid search: 2x faster on 2 cores, docs/BENCHMARKS.md); elsewhere a no-op."""
+    if not _REPLACED or torch.get_num_threads() != 1:
+        yield
+        return
+    torch.set_num_threads(_REPLACED[-1])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)

@@ -206,7 +206,7 @@ def test_lattice_search_finds_the_nearest_grid_point_under_the_weights(name, mon
     stype = native_type(name)
     grid = stype._grid
     gen = torch.Generator().manual_seed(5)
-    monkeypatch.setattr(lattice, "SCORE_ELEMENTS", 3 * 2 * grid.shape[0])  # several chunks of rows
+    monkeypatch.setitem(lattice.SCORE_ELEMENTS, "cpu", 3 * 2 * grid.shape[0])  # several chunks of rows
     for rows, runs, per in ((9, 3, 2), (5, 1, 1), (4, 2, 1)):
         y = torch.rand(rows, runs, per, stype.vector, generator=gen) * float(grid.max()) * 1.2
         a = torch.rand(runs, per, stype.vector, generator=gen)

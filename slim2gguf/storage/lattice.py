@@ -18,13 +18,18 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType, quants
 
+from ..threads import every_thread
 from .base import BlockParams, Fields, NativeType, fp16_bytes, fp16_from, nibbles, to_fp16
 from .fitting import weights_of
 
 # Trial scales: a sub-block's largest weight at this fraction of the grid's top magnitude.
 # Eight are as good as 19 at a third of the cost (layer error within 0.5 %, docs/BENCHMARKS.md).
 CANDIDATES = tuple(0.6 + 0.09 * i for i in range(8))
-SCORE_ELEMENTS = 1 << 24  # rows x runs x grid points scored at once
+# Scores (rows x runs x grid points) computed at once, per device type: on a CPU few enough
+# that they are still in the core's L2 cache when ``min`` reads them (up to 3x faster than
+# 1 << 24, docs/BENCHMARKS.md); elsewhere many, for few launches.
+SCORE_ELEMENTS = {"cpu": 1 << 20}
+SCORE_ELEMENTS_DEFAULT = 1 << 24
 
 
 class Lattice(NativeType):
@@ -91,7 +96,8 @@ class Lattice(NativeType):
     def _nearest(self, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Grid point [R, M, P] nearest each run y [R, M, P, vector] under weights a [M, P, vector]:
         the argmin over the grid of Σ a g² − 2 Σ a y g, one batched matmul with the bias added
-        in (baddbmm) per chunk of rows, then ``min`` (twice as fast as ``argmin`` here on a CPU)."""
+        in (baddbmm) per chunk of rows, then ``min`` (twice as fast as ``argmin`` here on a CPU),
+        on every thread even inside GPTQ's one-thread loop."""
         grid = self._grid.to(y.device)
         rows, runs, per, _ = y.shape
         n = runs * per
@@ -99,12 +105,20 @@ class Lattice(NativeType):
         ay = (a * y).reshape(rows, n, self.vector).transpose(0, 1).contiguous()  # [M·P, R, vector]
         grid_t = grid.T.expand(n, self.vector, grid.shape[0])
         out = torch.empty(n, rows, dtype=torch.long, device=y.device)
-        chunk = max(1, SCORE_ELEMENTS // max(1, n * grid.shape[0]))
-        for r in range(0, rows, chunk):
-            out[:, r : r + chunk] = torch.baddbmm(bias, ay[:, r : r + chunk], grid_t, alpha=-2).min(-1).indices
+        budget = SCORE_ELEMENTS.get(y.device.type, SCORE_ELEMENTS_DEFAULT)
+        chunk = max(1, budget // max(1, n * grid.shape[0]))
+        with every_thread():
+            for r in range(0, rows, chunk):
+                out[:, r : r + chunk] = torch.baddbmm(bias, ay[:, r : r + chunk], grid_t, alpha=-2).min(-1).indices
         return out.T.contiguous().view(rows, runs, per)
 
     def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+        """On every thread, though GPTQ calls it from its one-thread loop: 8 trial scales, each
+        a grid search of every run, are large ops (docs/BENCHMARKS.md)."""
+        with every_thread():
+            return self._fit_scales(w, importance)
+
+    def _fit_scales(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         rows = w.shape[0]
         x = w.float().view(rows, self.n_sub, self.sub_size)
         a = weights_of(importance, (self.n_sub, self.sub_size))

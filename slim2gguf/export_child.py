@@ -23,6 +23,7 @@ The last stdout line is a JSON answer: ``{"report", "notes"}``, ``{"mapping"}`` 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
 from collections import Counter
@@ -61,6 +62,15 @@ class _Packed:
     shape: tuple[int, int]
 
 
+class PlainRope(logging.Filter):
+    """Drops the converter's "Unknown RoPE type: default": transformers 5 names plain RoPE
+    "default" in a config's ``rope_parameters``, and the converter then rightly writes no
+    RoPE scaling; every conversion would otherwise print the false alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Unknown RoPE type: default"
+
+
 def load_converter(src: Path) -> ModuleType:
     """llama.cpp's ``conversion`` package, on the same (the tree's) gguf-py as this process."""
     gguf_home = (src / "gguf-py").resolve()
@@ -71,6 +81,7 @@ def load_converter(src: Path) -> ModuleType:
 
     if conversion.base.gguf is not gguf:
         raise ExportError("llama.cpp's converter imported another gguf package than the export process")
+    conversion.base.logger.addFilter(PlainRope())
     return conversion
 
 

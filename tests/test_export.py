@@ -395,6 +395,25 @@ def _one_tensor_checkpoint(target: Path, model_dir: Path, architecture: str, sha
     return writer.finish({})
 
 
+def test_plain_rope_is_written_without_the_converters_false_alarm(tmp_path, demo_dir, capfd):
+    """transformers 5 names plain RoPE "default"; llama.cpp's converter warns it does not
+    know that type, then rightly writes no scaling. The export keeps the metadata and drops
+    the warning, which every conversion of such a config printed."""
+    model = tiny_model_dir(tmp_path / "model", "LlamaForCausalLM", demo_dir)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    config.pop("rope_scaling", None)
+    (model / "config.json").write_text(json.dumps(config))
+    ckpt = _one_tensor_checkpoint(tmp_path / "ck", model, "LlamaForCausalLM", shape=(256, 128))
+    with warnings.catch_warnings():  # the float model's other linears are not in the checkpoint
+        warnings.simplefilter("ignore", ExportWarning)
+        export_gguf(ckpt, tmp_path / "out.gguf", progress=False)
+    assert "Unknown RoPE type" not in capfd.readouterr().err
+    fields = open_gguf(tmp_path / "out.gguf").fields
+    assert "llama.rope.scaling.type" not in fields
+    assert float(fields["llama.rope.freq_base"].parts[-1][0]) == 10000.0
+
+
 def test_k_quant_embedding_and_output_are_rounded_by_storage(tmp_path, demo_dir):
     """gguf-py cannot write K-quants: the exporter rounds the embedding and output with
     slim2gguf.storage, as the sensitivity pass scores them; where the type's blocks do

@@ -26,8 +26,8 @@ from .fitting import weights_of
 # Eight are as good as 19 at a third of the cost (layer error within 0.5 %, docs/BENCHMARKS.md).
 CANDIDATES = tuple(0.6 + 0.09 * i for i in range(8))
 # Scores (rows x runs x grid points) computed at once, per device type: on a CPU few enough
-# that they are still in the core's L2 cache when ``min`` reads them (up to 3x faster than
-# 1 << 24, docs/BENCHMARKS.md); elsewhere many, for few launches.
+# (4 MiB, the two cores' L2 here) that ``min`` reads them from cache, not memory (up to 3x
+# faster than 1 << 24, docs/BENCHMARKS.md); elsewhere many, for few launches.
 SCORE_ELEMENTS = {"cpu": 1 << 20}
 SCORE_ELEMENTS_DEFAULT = 1 << 24
 

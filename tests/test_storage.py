@@ -214,3 +214,17 @@ def test_lattice_search_finds_the_nearest_grid_point_under_the_weights(name, mon
         found = stype._nearest(y, a)
         cost = (a[None, :, :, None, :] * (y[:, :, :, None, :] - grid) ** 2).sum(-1)  # [R, M, P, G]
         assert torch.allclose(cost.gather(-1, found[..., None])[..., 0], cost.min(-1).values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in TYPES if not native_type(n)._uniform])
+def test_nearest_level_of_a_non_uniform_table_is_bucketizes(name):
+    """The table lookup behind ``nearest`` gives torch.bucketize's code for every x: on and
+    just beside each midpoint (a tie goes to the lower level), far outside, ±inf and NaN."""
+    stype = native_type(name)
+    mids = stype._mids
+    x = torch.cat([
+        mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), mids + 0.25, mids - 0.25,
+        torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * float(mids.abs().max()),
+        torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf"), -float("inf"), float("nan")]),
+    ])
+    assert torch.equal(stype.nearest(x), torch.bucketize(x, mids))

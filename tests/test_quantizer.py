@@ -11,10 +11,11 @@ from slim2gguf.allocation import allocation_for, group_salience, search_allocati
 from slim2gguf.gptq import damped_hessian, gptq_blocks, gptq_order, inverse_cholesky_upper
 from slim2gguf.methods import QuantSettings, quantize_linear
 from slim2gguf.qtensor import QuantizedTensor
-from slim2gguf.quantizer import SQC_GRID, fit_binary, fit_minmax, fit_sqc, fit_wls, salient_mask, storable_scale
+from slim2gguf.quantizer import FIT_ROWS, SQC_GRID, fit_binary, fit_minmax, fit_sqc, fit_wls, salient_mask, storable_scale
 from slim2gguf.refit import refit_scales
 from slim2gguf.storage import native_type
-from slim2gguf.storage.base import FIT_ROWS
+from slim2gguf.storage.base import FIT_ELEMENTS
+from slim2gguf.threads import few_threads
 
 
 def layer_problem(seed: int, out: int = 96, inp: int = 256, tokens: int = 1024, outliers: bool = False):
@@ -357,14 +358,19 @@ def test_refit_solves_wide_rows_on_a_multithreaded_host():
 
 
 def test_fits_of_many_rows_equal_those_of_each_row_alone():
-    """Fits run FIT_ROWS rows at a time: the result must not depend on that split."""
+    """Fits run FIT_ROWS rows (SliM's groups) or FIT_ELEMENTS weights (a stock type's
+    blocks) at a time, on every thread inside GPTQ's loop: the result must not depend on
+    that split or on the thread count."""
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(FIT_ROWS + 37, 128, generator=gen)
     imp = torch.rand(128, generator=gen)
-    whole = fit_wls(w, 3, imp)
+    with few_threads(w.device):
+        whole = fit_wls(w, 3, imp)
     rows = [fit_wls(w[r : r + 1], 3, imp) for r in range(w.shape[0])]
     assert torch.equal(whole.d, torch.cat([p.d for p in rows])) and torch.equal(whole.m, torch.cat([p.m for p in rows]))
-    q4k, wide = native_type("q4_k"), torch.cat([w, w], dim=1)  # one 256-wide block
-    whole = q4k.fit(wide, imp.repeat(2))
-    parts = [q4k.fit(wide[r : r + 100], imp.repeat(2)) for r in range(0, w.shape[0], 100)]
-    assert all(torch.equal(whole.fields[k], torch.cat([p.fields[k] for p in parts])) for k in whole.fields)
+    for name, size in (("q4_k", 256), ("iq4_nl", 32)):  # 256 and 2048 rows at a time
+        stype, block, a = native_type(name), torch.randn(FIT_ELEMENTS // size + 37, size, generator=gen), torch.rand(size, generator=gen)
+        with few_threads(block.device):
+            whole = stype.fit(block, a)
+        parts = [stype.fit(block[r : r + 100], a) for r in range(0, block.shape[0], 100)]
+        assert all(torch.equal(whole.fields[k], torch.cat([p.fields[k] for p in parts])) for k in whole.fields)

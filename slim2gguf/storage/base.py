@@ -24,10 +24,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..threads import every_thread
+
 Fields = dict[str, torch.Tensor]
 
 
-FIT_ROWS = 256  # rows fitted at once: a fit's temporaries then stay in cache (10x faster for a SliM group of 8960 rows)
+FIT_ELEMENTS = 1 << 16  # weights fitted at once (256 rows of a 256-wide block): the fit's temporaries stay in cache
 
 
 class StoredType(Protocol):
@@ -169,8 +171,11 @@ class NativeType(ABC):
     def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         """The stored fields of one block of every row (``w`` [rows, block_size]), fitted to
         minimize the importance-weighted squared error (``importance`` [block_size]). Rows
-        are independent, so they are fitted FIT_ROWS at a time."""
-        parts = [self._fit_rows(w[r : r + FIT_ROWS], importance) for r in range(0, w.shape[0], FIT_ROWS)]
+        are independent, so they are fitted FIT_ELEMENTS weights at a time, on every thread
+        though GPTQ calls this from its one-thread loop (1.3-2.6x faster, docs/BENCHMARKS.md)."""
+        step = max(1, FIT_ELEMENTS // self.block_size)
+        with every_thread():
+            parts = [self._fit_rows(w[r : r + step], importance) for r in range(0, w.shape[0], step)]
         if len(parts) == 1:
             return parts[0]
         return self.params({k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields})

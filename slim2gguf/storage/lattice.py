@@ -113,12 +113,6 @@ class Lattice(NativeType):
         return out.T.contiguous().view(rows, runs, per)
 
     def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
-        """On every thread, though GPTQ calls it from its one-thread loop: 8 trial scales, each
-        a grid search of every run, are large ops (docs/BENCHMARKS.md)."""
-        with every_thread():
-            return self._fit_scales(w, importance)
-
-    def _fit_scales(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         rows = w.shape[0]
         x = w.float().view(rows, self.n_sub, self.sub_size)
         a = weights_of(importance, (self.n_sub, self.sub_size))

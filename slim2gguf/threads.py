@@ -31,8 +31,9 @@ def few_threads(device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def every_thread() -> Iterator[None]:
-    """Inside ``few_threads``, the threads it took away, for one large op in its loop (a
-    lattice type's grid search: 2x faster on 2 cores, docs/BENCHMARKS.md); elsewhere a no-op."""
+    """Inside ``few_threads``, the threads it took away, for the large ops in its loop (a
+    block's or group's fit, a lattice type's grid search: 1.3-2x faster on 2 cores,
+    docs/BENCHMARKS.md); elsewhere a no-op."""
     if not _REPLACED or torch.get_num_threads() != 1:
         yield
         return

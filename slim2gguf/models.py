@@ -77,6 +77,8 @@ def load_model(path: Path) -> nn.Module:
         else:
             text_model.check_expert_layout(text_model.shard_of(path), path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            for name, param in model.named_parameters():
+                text_model.check_finite(name, param)
     except text_model.TextModelError as err:
         raise ModelError(str(err)) from err
     model.eval()

@@ -30,7 +30,14 @@ PROBE = "layers.0.self_attn.q_proj.weight"  # a weight every supported text deco
 
 
 class TextModelError(ValueError):
-    """A multimodal checkpoint whose text decoder cannot be found in its files."""
+    """A checkpoint whose text decoder cannot be read from its files (not found, or damaged)."""
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Refuse a NaN or infinite weight, naming it: it would reach the file unseen, or stop
+    GPTQ with a Cholesky failure that blames the damping."""
+    if not bool(torch.isfinite(value).all()):
+        raise TextModelError(f"{name} holds NaN or infinite values: the model's weights are damaged")
 
 
 def architecture(model_dir: Path) -> str:
@@ -160,7 +167,9 @@ class BlockLoader:
         for shard, pairs in by_shard.items():
             with safe_open(str(shard), "pt") as f:
                 for name, stored in pairs:
-                    set_module_tensor_to_device(self.skeleton, name, "cpu", value=f.get_tensor(stored).float())
+                    value = f.get_tensor(stored).float()
+                    check_finite(stored, value)
+                    set_module_tensor_to_device(self.skeleton, name, "cpu", value=value)
         if self.tied and module in ("model", "model.embed_tokens", "lm_head"):
             self.skeleton.tie_weights()
 

@@ -244,6 +244,35 @@ def test_cholesky_failure_is_one_line(tiny_model, tiny_text, tmp_path, monkeypat
     assert_refused(result, "raise --damp")
 
 
+def damaged_copy(model: Path, into: Path, tensor: str, value: float) -> Path:
+    """``model`` with one weight of ``tensor`` set to ``value`` (NaN or infinity)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, into)
+    (shard,) = into.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors[tensor].view(-1)[7] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return into
+
+
+@pytest.mark.parametrize(("tensor", "value", "calib"), [
+    ("model.layers.1.mlp.down_proj.weight", float("nan"), "text"),  # read block by block, after block 0 is quantized
+    ("model.embed_tokens.weight", float("inf"), "self"),  # self-generated calibration: the model is read whole
+])  # fmt: skip
+def test_a_damaged_weight_is_refused_by_name(convertible, tiny_text, tmp_path, tensor, value, calib):
+    """A NaN or infinite weight stops the run with one line naming it, before it can reach a
+    file (or end in a Cholesky failure that blames the damping)."""
+    damaged = damaged_copy(convertible, tmp_path / "damaged", tensor, value)
+    out = tmp_path / "o.gguf"
+    args = convert_args(damaged, out, tiny_text)
+    if calib == "self":
+        args[args.index("--calib") + 1] = "self"
+    result = run_cli(*args)
+    assert_refused(result, tensor, "NaN or infinite")
+    assert not out.exists()
+
+
 def test_interrupted_export_then_rerun_only_exports(convertible, tiny_text, tmp_path, monkeypatch):
     from slim2gguf import export, pipeline
 

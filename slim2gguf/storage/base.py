@@ -172,7 +172,7 @@ class NativeType(ABC):
         """The stored fields of one block of every row (``w`` [rows, block_size]), fitted to
         minimize the importance-weighted squared error (``importance`` [block_size]). Rows
         are independent, so they are fitted FIT_ELEMENTS weights at a time, on every thread
-        though GPTQ calls this from its one-thread loop (1.3-2.6x faster, docs/BENCHMARKS.md)."""
+        though GPTQ calls this from its one-thread loop (1.3-2.7x faster, docs/BENCHMARKS.md)."""
         step = max(1, FIT_ELEMENTS // self.block_size)
         with every_thread():
             parts = [self._fit_rows(w[r : r + step], importance) for r in range(0, w.shape[0], step)]

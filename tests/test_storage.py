@@ -217,7 +217,7 @@ def test_lattice_search_finds_the_nearest_grid_point_under_the_weights(name, mon
 
 
 @pytest.mark.parametrize("name", [n for n in TYPES if not native_type(n)._uniform])
-def test_nearest_level_of_a_non_uniform_table_is_bucketizes(name):
+def test_nearest_non_uniform_level_agrees_with_bucketize(name):
     """The table lookup behind ``nearest`` gives torch.bucketize's code for every x: on and
     just beside each midpoint (a tie goes to the lower level), far outside, ±inf and NaN."""
     stype = native_type(name)

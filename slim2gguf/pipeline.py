@@ -247,6 +247,7 @@ def _open_model(path: Path, whole: bool) -> tuple[nn.Module, BlockLoader | None]
     try:
         loader = BlockLoader(path)
         loader.load("model.embed_tokens")
+        loader.check_unread(("model.embed_tokens", "model.layers"))  # blocks are checked as they are read
     except TextModelError as err:
         raise ModelError(str(err)) from err
     return loader.skeleton, loader

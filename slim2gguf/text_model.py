@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .moe import unfuse
 
 PLAIN_PREFIX = "model."
 PROBE = "layers.0.self_attn.q_proj.weight"  # a weight every supported text decoder has
+CHECK_ELEMENTS = 1 << 24  # weights read at once by BlockLoader.check_unread (64 MiB in float32)
 
 
 class TextModelError(ValueError):
@@ -172,6 +174,26 @@ class BlockLoader:
                     set_module_tensor_to_device(self.skeleton, name, "cpu", value=value)
         if self.tied and module in ("model", "model.embed_tokens", "lm_head"):
             self.skeleton.tie_weights()
+
+    def check_unread(self, read: tuple[str, ...]) -> None:
+        """Refuse NaN or infinite values in every stored weight outside the modules ``read``
+        (the pipeline reads the embedding and the blocks; the final norm and an untied head
+        reach the file through the exporter, unseen). Read CHECK_ELEMENTS at a time, so
+        memory stays flat whatever the head's size."""
+        from safetensors import safe_open
+
+        names = [n for n, _ in self.skeleton.named_parameters()]
+        unread = [n for n in names if not n.startswith(tuple(m + "." for m in read)) and not (n == "lm_head.weight" and self.tied)]
+        for name in unread:
+            stored = self._stored_name(name)
+            if stored not in self.shard_of:
+                continue  # load() names what is missing when it is needed
+            with safe_open(str(self.shard_of[stored]), "pt") as f:
+                part = f.get_slice(stored)
+                shape = part.get_shape()
+                step = max(1, CHECK_ELEMENTS // max(1, math.prod(shape[1:])))
+                for r in range(0, shape[0] if shape else 1, step):
+                    check_finite(stored, part[r : r + step] if shape else part[:])
 
     def release(self, module: str) -> None:
         """Free the parameters under ``module`` (back to the meta device)."""

@@ -258,6 +258,8 @@ def damaged_copy(model: Path, into: Path, tensor: str, value: float) -> Path:
 
 @pytest.mark.parametrize(("tensor", "value", "calib"), [
     ("model.layers.1.mlp.down_proj.weight", float("nan"), "text"),  # read block by block, after block 0 is quantized
+    ("lm_head.weight", float("nan"), "text"),  # never read block by block: the exporter copies it
+    ("model.norm.weight", float("-inf"), "text"),
     ("model.embed_tokens.weight", float("inf"), "self"),  # self-generated calibration: the model is read whole
 ])  # fmt: skip
 def test_a_damaged_weight_is_refused_by_name(convertible, tiny_text, tmp_path, tensor, value, calib):

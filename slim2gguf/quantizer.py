@@ -140,6 +140,19 @@ def fit_wls(w: torch.Tensor, width: int, importance: torch.Tensor) -> GroupParam
     return GroupParams(torch.cat([d for d, _ in fitted]), torch.cat([m for _, m in fitted]), width)
 
 
+def weighted_line(a: torch.Tensor, levels: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (last dimension summed), the (d, m) minimizing Σ_j a_j (d·l_j + m − w_j)² in
+    closed form; d = 0 and m the weighted mean where the levels are all equal."""
+    sw, sl, sl2 = a.sum(dim=-1), (a * levels).sum(dim=-1), (a * levels * levels).sum(dim=-1)
+    sx, sxl = (a * w).sum(dim=-1), (a * levels * w).sum(dim=-1)
+    det = sw * sl2 - sl * sl
+    ok = det > 0
+    safe = torch.where(ok, det, torch.ones_like(det))
+    d = torch.where(ok, (sw * sxl - sx * sl) / safe, torch.zeros_like(det))
+    m = torch.where(ok, (sl2 * sx - sl * sxl) / safe, sx / sw.clamp_min(1e-30))
+    return d, m
+
+
 def _fit_wls_rows(w: torch.Tensor, width: int, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fit_wls's stored (d, m) [rows] for a few rows."""
     maxq = (1 << width) - 1
@@ -149,13 +162,7 @@ def _fit_wls_rows(w: torch.Tensor, width: int, importance: torch.Tensor) -> tupl
     steps = torch.arange(-WLS_STEPS // 2, WLS_STEPS // 2 + 1, device=w.device, dtype=w.dtype)
     iscale = (maxq + 0.1 * steps[:, None]) / (xmax - xmin).clamp_min(1e-30)[None, :]  # [steps, rows]
     q = torch.round((w[None] - xmin[None, :, None]) * iscale[:, :, None]).clamp_(0, maxq)
-    sw, sl, sl2 = a.sum(dim=2), (a * q).sum(dim=2), (a * q * q).sum(dim=2)
-    sx, sxl = (a * w[None]).sum(dim=2), (a * q * w[None]).sum(dim=2)
-    det = sw * sl2 - sl * sl
-    ok = det > 0
-    safe = torch.where(ok, det, torch.ones_like(det))
-    d = torch.where(ok, (sw * sxl - sx * sl) / safe, torch.zeros_like(det))
-    m = torch.where(ok, (sl2 * sx - sl * sxl) / safe, sx / sw.clamp_min(1e-30))
+    d, m = weighted_line(a, q, w[None])
     base_d, base_m = _asymmetric(xmin, xmax, width)
     d = torch.cat([storable_scale(d), base_d[None]]).float()
     m = torch.cat([m.to(torch.float16), base_m[None]]).float()

@@ -33,6 +33,14 @@ the calibration output error), ``lwc-gptq`` (LWC's quantizers as GPTQ's, then th
     python scripts/bench_layer_error.py --variants no-sba,default,sba-2,dp-1,dp-2,dp-any,forced-1,forced-2
     python scripts/bench_layer_error.py --variants rtn-minmax,rtn-wls,rtn-lwc,default,lwc-gptq
 
+Non-uniform levels per width (uniform widths; compare with ``no-sba`` and ``rtn-wls``):
+``rtn-table``, ``table`` (round to nearest, or GPTQ then the refit, with each group's
+weights stored as w = d·T[q] + m, T a table of 2^b levels per width fitted once by Lloyd's
+algorithm on rows of the same linear in every block not measured, and (d, m) fitted by
+the least-squares fit over the table's levels).
+
+    python scripts/bench_layer_error.py --variants rtn-wls,rtn-table,no-sba,table
+
 ``--native q4_k,q2_k`` measures stock types instead (``--format native``): ``rtn`` (each
 block fitted evenly, rounded), ``gptq`` (GPTQ, blocks fitted evenly), ``slim`` (fitted
 by the inputs' energy), ``slim+refit`` (then each row's free scales re-solved),
@@ -59,15 +67,17 @@ from slim2gguf.architectures import TENSOR_CLASSES  # noqa: E402
 from slim2gguf.calib import windows_from_text  # noqa: E402
 from slim2gguf.gptq import damped_hessian, gptq_quantize, inverse_cholesky_upper, rtn_quantize  # noqa: E402
 from slim2gguf.methods import QuantSettings, quantize_linear  # noqa: E402
-from slim2gguf.models import block_linears, load_model, load_tokenizer, resolve_model  # noqa: E402
+from slim2gguf.models import block_linears, decoder_layers, load_model, load_tokenizer, resolve_model  # noqa: E402
 from slim2gguf.pipeline import BATCH, InputCollector, token_sample  # noqa: E402
-from slim2gguf.quantizer import GroupParams, fit_minmax, fit_wls  # noqa: E402
+from slim2gguf.quantizer import WLS_STEPS, GroupParams, fit_minmax, fit_wls, storable_scale, weighted_line  # noqa: E402
 from slim2gguf.refit import output_error, refit_scales  # noqa: E402
 from slim2gguf.storage import native_type  # noqa: E402
 
 VARIANTS = ("default", "no-refit", "no-sba", "sba-slim", "act-order")
 WIDE_VARIANTS = {"sba-2": 2, "dp-1": 1, "dp-2": 2, "dp-any": 8, "forced-1": 1, "forced-2": 2}  # variant -> bits a group may move
 CLIP_VARIANTS = ("rtn-minmax", "rtn-wls", "rtn-lwc", "lwc-gptq")
+TABLE_VARIANTS = ("rtn-table", "table")
+TABLE_ROWS, TABLE_ITERS = 128, 10  # rows sampled per other block for the level tables; Lloyd's iterations (converged by 10)
 MAX_WIDTH = 8  # codes are bytes in memory; the file's types store b±1 only
 LWC_STEPS, LWC_LR, LWC_INIT = 300, 5e-3, 4.0  # Adam steps and rate; σ(4) ≈ 0.98 starts near min-max
 NATIVE_VARIANTS = {
@@ -91,14 +101,19 @@ def _stop(_module, _inputs, _output) -> None:
 @torch.no_grad()
 def capture(
     model_name: str, tensor: str, blocks: list[int], calib: Path, settings: QuantSettings, held_out: Path | None = None
-) -> dict[int, dict[str, torch.Tensor]]:
+) -> tuple[dict[int, dict[str, torch.Tensor]], list[torch.Tensor]]:
     """Per block: the linear's float weight, its inputs' Hessian and token sample as the
     pipeline collects them (same collector, same seeded sample), and with ``held_out``
-    the Hessian of the same number of windows of that text ("H_test")."""
+    the Hessian of the same number of windows of that text ("H_test"). Also TABLE_ROWS
+    seeded rows of the same linear in every other block (what the level tables are fitted on)."""
     path = resolve_model(model_name)
     model, tokenizer = load_model(path), load_tokenizer(path)
     suffixes = TENSOR_CLASSES[tensor]
-    linears = {b: next(m for n, m in block_linears(model, b).items() if n.endswith(suffixes)) for b in blocks}
+    every = {b: [m for n, m in block_linears(model, b).items() if n.endswith(suffixes)] for b in range(len(decoder_layers(model)))}
+    linears = {b: every[b][0] for b in blocks}
+    gen = torch.Generator().manual_seed(SEED)
+    others = [found[0].weight.data[torch.randperm(found[0].weight.shape[0], generator=gen)[:TABLE_ROWS]].float()
+              for b, found in every.items() if found and b not in linears]  # fmt: skip
 
     def collect(text: Path) -> dict[int, InputCollector]:
         windows = windows_from_text(text.read_text(encoding="utf-8"), tokenizer, 32, 512, SEED)
@@ -120,7 +135,7 @@ def capture(
     if held_out is not None:
         for b, col in collect(held_out).items():
             layers[b]["H_test"] = col.h
-    return layers
+    return layers, others
 
 
 @dataclass
@@ -134,10 +149,12 @@ class Quantized:
     spread: float | None = None  # largest group error at the average width over the smallest
 
 
-def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings) -> Quantized:
+def quantize(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings, tables: dict[int, torch.Tensor]) -> Quantized:
     w, hess, x = layer["W"], layer["H"], layer["x"]
     if variant in CLIP_VARIANTS:
         return Quantized(clipped(variant, layer, settings))
+    if variant in TABLE_VARIANTS:
+        return Quantized(tabled(variant, layer, settings, tables[settings.bits]))
     if variant not in WIDE_VARIANTS and variant != "sba-slim":
         changed = {"no-refit": {"refit": False}, "no-sba": {"sba": False}, "act-order": {"act_order": True}}.get(variant, {})
         return Quantized(quantize_linear(w, hess, x, replace(settings, **changed))[0].dequantize())
@@ -258,6 +275,88 @@ def lwc_quantizers(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size
         ]
 
 
+class TableParams(GroupParams):
+    """A group's quantizer over a level table: w = f32(d)·T[q] + f32(m), T [2^width] increasing."""
+
+    def __init__(self, d: torch.Tensor, m: torch.Tensor, width: int, table: torch.Tensor) -> None:
+        self.table = table
+        self._mids = (table[1:] + table[:-1]) / 2
+        super().__init__(d, m, width)
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        m, inv = (self._m, self._inv) if w.dim() == 1 else (self._m[:, None], self._inv[:, None])
+        return torch.bucketize((w - m) * inv, self._mids)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        d, m = (self._d, self._m) if q.dim() == 1 else (self._d[:, None], self._m[:, None])
+        return self.table[q.long()] * d + m
+
+
+def fit_table(w: torch.Tensor, table: torch.Tensor, importance: torch.Tensor) -> TableParams:
+    """fit_wls over a level table: for each of the same grid of scales around min-max's,
+    round to the nearest level, solve min Σ_j a_j (d·T[q_j] + m − w_j)² in closed form;
+    keep per row the stored (fp16) candidate with the least weighted error (min-max included)."""
+    maxq, width = float(table[-1]), int(table.numel()).bit_length() - 1
+    mids = (table[1:] + table[:-1]) / 2
+    a = importance.to(w.dtype).clamp_min(0)[None, None, :]
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    steps = torch.arange(-WLS_STEPS // 2, WLS_STEPS // 2 + 1, dtype=w.dtype)
+    iscale = (maxq + 0.1 * steps[:, None]) / (xmax - xmin).clamp_min(1e-30)[None, :]  # [steps, rows]
+    levels = table[torch.bucketize((w[None] - xmin[None, :, None]) * iscale[:, :, None], mids)]
+    d, m = weighted_line(a, levels, w[None])
+    d = storable_scale(torch.cat([d, ((xmax - xmin) / maxq)[None]])).float()
+    m = torch.cat([m, xmin[None]]).to(torch.float16).float()
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    stored = table[torch.bucketize((w[None] - m[..., None]) * inv[..., None], mids)] * d[..., None] + m[..., None]
+    best = (a * (stored - w[None]).pow(2)).sum(dim=2).argmin(dim=0)
+    rows = torch.arange(w.shape[0])
+    return TableParams(d[best, rows].to(torch.float16), m[best, rows].to(torch.float16), width, table)
+
+
+def level_table(weights: list[torch.Tensor], width: int, group_size: int, iters: int = TABLE_ITERS) -> torch.Tensor:
+    """Lloyd's algorithm for the 2^width levels of a group quantizer: fit every group of
+    ``weights`` over the current table (fit_table, equal importance), move each level to
+    the mean of the normalized weights (w − m)/d it took, rescale to span 0 … 2^width − 1
+    (d and m absorb any affine map); start from the uniform levels."""
+    maxq = (1 << width) - 1
+    table = torch.arange(maxq + 1, dtype=torch.float32)
+    ones = torch.ones(group_size)
+    for _ in range(iters):
+        sums, counts = torch.zeros(maxq + 1, dtype=torch.float64), torch.zeros(maxq + 1, dtype=torch.float64)
+        for w in weights:
+            groups = w.reshape(-1, group_size)
+            for r in range(0, groups.shape[0], 4096):
+                part = groups[r : r + 4096]
+                p = fit_table(part, table, ones)
+                live = p.d.float() > 0
+                t = ((part - p.m.float()[:, None]) / p.d.float().clamp_min(1e-30)[:, None])[live]
+                q = torch.bucketize(t, (table[1:] + table[:-1]) / 2).flatten()
+                sums.index_add_(0, q, t.flatten().double())
+                counts.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        means = (sums / counts.clamp_min(1)).float()
+        table = (means - means[0]) / (means[-1] - means[0]) * maxq
+    return table
+
+
+def tabled(variant: str, layer: dict[str, torch.Tensor], settings: QuantSettings, table: torch.Tensor) -> torch.Tensor:
+    """Uniform widths over a level table: round to nearest, or GPTQ then the refit (which
+    solves each row's (d, m) for the stored levels T[q] as it does for the codes q)."""
+    bits, g = settings.bits, settings.group_size
+    h, w = damped_hessian(layer["H"], layer["W"], settings.damp)
+    importance = torch.diag(h)
+    widths = [bits] * (w.shape[1] // g)
+
+    def fit(wg: torch.Tensor, _k: int, c: slice) -> TableParams:
+        return fit_table(wg, table, importance[c])
+
+    if variant == "rtn-table":
+        qt = rtn_quantize(w, widths, g, fit)
+        return replace(qt, codes=table[qt.codes.long()]).dequantize()  # levels in place of codes: d·T[q] + m
+    qt = gptq_quantize(w, inverse_cholesky_upper(h), widths, g, fit)
+    return refit_scales(w, h, replace(qt, codes=table[qt.codes.long()])).dequantize()
+
+
 def relative_error(layer: dict[str, torch.Tensor], approx: torch.Tensor, hessian: str = "H") -> float:
     energy = output_error(layer["W"], torch.zeros_like(layer["W"]), layer[hessian]).sum()
     return float(output_error(layer["W"], approx, layer[hessian]).sum() / energy)
@@ -270,10 +369,10 @@ def mean_errors(layers: dict[int, dict[str, torch.Tensor]], approx: dict[int, to
     return " / ".join(f"{m:.{digits}f}" for m in means)
 
 
-def cell(layers: dict[int, dict[str, torch.Tensor]], variant: str, settings: QuantSettings) -> str:
+def cell(layers: dict[int, dict[str, torch.Tensor]], variant: str, settings: QuantSettings, tables: dict[int, torch.Tensor]) -> str:
     """One table cell: the variant's mean errors; for the wider widths, the groups moved in
     all blocks and the range of the blocks' spreads."""
-    made = {b: quantize(variant, layer, settings) for b, layer in layers.items()}
+    made = {b: quantize(variant, layer, settings, tables) for b, layer in layers.items()}
     missing = next((q.why_not for q in made.values() if q.approx is None), None)
     if missing is not None:
         return f"n/a ({missing})"
@@ -335,7 +434,7 @@ def main() -> None:
     parser.add_argument("--blocks", default="1,8,16,24")
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--variants", help=f"SliM variants (default: {','.join(VARIANTS)}; also {','.join((*WIDE_VARIANTS, *CLIP_VARIANTS))}); with --native, native variants (default: {','.join(NATIVE_VARIANTS)})")
+    parser.add_argument("--variants", help=f"SliM variants (default: {','.join(VARIANTS)}; also {','.join((*WIDE_VARIANTS, *CLIP_VARIANTS, *TABLE_VARIANTS))}); with --native, native variants (default: {','.join(NATIVE_VARIANTS)})")
     parser.add_argument("--native", help="comma-separated stock types to measure instead of SliM variants")
     parser.add_argument("--llama-types", help="comma-separated llama.cpp types whose bench_frontier tensor-level files to measure too")
     parser.add_argument("--calib", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
@@ -343,7 +442,7 @@ def main() -> None:
                         help="text whose inputs measure the error out of sample (skipped when absent)")  # fmt: skip
     parser.add_argument("--damp", default=f"{QuantSettings.damp:g}", help="GPTQ's damping (fraction of mean diag H); several, comma-separated, give a row each")
     args = parser.parse_args()
-    known = tuple(NATIVE_VARIANTS) if args.native else (*VARIANTS, *WIDE_VARIANTS, *CLIP_VARIANTS)
+    known = tuple(NATIVE_VARIANTS) if args.native else (*VARIANTS, *WIDE_VARIANTS, *CLIP_VARIANTS, *TABLE_VARIANTS)
     variants = args.variants.split(",") if args.variants else list(NATIVE_VARIANTS if args.native else VARIANTS)
     unknown = set(variants) - set(known)
     if unknown:
@@ -360,7 +459,7 @@ def main() -> None:
         sys.exit(f"no calibration text at {args.calib}")
     torch.set_num_threads(1)
     held_out = args.held_out if args.held_out.is_file() else None
-    layers = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, settings[0], held_out)
+    layers, others = capture(args.model, args.tensor, [int(b) for b in args.blocks.split(",")], args.calib, settings[0], held_out)
     print(f"{args.model} {args.tensor}, blocks {args.blocks}: mean relative output error, "
           + ("calibration / held-out" if held_out else "calibration inputs"))  # fmt: skip
     if args.native:
@@ -370,12 +469,18 @@ def main() -> None:
     if args.native or args.llama_types:
         return
     print(f"SliM g{args.group_size}")
+    bits_list = [int(b) for b in args.bits.split(",")]
+    tables = {}
+    if set(variants) & set(TABLE_VARIANTS):
+        for bits in bits_list:
+            tables[bits] = level_table(others, bits, args.group_size)
+            print(f"{bits}-bit levels: " + " ".join(f"{v:.3f}" for v in tables[bits].tolist()), flush=True)
     print("| bits | damp | " + " | ".join(variants) + " |")
     print("|---|---|" + "---|" * len(variants))
-    for bits in (int(b) for b in args.bits.split(",")):
+    for bits in bits_list:
         for damp in damps:
             settings = QuantSettings("slim", bits, args.group_size, damp=damp)
-            row = [cell(layers, variant, settings) for variant in variants]
+            row = [cell(layers, variant, settings, tables) for variant in variants]
             print(f"| {bits} | {damp:g} | " + " | ".join(row) + " |", flush=True)
 
 

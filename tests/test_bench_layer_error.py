@@ -52,3 +52,34 @@ def test_lwc_trains_clipping_that_lowers_the_output_error(bench, monkeypatch):
     start = bench.lwc_quantizers(w, h, 2, 64)[0]  # σ(4) ≈ 0.98 of min-max
     assert torch.all(trained.d.float() <= bench.fit_minmax(w, 2).d.float() * (1 + 1e-3))
     assert error(trained) < 0.97 * error(start)
+
+
+@pytest.mark.parametrize("levels", [[0.0, 0.6, 2.2, 3.0], [0.0, 1.5, 2.1, 3.0, 3.9, 4.5, 6.2, 7.0]])
+def test_level_table_recovers_the_levels_the_weights_were_made_on(bench, levels):
+    gen = torch.Generator().manual_seed(0)
+    table = torch.tensor(levels)
+    groups, size = 4096, 64
+    q = torch.randint(0, len(levels), (groups, size), generator=gen)
+    q[:, 0], q[:, 1] = 0, len(levels) - 1  # every group spans the table
+    d = torch.rand(groups, 1, generator=gen) * 0.01 + 0.001
+    m = -torch.rand(groups, 1, generator=gen) * d * len(levels)
+    fitted = bench.level_table([(table[q] * d + m).reshape(64, -1)], len(levels).bit_length() - 1, size)
+    assert fitted.tolist() == pytest.approx(levels, abs=0.02)
+    assert not torch.allclose(bench.level_table([(table[q] * d + m).reshape(64, -1)], len(levels).bit_length() - 1, size, iters=0), table, atol=0.05)
+
+
+def test_fit_table_stores_the_nearest_levels_and_beats_min_max(bench):
+    gen = torch.Generator().manual_seed(1)
+    table = torch.tensor([0.0, 0.8, 2.3, 3.0])
+    w = torch.randn(32, 64, generator=gen) * 0.02
+    importance = torch.rand(64, generator=gen) + 0.1
+    p = bench.fit_table(w, table, importance)
+    assert p.d.dtype == p.m.dtype == torch.float16
+    stored = p.dequantize(p.codes(w))
+    candidates = table[None, None, :] * p.d.float()[:, None, None] + p.m.float()[:, None, None]  # [rows, 1, levels]
+    assert torch.equal((w[..., None] - candidates).abs().argmin(dim=-1), p.codes(w))  # no level nearer than the chosen one
+    xmin, xmax = w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0)
+    minmax = bench.TableParams(((xmax - xmin) / 3).half(), xmin.half(), 2, table)
+    error = (importance * (stored - w) ** 2).sum(dim=1)
+    assert torch.all(error <= (importance * (minmax.dequantize(minmax.codes(w)) - w) ** 2).sum(dim=1) * (1 + 1e-6))
+    assert float(error.sum()) < 0.9 * float((importance * (minmax.dequantize(minmax.codes(w)) - w) ** 2).sum())

@@ -81,11 +81,32 @@ def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve(a, b)
 
 
+def _ridged_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """θ = (A + εI)⁻¹b per row, ε a millionth of the row's mean diagonal (rows whose codes
+    leave a group's scale undetermined). The ridge is added to A in place and its diagonal
+    then put back as it was: a copy of A is the size of the systems' whole budget."""
+    diagonal = a.diagonal(dim1=1, dim2=2)
+    kept = diagonal.clone()
+    diagonal.add_(1e-6 * kept.mean(dim=1, keepdim=True).clamp_min(1e-30))
+    try:
+        return _solve(a, b)
+    finally:
+        diagonal.copy_(kept)
+
+
+LOSS_ROWS = 64  # rows whose systems are widened to float64 at once in _loss
+
+
 def _loss(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """θᵀAθ − 2θᵀb per row: the output error up to the row's constant wHwᵀ (in float64: the
-    constant is far larger than the differences compared)."""
-    a, b, theta = a.double(), b.double(), theta.double()
-    return (theta * (torch.einsum("rij,rj->ri", a, theta) - 2 * b)).sum(dim=1)
+    constant is far larger than the differences compared), LOSS_ROWS rows at a time so the
+    float64 copy stays small."""
+    parts = []
+    for r in range(0, a.shape[0], LOSS_ROWS):
+        rs = slice(r, r + LOSS_ROWS)
+        ar, br, tr = a[rs].double(), b[rs].double(), theta[rs].double()
+        parts.append((tr * (torch.einsum("rij,rj->ri", ar, tr) - 2 * br)).sum(dim=1))
+    return torch.cat(parts)
 
 
 def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, qt: QuantizedTensor) -> QuantizedTensor:
@@ -100,9 +121,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, qt: QuantizedTenso
     for r0 in range(0, rows, chunk):
         rs = slice(r0, min(r0 + chunk, rows))
         a, b = _normal_equations([qt.codes[rs].to(h.device).float(), ONES], w[rs], h, qt.group_size)
-        ridged = a.clone()
-        ridged.diagonal(dim1=1, dim2=2).add_(1e-6 * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30))
-        theta = _solve(ridged, b)
+        theta = _ridged_solve(a, b)
         new_d = storable_scale(theta[:, :groups])
         new_m = theta[:, groups:].to(torch.float16)
         old = torch.cat([d[rs], m[rs]], dim=1).to(h.device).float()
@@ -135,9 +154,7 @@ def refit_native(weight: torch.Tensor, hessian: torch.Tensor, stype: NativeType,
     for r0 in range(0, rows, chunk):
         rs = slice(r0, min(r0 + chunk, rows))
         a, b = _normal_equations([u[rs] for u in bases], w[rs], h, stype.block_size)
-        ridged = a.clone()
-        ridged.diagonal(dim1=1, dim2=2).add_(1e-6 * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30))
-        theta = to_fp16(_solve(ridged, b)).float()
+        theta = to_fp16(_ridged_solve(a, b)).float()
         better = torch.isfinite(theta).all(dim=1) & (_loss(a, b, theta) < _loss(a, b, old[rs]))
         new[rs] = torch.where(better[:, None], theta, old[rs])
     for i, k in enumerate(free):

@@ -190,6 +190,31 @@ def test_refit_never_worsens_a_row():
     assert torch.all(after <= before)
 
 
+def test_refit_in_less_memory_gives_the_same_scales(monkeypatch):
+    """The refit adds its ridge to the systems in place and widens them to float64 a few
+    rows at a time: the systems come back unchanged, and the scales are those of a ridged
+    copy and of one float64 pass over every row."""
+    from slim2gguf import refit
+
+    w, x = layer_problem(8)
+    h, wd = damped_hessian(hessian(x), w, 0.01)
+    plain, _ = quantize_linear(w, hessian(x), x[:512], QuantSettings("slim", 3, 32, refit=False, damp=0.01))
+    a, b = refit._normal_equations([plain.codes.float(), refit.ONES], wd, h, 32)
+    kept = a.clone()
+    ridged = a.clone()
+    ridged.diagonal(dim1=1, dim2=2).add_(1e-6 * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30))
+    assert torch.equal(refit._ridged_solve(a, b), refit._solve(ridged, b))
+    assert torch.equal(a, kept)
+    theta = refit._solve(ridged, b)
+    chunked = refit._loss(a, b, theta)
+    monkeypatch.setattr(refit, "LOSS_ROWS", a.shape[0])
+    assert torch.equal(chunked, refit._loss(a, b, theta))
+    out = refit_scales(wd, h, plain)
+    monkeypatch.setattr(refit, "LOSS_ROWS", 1)
+    again = refit_scales(wd, h, plain)
+    assert torch.equal(out.d, again.d) and torch.equal(out.m, again.m)
+
+
 def test_refit_keeps_a_row_whose_solution_does_not_fit_fp16():
     """Row 0's best scale (1e6) overflows fp16: its stored result would be inf, so it keeps
     GPTQ's quantizer; row 1 is solved normally."""

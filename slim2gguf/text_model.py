@@ -28,7 +28,7 @@ from .moe import unfuse
 
 PLAIN_PREFIX = "model."
 PROBE = "layers.0.self_attn.q_proj.weight"  # a weight every supported text decoder has
-CHECK_ELEMENTS = 1 << 24  # weights read at once by BlockLoader.check_unread (64 MiB in float32)
+CHECK_ELEMENTS = 1 << 24  # stored values read at once by BlockLoader.check_unread (32 MiB of bf16)
 
 
 class TextModelError(ValueError):
@@ -191,9 +191,12 @@ class BlockLoader:
             with safe_open(str(self.shard_of[stored]), "pt") as f:
                 part = f.get_slice(stored)
                 shape = part.get_shape()
-                step = max(1, CHECK_ELEMENTS // max(1, math.prod(shape[1:])))
-                for r in range(0, shape[0] if shape else 1, step):
-                    check_finite(stored, part[r : r + step] if shape else part[:])
+                step = max(1, CHECK_ELEMENTS // math.prod(shape[1:]))
+                if len(shape) < 2 or shape[0] <= step:
+                    check_finite(stored, f.get_tensor(stored))
+                    continue
+                for r in range(0, shape[0], step):
+                    check_finite(stored, part[r : r + step])
 
     def release(self, module: str) -> None:
         """Free the parameters under ``module`` (back to the meta device)."""

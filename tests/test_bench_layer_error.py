@@ -63,9 +63,9 @@ def test_level_table_recovers_the_levels_the_weights_were_made_on(bench, levels)
     q[:, 0], q[:, 1] = 0, len(levels) - 1  # every group spans the table
     d = torch.rand(groups, 1, generator=gen) * 0.01 + 0.001
     m = -torch.rand(groups, 1, generator=gen) * d * len(levels)
-    fitted = bench.level_table([(table[q] * d + m).reshape(64, -1)], len(levels).bit_length() - 1, size)
-    assert fitted.tolist() == pytest.approx(levels, abs=0.02)
-    assert not torch.allclose(bench.level_table([(table[q] * d + m).reshape(64, -1)], len(levels).bit_length() - 1, size, iters=0), table, atol=0.05)
+    weights, width = [(table[q] * d + m).reshape(64, -1)], len(levels).bit_length() - 1
+    assert bench.level_table(weights, width, size).tolist() == pytest.approx(levels, abs=0.02)
+    assert not torch.allclose(bench.level_table(weights, width, size, iters=0), table, atol=0.05)  # not where it starts
 
 
 def test_fit_table_stores_the_nearest_levels_and_beats_min_max(bench):

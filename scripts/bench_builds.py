@@ -20,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llamacpp import parse_bench  # noqa: E402  (llama-bench's JSON, as the other harnesses read it)
+
 
 def named_paths(items: list[str], what: str) -> dict[str, Path]:
     """NAME=PATH arguments, each PATH checked to exist."""
@@ -40,7 +43,7 @@ def bench(bin_dir: Path, model: Path, prompt: int, generate: int, threads: int) 
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-2000:]}")
-    return {f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}": r["avg_ts"] for r in json.loads(result.stdout)}
+    return {test: value["ts"] for test, value in parse_bench(result.stdout).items()}
 
 
 def main() -> None:

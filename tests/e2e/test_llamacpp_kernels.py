@@ -18,11 +18,12 @@ is read back by ggml:
   refused by the CPU backend's supports_op;
 * ggml's own test-quantize-fns must pass for the types (through the patch's reference
   round-to-nearest quantizer);
-* IQ4_XS (llama.cpp's own type, which native output writes), which the patch interleaves by
-  8 rows in CPU_REPACK as it does the SliM types, must multiply as llama.cpp's own IQ4_XS
-  kernels do in a plain buffer: the 8-row tiles below 8 columns, llama.cpp's tiled kernel on
-  the rows put back into IQ4_XS blocks from 8 columns on (the tiles again when it is switched
-  off); MUL_MAT_ID must route its 8-row experts.
+* IQ4_XS, Q3_K and IQ3_S (llama.cpp's own types, which native output writes), which the
+  patch interleaves by 8 rows in CPU_REPACK as it does the SliM types, must multiply as
+  llama.cpp's own kernels for them do in a plain buffer: the 8-row tiles below 8 columns, and
+  from 8 columns on both the tiles and llama.cpp's tiled kernel on the rows put back into
+  plain blocks; MUL_MAT_ID must route 8-row experts of IQ4_XS and Q3_K (IQ3_S's expert
+  stacks are refused: they stay plain).
 
 The kernels run in three builds: "native" (all of this CPU's SIMD: AVX2, plus AVX512-VNNI
 where present), "sanitize" (plain AVX2, with AddressSanitizer and UBSan: a read past a row
@@ -427,29 +428,37 @@ def test_unnamed_type_ids_are_invalid(dump_tool, tmp_path):
     assert r.returncode != 0 and "invalid ggml type 500" in r.stderr, r.stderr
 
 
-# --- IQ4_XS interleaved by 8 rows -------------------------------------------------------------
+# --- llama.cpp's IQ4_XS, Q3_K and IQ3_S interleaved by 8 rows ---------------------------------
 
-# tag -> (rows, super-blocks of 256 weights)
-IQ4_XS_SHAPES = {"iq4_xs.a": (7, 2), "iq4_xs.x8": (16, 2), "iq4_xs.x8experts": (24, 1)}
+# stock type -> offset of its fp16 d in a block; tag -> (rows, super-blocks of 256 weights)
+STOCK_X8 = {"iq4_xs": 0, "q3_k": 108, "iq3_s": 0}
+STOCK_X8_SHAPES = {"a": (7, 2), "x8": (16, 2), "x8experts": (24, 1)}
+
+
+def _ggml_type(stock: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[stock.upper()]
 
 
 @pytest.fixture(scope="module")
-def iq4_xs_model(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
-    """Random IQ4_XS rows (any scale and index bytes are valid) with fp16 d of either sign."""
+def stock_x8_model(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """Random rows of the stock types (any scale, index, code and sign bytes are valid) with fp16 d of either sign."""
     import gguf
 
     rng = np.random.default_rng(20261204)
-    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_XS][1]
     tensors = {}
-    for name, (rows, blocks) in IQ4_XS_SHAPES.items():
-        raw = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
-        d = (rng.uniform(1e-4, 1e-2, size=(rows, blocks)) * rng.choice([-1, 1], size=(rows, blocks))).astype(np.float16)
-        raw[..., :2] = d.view(np.uint8).reshape(rows, blocks, 2)
-        tensors[name] = raw.reshape(rows, blocks * size)
-    path = tmp_path_factory.mktemp("iq4_xs") / "iq4_xs.gguf"
+    for stock, d_at in STOCK_X8.items():
+        size = gguf.GGML_QUANT_SIZES[_ggml_type(stock)][1]
+        for tag, (rows, blocks) in STOCK_X8_SHAPES.items():
+            raw = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
+            d = (rng.uniform(1e-4, 1e-2, size=(rows, blocks)) * rng.choice([-1, 1], size=(rows, blocks))).astype(np.float16)
+            raw[..., d_at : d_at + 2] = d.view(np.uint8).reshape(rows, blocks, 2)
+            tensors[f"{stock}.{tag}"] = raw.reshape(rows, blocks * size)
+    path = tmp_path_factory.mktemp("stock_x8") / "stock_x8.gguf"
     writer = gguf.GGUFWriter(str(path), "slimtest")
     for name, packed in tensors.items():
-        writer.add_tensor(name, packed, raw_dtype=gguf.GGMLQuantizationType.IQ4_XS)
+        writer.add_tensor(name, packed, raw_dtype=_ggml_type(name.split(".")[0]))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -457,10 +466,10 @@ def iq4_xs_model(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     return path, tensors
 
 
-def _iq4_xs_weights(packed: np.ndarray) -> np.ndarray:
+def _stock_weights(name: str, packed: np.ndarray) -> np.ndarray:
     import gguf
 
-    return gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.IQ4_XS).astype(np.float64)
+    return gguf.quants.dequantize(packed, _ggml_type(name.split(".")[0])).astype(np.float64)
 
 
 def _q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -474,34 +483,39 @@ def _q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (q * d).reshape(x.shape), np.abs(d[..., 0])
 
 
-def _check_iq4_xs(got: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+def _check_q8_k_mul_mat(got: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
     """got[n, r] against W @ x_q in float64 (x_q on its emulated Q8_K grid): float32 accumulation
     (1e-5 of sum |w x_q|) and one rounding flip of one activation between ggml and the emulation."""
     xq, d = _q8_k(x)
     err = np.abs(got - xq @ w.T)
     tol = 1e-5 * (np.abs(xq) @ np.abs(w).T) + d.max(axis=1, keepdims=True) * np.abs(w).max(axis=1) + 1e-6
-    assert np.all(err <= tol), f"IQ4_XS mul_mat vs W @ Q8_K(x): worst error/tolerance {np.max(err / tol):.3f}"
+    assert np.all(err <= tol), f"mul_mat vs W @ Q8_K(x): worst error/tolerance {np.max(err / tol):.3f}"
 
 
-# 600 columns: llama.cpp's tiled kernel on the rows put back into IQ4_XS blocks, and with it
-# switched off (GGML_CPU_TILED_MM=0) the 8-row tiles over more columns than one panel
-@pytest.mark.parametrize(("batch", "tiled"), [(1, "1"), (7, "1"), (600, "1"), (600, "0")])
-@pytest.mark.parametrize("name", ["iq4_xs.a", "iq4_xs.x8"])
-def test_iq4_xs_mul_mat_interleaved(variant, dump_tool, iq4_xs_model, name, batch, tiled, tmp_path):
-    """IQ4_XS in CPU_REPACK against llama.cpp's own IQ4_XS kernels (the tensor in a plain CPU
-    buffer): both integer-exact per super-block, so equal to float32 rounding (a wrong index or
-    scale moves a product by orders of magnitude more), and both against W @ Q8_K(x)."""
-    path, tensors = iq4_xs_model
-    packed = tensors[name]
-    w = _iq4_xs_weights(packed)
+# 600 columns: llama.cpp's tiled kernel on the rows put back into plain blocks (forced: by
+# default IQ3_S, and IQ4_XS and Q3_K only in builds with its AVX512-VNNI path, take it), the
+# 8-row tiles over more columns than one panel (it switched off), and the build's default
+TILED_ENV = {"default": {}, "force": {"GGML_CPU_TILED_MM_FORCE": "1"}, "off": {"GGML_CPU_TILED_MM": "0"}}
+
+
+@pytest.mark.parametrize(("batch", "tiled"), [(1, "default"), (7, "default"), (600, "force"), (600, "off"), (600, "default")])
+@pytest.mark.parametrize("tag", ["a", "x8"])
+@pytest.mark.parametrize("stock", list(STOCK_X8))
+def test_stock_mul_mat_interleaved(variant, dump_tool, stock_x8_model, stock, tag, batch, tiled, tmp_path):
+    """IQ4_XS, Q3_K and IQ3_S in CPU_REPACK against llama.cpp's own kernels for them (the tensor
+    in a plain CPU buffer): both integer-exact per super-block, so equal to float32 rounding (a
+    wrong code or scale moves a product by orders of magnitude more), and both against W @ Q8_K(x)."""
+    path, tensors = stock_x8_model
+    name = f"{stock}.{tag}"
+    w = _stock_weights(name, tensors[name])
     x = np.random.default_rng(batch).standard_normal((batch, w.shape[1])).astype(np.float32)
     x[0, :32] *= 8.0
     x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
     x.tofile(x_file)
-    env = {"GGML_CPU_TILED_MM": tiled}
+    env = TILED_ENV[tiled]
     _run(dump_tool, path, "mul-mat", name, x_file, batch, out, THREADS, env=env)
     plain = np.fromfile(out, dtype=np.float32).reshape(batch, w.shape[0]).astype(np.float64)
-    _check_iq4_xs(plain, x, w)
+    _check_q8_k_mul_mat(plain, x, w)
     r = _run(dump_tool, "--repack", path, "mul-mat", name, x_file, batch, out, THREADS, check=False, env=env)
     if not (_interleaves(variant) and w.shape[0] % 8 == 0):
         assert r.returncode == 1 and "refuses" in r.stderr, r.stderr
@@ -510,27 +524,33 @@ def test_iq4_xs_mul_mat_interleaved(variant, dump_tool, iq4_xs_model, name, batc
     got = np.fromfile(out, dtype=np.float32).reshape(batch, w.shape[0]).astype(np.float64)
     xq, _ = _q8_k(x)
     tol = 1e-5 * (np.abs(xq) @ np.abs(w).T) + 1e-6
-    assert np.all(np.abs(got - plain) <= tol), f"8-row IQ4_XS vs llama.cpp's: worst {np.max(np.abs(got - plain) / tol):.3f}"
+    assert np.all(np.abs(got - plain) <= tol), f"8-row {stock} vs llama.cpp's: worst {np.max(np.abs(got - plain) / tol):.3f}"
 
 
-def test_iq4_xs_mul_mat_id_interleaved(variant, dump_tool, iq4_xs_model, tmp_path):
-    """MUL_MAT_ID on IQ4_XS experts of 8 rows in CPU_REPACK: token t uses experts (3t + 5u + 1) % 3."""
+@pytest.mark.parametrize("stock", list(STOCK_X8))
+def test_stock_mul_mat_id_interleaved(variant, dump_tool, stock_x8_model, stock, tmp_path):
+    """MUL_MAT_ID on IQ4_XS and Q3_K stacks of experts of 8 rows in CPU_REPACK: token t uses
+    experts (3t + 5u + 1) % 3. IQ3_S's stacks are refused there (they stay in a plain buffer,
+    where llama.cpp's tiled kernel runs their prompts)."""
     if not _interleaves(variant):
         pytest.skip("this build does not interleave (no AVX2/FMA/F16C)")
-    path, tensors = iq4_xs_model
-    name, tokens, per = "iq4_xs.x8experts", 7, 8
-    w = _iq4_xs_weights(tensors[name])
+    path, tensors = stock_x8_model
+    name, tokens, per = f"{stock}.x8experts", 7, 8
+    w = _stock_weights(name, tensors[name])
     experts = w.shape[0] // per
     x = np.random.default_rng(tokens).standard_normal((tokens, w.shape[1])).astype(np.float32)
     x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
     x.tofile(x_file)
-    r = _run(dump_tool, "--repack", path, "mul-mat-id", name, x_file, tokens, out, THREADS)
-    assert "interleaved by 8 rows" in r.stderr, r.stderr
+    r = _run(dump_tool, "--repack", path, "mul-mat-id", name, x_file, tokens, out, THREADS, check=False)
+    if stock == "iq3_s":
+        assert r.returncode == 1 and "refuses" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0 and "interleaved by 8 rows" in r.stderr, r.stderr
     got = np.fromfile(out, dtype=np.float32).reshape(tokens, 2, per).astype(np.float64)
     for u in range(2):
         for t in range(tokens):
             e = (3 * t + 5 * u + 1) % experts
-            _check_iq4_xs(got[t : t + 1, u], x[t : t + 1], w[e * per : (e + 1) * per])
+            _check_q8_k_mul_mat(got[t : t + 1, u], x[t : t + 1], w[e * per : (e + 1) * per])
 
 
 # --- ggml's own test -----------------------------------------------------------------------------

@@ -18,12 +18,13 @@ is read back by ggml:
   refused by the CPU backend's supports_op;
 * ggml's own test-quantize-fns must pass for the types (through the patch's reference
   round-to-nearest quantizer);
-* IQ4_XS, Q3_K, Q2_K, Q4_K and IQ3_S (llama.cpp's own types, which native output writes), which the
-  patch interleaves by 8 rows in CPU_REPACK as it does the SliM types, must multiply as
+* IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL and IQ3_S (llama.cpp's own types, which native output writes),
+  which the patch interleaves by 8 rows in CPU_REPACK as it does the SliM types, must multiply as
   llama.cpp's own kernels for them do in a plain buffer: the 8-row tiles below 8 columns, and
   from 8 columns on both the tiles and llama.cpp's tiled kernel on the rows put back into
-  plain blocks; MUL_MAT_ID must route 8-row experts of IQ4_XS, Q3_K, Q2_K and Q4_K (IQ3_S's expert
-  stacks are refused: they stay plain).
+  plain blocks (IQ4_NL, which that kernel does not take, on the tiles); MUL_MAT_ID must route
+  8-row experts of IQ4_XS, Q3_K, Q2_K, Q4_K and IQ4_NL (IQ3_S's expert stacks are refused: they
+  stay plain).
 
 The kernels run in three builds: "native" (all of this CPU's SIMD: AVX2, plus AVX512-VNNI
 where present), "sanitize" (plain AVX2, with AddressSanitizer and UBSan: a read past a row
@@ -428,10 +429,10 @@ def test_unnamed_type_ids_are_invalid(dump_tool, tmp_path):
     assert r.returncode != 0 and "invalid ggml type 500" in r.stderr, r.stderr
 
 
-# --- llama.cpp's IQ4_XS, Q3_K, Q2_K, Q4_K and IQ3_S interleaved by 8 rows ---------------------------
+# --- llama.cpp's IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL and IQ3_S interleaved by 8 rows ------------------
 
-# stock type -> offsets of its fp16 super-scales (d, and dmin for Q2_K and Q4_K) in a block; tag -> (rows, super-blocks of 256 weights)
-STOCK_X8 = {"iq4_xs": (0,), "q3_k": (108,), "q2_k": (80, 82), "q4_k": (0, 2), "iq3_s": (0,)}
+# stock type -> offsets of its fp16 (super-)scales (d, and dmin for Q2_K and Q4_K) in a block; tag -> (rows, 256s of weights)
+STOCK_X8 = {"iq4_xs": (0,), "q3_k": (108,), "q2_k": (80, 82), "q4_k": (0, 2), "iq4_nl": (0,), "iq3_s": (0,)}
 STOCK_X8_SHAPES = {"a": (7, 2), "x8": (16, 2), "x8experts": (24, 1)}
 
 
@@ -449,8 +450,9 @@ def stock_x8_model(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     rng = np.random.default_rng(20261204)
     tensors = {}
     for stock, scales_at in STOCK_X8.items():
-        size = gguf.GGML_QUANT_SIZES[_ggml_type(stock)][1]
-        for tag, (rows, blocks) in STOCK_X8_SHAPES.items():
+        block, size = gguf.GGML_QUANT_SIZES[_ggml_type(stock)]
+        for tag, (rows, n256) in STOCK_X8_SHAPES.items():
+            blocks = n256 * 256 // block
             raw = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
             for at in scales_at:
                 d = (rng.uniform(1e-4, 1e-2, size=(rows, blocks)) * rng.choice([-1, 1], size=(rows, blocks))).astype(np.float16)
@@ -484,18 +486,34 @@ def _q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (q * d).reshape(x.shape), np.abs(d[..., 0])
 
 
-def _check_q8_k_mul_mat(got: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
-    """got[n, r] against W @ x_q in float64 (x_q on its emulated Q8_K grid): float32 accumulation
+def _q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's Q8_0 activations (IQ4_NL's): per 32 values, d = amax / 127 stored as fp16, int8
+    round(x 127 / amax). Returns (d q in float64, d per block)."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    q = np.rint(blocks * (np.float32(127) / np.where(amax > 0, amax, 1)))
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    return (q * d).reshape(x.shape), d[..., 0]
+
+
+def _q8(stock: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The activations as the stock type's vec_dot type quantizes them."""
+    return _q8_0(x) if stock == "iq4_nl" else _q8_k(x)
+
+
+def _check_q8_mul_mat(stock: str, got: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """got[n, r] against W @ x_q in float64 (x_q on its emulated Q8_K or Q8_0 grid): float32 accumulation
     (1e-5 of sum |w x_q|) and one rounding flip of one activation between ggml and the emulation."""
-    xq, d = _q8_k(x)
+    xq, d = _q8(stock, x)
     err = np.abs(got - xq @ w.T)
     tol = 1e-5 * (np.abs(xq) @ np.abs(w).T) + d.max(axis=1, keepdims=True) * np.abs(w).max(axis=1) + 1e-6
     assert np.all(err <= tol), f"mul_mat vs W @ Q8_K(x): worst error/tolerance {np.max(err / tol):.3f}"
 
 
 # 600 columns: llama.cpp's tiled kernel on the rows put back into plain blocks (forced: by
-# default IQ3_S, and IQ4_XS, Q3_K, Q2_K and Q4_K only in builds with its AVX512-VNNI path, take it), the
-# 8-row tiles over more columns than one panel (it switched off), and the build's default
+# default IQ3_S, and IQ4_XS, Q3_K, Q2_K and Q4_K only in builds with its AVX512-VNNI path, take it;
+# it does not take IQ4_NL, whose tiles run), the 8-row tiles over more columns than one panel (it
+# switched off), and the build's default
 TILED_ENV = {"default": {}, "force": {"GGML_CPU_TILED_MM_FORCE": "1"}, "off": {"GGML_CPU_TILED_MM": "0"}}
 
 
@@ -503,9 +521,9 @@ TILED_ENV = {"default": {}, "force": {"GGML_CPU_TILED_MM_FORCE": "1"}, "off": {"
 @pytest.mark.parametrize("tag", ["a", "x8"])
 @pytest.mark.parametrize("stock", list(STOCK_X8))
 def test_stock_mul_mat_interleaved(variant, dump_tool, stock_x8_model, stock, tag, batch, tiled, tmp_path):
-    """IQ4_XS, Q3_K, Q2_K, Q4_K and IQ3_S in CPU_REPACK against llama.cpp's own kernels for them (the tensor
-    in a plain CPU buffer): both integer-exact per super-block, so equal to float32 rounding (a
-    wrong code or scale moves a product by orders of magnitude more), and both against W @ Q8_K(x)."""
+    """IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL and IQ3_S in CPU_REPACK against llama.cpp's own kernels for them (the
+    tensor in a plain CPU buffer): both integer-exact per (super-)block, so equal to float32 rounding (a
+    wrong code or scale moves a product by orders of magnitude more), and both against W @ Q8_K(x) (Q8_0 for IQ4_NL)."""
     path, tensors = stock_x8_model
     name = f"{stock}.{tag}"
     w = _stock_weights(name, tensors[name])
@@ -516,21 +534,21 @@ def test_stock_mul_mat_interleaved(variant, dump_tool, stock_x8_model, stock, ta
     env = TILED_ENV[tiled]
     _run(dump_tool, path, "mul-mat", name, x_file, batch, out, THREADS, env=env)
     plain = np.fromfile(out, dtype=np.float32).reshape(batch, w.shape[0]).astype(np.float64)
-    _check_q8_k_mul_mat(plain, x, w)
+    _check_q8_mul_mat(stock, plain, x, w)
     r = _run(dump_tool, "--repack", path, "mul-mat", name, x_file, batch, out, THREADS, check=False, env=env)
     if not (_interleaves(variant) and w.shape[0] % 8 == 0):
         assert r.returncode == 1 and "refuses" in r.stderr, r.stderr
         return
     assert r.returncode == 0 and "interleaved by 8 rows" in r.stderr, r.stderr
     got = np.fromfile(out, dtype=np.float32).reshape(batch, w.shape[0]).astype(np.float64)
-    xq, _ = _q8_k(x)
+    xq, _ = _q8(stock, x)
     tol = 1e-5 * (np.abs(xq) @ np.abs(w).T) + 1e-6
     assert np.all(np.abs(got - plain) <= tol), f"8-row {stock} vs llama.cpp's: worst {np.max(np.abs(got - plain) / tol):.3f}"
 
 
 @pytest.mark.parametrize("stock", list(STOCK_X8))
 def test_stock_mul_mat_id_interleaved(variant, dump_tool, stock_x8_model, stock, tmp_path):
-    """MUL_MAT_ID on IQ4_XS, Q3_K, Q2_K and Q4_K stacks of experts of 8 rows in CPU_REPACK: token t uses
+    """MUL_MAT_ID on IQ4_XS, Q3_K, Q2_K, Q4_K and IQ4_NL stacks of experts of 8 rows in CPU_REPACK: token t uses
     experts (3t + 5u + 1) % 3. IQ3_S's stacks are refused there (they stay in a plain buffer,
     where llama.cpp's tiled kernel runs their prompts)."""
     if not _interleaves(variant):
@@ -551,7 +569,7 @@ def test_stock_mul_mat_id_interleaved(variant, dump_tool, stock_x8_model, stock,
     for u in range(2):
         for t in range(tokens):
             e = (3 * t + 5 * u + 1) % experts
-            _check_q8_k_mul_mat(got[t : t + 1, u], x[t : t + 1], w[e * per : (e + 1) * per])
+            _check_q8_mul_mat(stock, got[t : t + 1, u], x[t : t + 1], w[e * per : (e + 1) * per])
 
 
 # --- ggml's own test -----------------------------------------------------------------------------

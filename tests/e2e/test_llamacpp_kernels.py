@@ -507,7 +507,7 @@ def _check_q8_mul_mat(stock: str, got: np.ndarray, x: np.ndarray, w: np.ndarray)
     xq, d = _q8(stock, x)
     err = np.abs(got - xq @ w.T)
     tol = 1e-5 * (np.abs(xq) @ np.abs(w).T) + d.max(axis=1, keepdims=True) * np.abs(w).max(axis=1) + 1e-6
-    assert np.all(err <= tol), f"mul_mat vs W @ Q8_K(x): worst error/tolerance {np.max(err / tol):.3f}"
+    assert np.all(err <= tol), f"{stock} mul_mat vs W @ Q8(x): worst error/tolerance {np.max(err / tol):.3f}"
 
 
 # 600 columns: llama.cpp's tiled kernel on the rows put back into plain blocks (forced: by

@@ -18,13 +18,12 @@ is read back by ggml:
   refused by the CPU backend's supports_op;
 * ggml's own test-quantize-fns must pass for the types (through the patch's reference
   round-to-nearest quantizer);
-* IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL and IQ3_S (llama.cpp's own types, which native output writes),
+* IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL, IQ3_S and IQ3_XXS (llama.cpp's own types, which native output writes),
   which the patch interleaves by 8 rows in CPU_REPACK as it does the SliM types, must multiply as
   llama.cpp's own kernels for them do in a plain buffer: the 8-row tiles below 8 columns, and
   from 8 columns on both the tiles and llama.cpp's tiled kernel on the rows put back into
-  plain blocks (IQ4_NL, which that kernel does not take, on the tiles); MUL_MAT_ID must route
-  8-row experts of IQ4_XS, Q3_K, Q2_K, Q4_K and IQ4_NL (IQ3_S's expert stacks are refused: they
-  stay plain).
+  plain blocks (IQ4_NL, which that kernel does not take, and IQ3_S and IQ3_XXS, held as 4-bit codes
+  that are not put back, on the tiles); MUL_MAT_ID must route 8-row experts of all seven.
 
 The kernels run in three builds: "native" (all of this CPU's SIMD: AVX2, plus AVX512-VNNI
 where present), "sanitize" (plain AVX2, with AddressSanitizer and UBSan: a read past a row
@@ -429,10 +428,10 @@ def test_unnamed_type_ids_are_invalid(dump_tool, tmp_path):
     assert r.returncode != 0 and "invalid ggml type 500" in r.stderr, r.stderr
 
 
-# --- llama.cpp's IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL and IQ3_S interleaved by 8 rows ------------------
+# --- llama.cpp's IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL, IQ3_S and IQ3_XXS interleaved by 8 rows ---------
 
 # stock type -> offsets of its fp16 (super-)scales (d, and dmin for Q2_K and Q4_K) in a block; tag -> (rows, 256s of weights)
-STOCK_X8 = {"iq4_xs": (0,), "q3_k": (108,), "q2_k": (80, 82), "q4_k": (0, 2), "iq4_nl": (0,), "iq3_s": (0,)}
+STOCK_X8 = {"iq4_xs": (0,), "q3_k": (108,), "q2_k": (80, 82), "q4_k": (0, 2), "iq4_nl": (0,), "iq3_s": (0,), "iq3_xxs": (0,)}
 STOCK_X8_SHAPES = {"a": (7, 2), "x8": (16, 2), "x8experts": (24, 1)}
 
 
@@ -511,8 +510,8 @@ def _check_q8_mul_mat(stock: str, got: np.ndarray, x: np.ndarray, w: np.ndarray)
 
 
 # 600 columns: llama.cpp's tiled kernel on the rows put back into plain blocks (forced: by
-# default IQ3_S, and IQ4_XS, Q3_K, Q2_K and Q4_K only in builds with its AVX512-VNNI path, take it;
-# it does not take IQ4_NL, whose tiles run), the 8-row tiles over more columns than one panel (it
+# default IQ4_XS, Q3_K, Q2_K and Q4_K take it only in builds with its AVX512-VNNI path; IQ4_NL,
+# IQ3_S and IQ3_XXS are not put back, their tiles run), the 8-row tiles over more columns than one panel (it
 # switched off), and the build's default
 TILED_ENV = {"default": {}, "force": {"GGML_CPU_TILED_MM_FORCE": "1"}, "off": {"GGML_CPU_TILED_MM": "0"}}
 
@@ -521,7 +520,7 @@ TILED_ENV = {"default": {}, "force": {"GGML_CPU_TILED_MM_FORCE": "1"}, "off": {"
 @pytest.mark.parametrize("tag", ["a", "x8"])
 @pytest.mark.parametrize("stock", list(STOCK_X8))
 def test_stock_mul_mat_interleaved(variant, dump_tool, stock_x8_model, stock, tag, batch, tiled, tmp_path):
-    """IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL and IQ3_S in CPU_REPACK against llama.cpp's own kernels for them (the
+    """IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL, IQ3_S and IQ3_XXS in CPU_REPACK against llama.cpp's own kernels for them (the
     tensor in a plain CPU buffer): both integer-exact per (super-)block, so equal to float32 rounding (a
     wrong code or scale moves a product by orders of magnitude more), and both against W @ Q8_K(x) (Q8_0 for IQ4_NL)."""
     path, tensors = stock_x8_model
@@ -548,9 +547,9 @@ def test_stock_mul_mat_interleaved(variant, dump_tool, stock_x8_model, stock, ta
 
 @pytest.mark.parametrize("stock", list(STOCK_X8))
 def test_stock_mul_mat_id_interleaved(variant, dump_tool, stock_x8_model, stock, tmp_path):
-    """MUL_MAT_ID on IQ4_XS, Q3_K, Q2_K, Q4_K and IQ4_NL stacks of experts of 8 rows in CPU_REPACK: token t uses
-    experts (3t + 5u + 1) % 3. IQ3_S's stacks are refused there (they stay in a plain buffer,
-    where llama.cpp's tiled kernel runs their prompts)."""
+    """MUL_MAT_ID on IQ4_XS, Q3_K, Q2_K, Q4_K, IQ4_NL, IQ3_S and IQ3_XXS stacks of experts of 8 rows in
+    CPU_REPACK: token t uses experts (3t + 5u + 1) % 3 (IQ3_S's and IQ3_XXS's in their larger layout,
+    experts that size apart)."""
     if not _interleaves(variant):
         pytest.skip("this build does not interleave (no AVX2/FMA/F16C)")
     path, tensors = stock_x8_model
@@ -561,9 +560,6 @@ def test_stock_mul_mat_id_interleaved(variant, dump_tool, stock_x8_model, stock,
     x_file, out = tmp_path / "x.f32", tmp_path / "y.f32"
     x.tofile(x_file)
     r = _run(dump_tool, "--repack", path, "mul-mat-id", name, x_file, tokens, out, THREADS, check=False)
-    if stock == "iq3_s":
-        assert r.returncode == 1 and "refuses" in r.stderr, r.stderr
-        return
     assert r.returncode == 0 and "interleaved by 8 rows" in r.stderr, r.stderr
     got = np.fromfile(out, dtype=np.float32).reshape(tokens, 2, per).astype(np.float64)
     for u in range(2):

@@ -70,11 +70,17 @@ def _check_standard_type(choice: str, what: str) -> str:
     return choice.lower()
 
 
-def _run_child(job: dict[str, Any], src: Path) -> dict[str, Any]:
-    """Run the conversion with the tree's gguf-py first on the path; its last stdout line is JSON."""
+def child_command(job: dict[str, Any], src: Path) -> tuple[list[str], dict[str, str]]:
+    """The child's command line and environment: the tree's gguf-py first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src / "gguf-py"), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", CHILD_MODULE, json.dumps(job)]
+    return [sys.executable, "-m", CHILD_MODULE, json.dumps(job)], env
+
+
+def _run_child(job: dict[str, Any], src: Path) -> dict[str, Any]:
+    """Run the conversion in the child; its last stdout line is JSON. On Ctrl-C (which the child
+    ignores) ``subprocess.run`` kills it before the KeyboardInterrupt goes on to the caller."""
+    cmd, env = child_command(job, src)
     result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     lines = result.stdout.strip().splitlines()
     try:

@@ -18,9 +18,19 @@ A job of kind ``mapping`` (slim2gguf.export.converter_mapping) runs only the pro
 to tell readers of a file which linear each SliM tensor holds and in which row order.
 
 The last stdout line is a JSON answer: ``{"report", "notes"}``, ``{"mapping"}`` or ``{"error"}``.
+
+Ctrl-C reaches the parent too (the whole process group gets it), and the parent handles it:
+it kills this process, removes the partial file and says what to rerun. So this process
+ignores SIGINT from its first statements on, before the seconds its imports take, and never
+prints a KeyboardInterrupt's traceback.
 """
 
 from __future__ import annotations
+
+import signal
+
+if __name__ == "__main__":  # run as the child, not imported: Ctrl-C is the parent's (above)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import json
 import logging

@@ -8,8 +8,10 @@ module-scoped and the files are opened once.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from slim2gguf import __version__
 from slim2gguf import format as fmt
 from slim2gguf.architectures import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
 from slim2gguf.checkpoint import CheckpointWriter
-from slim2gguf.export import ExportError, ExportReport, ExportWarning, export_gguf
+from slim2gguf.export import ExportError, ExportReport, ExportWarning, child_command, export_gguf
 from slim2gguf.inspect_gguf import GGUFFileError, dequantize_tensor, inspect_rows, open_gguf, print_inspect
 from slim2gguf.llamacpp import ensure_source
 from slim2gguf.named_models import demo_model_dir
@@ -501,3 +503,25 @@ def test_interrupt_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_gguf(tmp_path / "ckpt", out_dir / "x.gguf")
     assert list(out_dir.iterdir()) == []
+
+
+def test_the_child_leaves_ctrl_c_to_its_parent(tiny_models):
+    """Ctrl-C reaches the child as well as the parent; the parent kills it and removes the partial
+    file, so the child ignores SIGINT from its first statements on (a traceback from it would land
+    in the user's terminal under the parent's one-line message). SIGINT every 0.2 s from 0.3 s on,
+    through its imports, until it answers."""
+    model = tiny_models["llama"]
+    src = ensure_source()
+    linears = {f"model.layers.0.{name}": shape for name, shape in linear_shapes(json.loads((model / "config.json").read_text())).items()}
+    cmd, env = child_command({"kind": "mapping", "model_dir": str(model), "linears": linears, "src": str(src)}, src)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sent = 0
+    time.sleep(0.3)
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, f"exit {proc.returncode} after {sent} signals:\n{err[-2000:]}"
+    assert sent >= 3, f"the child answered after {sent} signals: too fast to test"
+    assert "blk.0.attn_q.weight" in json.loads(out.splitlines()[-1])["mapping"]

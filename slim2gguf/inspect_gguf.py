@@ -80,6 +80,8 @@ def _reader(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> gguf.GGUFRea
 def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[dict[str, Any]]:
     """One dict per tensor: name, type, shape (rows first), params, bytes, bpw, widths.
 
+    ``bpw`` is None for a stock tensor with no elements (a zero dimension), which GGUF allows.
+
     ``widths`` (SliM tensors only, else None) counts (row, column-group) quantizer
     groups per width, read from the first row's headers (rows share one pattern).
     """
@@ -105,7 +107,7 @@ def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[di
                 "shape": _numpy_shape(tensor),
                 "params": n_params,
                 "bytes": int(tensor.n_bytes),
-                "bpw": 8 * int(tensor.n_bytes) / n_params,
+                "bpw": 8 * int(tensor.n_bytes) / n_params if n_params else None,
                 "widths": widths,
             }
         )
@@ -115,7 +117,8 @@ def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[di
 def _totals(label: str, rows: list[dict[str, Any]]) -> str:
     params = sum(r["params"] for r in rows)
     size = sum(r["bytes"] for r in rows)
-    return f"{len(rows)} {label}: {params:,} parameters, {size:,} bytes of data, {8 * size / params:.3f} bpw"
+    bpw = f", {8 * size / params:.3f} bpw" if params else ""
+    return f"{len(rows)} {label}: {params:,} parameters, {size:,} bytes of data{bpw}"
 
 
 def bpw_table(cells: dict[tuple[int, str], float], title: str) -> Table:
@@ -135,7 +138,8 @@ def block_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
     cells = {}
     for row in rows:
         parts = row["name"].split(".")
-        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdecimal() and parts[3] == "weight" and len(row["shape"]) == 2:
+        matrix = len(parts) == 4 and parts[0] == "blk" and parts[1].isdecimal() and parts[3] == "weight" and len(row["shape"]) == 2
+        if matrix and row["bpw"] is not None:
             cells[int(parts[1]), parts[2]] = row["bpw"]
     return cells
 
@@ -159,7 +163,8 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
         if widths:
             total = sum(widths.values())
             share = " ".join(f"{w}b:{100 * n / total:.0f}%" for w, n in widths.items())
-        table.add_row(row["name"], row["type"], " x ".join(map(str, row["shape"])), f"{row['bpw']:.3f}", share)
+        bpw = "" if row["bpw"] is None else f"{row['bpw']:.3f}"
+        table.add_row(row["name"], row["type"], " x ".join(map(str, row["shape"])), bpw, share)
     console.print(table)
     console.print(_totals("tensors", rows))
     slim = [r for r in rows if r["widths"] is not None]

@@ -61,6 +61,35 @@ def write_gguf(path: Path, kvs: dict | None = None, rows: int = 64, stype: fmt.S
     return path
 
 
+def test_inspect_of_a_file_with_no_tensors(tmp_path):
+    """A GGUF may hold no tensors (the tensor count's first byte zeroed, as a fuzzed file found):
+    the keys and a zero total, no bits per weight to divide out."""
+    raw = bytearray(write_gguf(tmp_path / "a.gguf", {"general.file_type": 1004}).read_bytes())
+    raw[8] = 0  # n_tensors (uint64 after magic and version): 2 -> 0
+    path = tmp_path / "none.gguf"
+    path.write_bytes(bytes(raw))
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "general.file_type = 1004 (SLIM3_G64)" in result.output
+    assert "0 tensors: 0 parameters, 0 bytes of data\n" in result.output
+
+
+def test_inspect_of_a_stock_tensor_with_no_elements(tmp_path):
+    """A zero dimension is legal for a stock tensor: its row shows no bpw, the totals count the rest."""
+    fmt.register_gguf_types()
+    path = tmp_path / "empty_f32.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(0, dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(128, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "2 tensors: 128 parameters, 512 bytes of data, 32.000 bpw" in result.output
+
+
 def test_inspect_with_a_string_file_type(tmp_path):
     path = write_gguf(tmp_path / "a.gguf", {"general.file_type": "SLIM3_G64"})
     result = run_cli("inspect", path)

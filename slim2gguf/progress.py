@@ -3,7 +3,8 @@
 Rich draws a live bar only on an interactive terminal; redirected to a file (nohup, a CI
 log) it prints the bars once, when they stop, so an hour-long conversion looks hung. Off
 a terminal this Progress also prints a plain line per task at most every `interval`
-seconds and once when the task finishes.
+seconds and once when the task finishes (in bytes, as "318.8 MB/1.1 GB", when a
+DownloadColumn shows that the task counts bytes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any
 
+from rich import filesize
 from rich import progress as rich_progress
 from rich.progress import TaskID
 
@@ -26,6 +28,7 @@ class Progress(rich_progress.Progress):
         self._interval = interval
         self._said: dict[TaskID, float] = {}
         self._done: set[TaskID] = set()
+        self._bytes = any(isinstance(c, rich_progress.DownloadColumn) for c in columns)
 
     def update(self, task_id: TaskID, **kwargs: Any) -> None:
         super().update(task_id, **kwargs)
@@ -44,5 +47,8 @@ class Progress(rich_progress.Progress):
         elif now - self._said.get(task_id, task.start_time or now) < self._interval:
             return
         self._said[task_id] = now
-        done = f"{task.completed:g}/{task.total:g}" if task.total is not None else f"{task.completed:g}"
+        done = f"{self._count(task.completed)}/{self._count(task.total)}" if task.total is not None else self._count(task.completed)
         self.console.print(f"{task.description}: {done}, {task.elapsed or 0:.0f} s", highlight=False, markup=False)
+
+    def _count(self, n: float) -> str:
+        return filesize.decimal(int(n)) if self._bytes else f"{n:g}"

@@ -4,7 +4,7 @@ import io
 import re
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, TextColumn
 
 from slim2gguf.progress import Progress
 
@@ -39,3 +39,12 @@ def test_no_lines_on_a_terminal_or_when_disabled():
     with Progress(*COLUMNS, console=quiet, interval=0, disable=True) as bar:
         bar.advance(bar.add_task("blocks", total=1))
     assert quiet.file.getvalue() == ""
+
+
+def test_bytes_as_sizes_when_the_bar_counts_bytes():
+    """A download's line reads "318.8 MB/1.1 GB", not "3.18767e+08/1.11732e+09"."""
+    console = Console(file=io.StringIO(), width=80)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console, interval=0) as bar:
+        task = bar.add_task("fetching", total=1_117_320_768)
+        bar.advance(task, 318_767_104)
+    assert re.search(r"^fetching: 318\.8 MB/1\.1 GB, \d+ s$", console.file.getvalue(), re.M), console.file.getvalue()

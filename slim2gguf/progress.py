@@ -47,7 +47,9 @@ class Progress(rich_progress.Progress):
         elif now - self._said.get(task_id, task.start_time or now) < self._interval:
             return
         self._said[task_id] = now
-        done = f"{self._count(task.completed)}/{self._count(task.total)}" if task.total is not None else self._count(task.completed)
+        done = self._count(task.completed)
+        if task.total is not None:
+            done += f"/{self._count(task.total)}"
         self.console.print(f"{task.description}: {done}, {task.elapsed or 0:.0f} s", highlight=False, markup=False)
 
     def _count(self, n: float) -> str:

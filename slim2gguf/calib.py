@@ -105,12 +105,17 @@ def self_generated(model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed
     return torch.cat(out)
 
 
+def check_window_counts(nsamples: int, seqlen: int) -> None:
+    """A CalibrationError for counts no calibration can have, before any model loads."""
+    if nsamples < 1 or seqlen < 2:
+        raise CalibrationError(f"--nsamples must be ≥ 1 and --seqlen ≥ 2, got {nsamples} and {seqlen}")
+
+
 def calibration_windows(
     source: str, model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int, text: str | None = None
 ) -> torch.Tensor:
     """[nsamples, seqlen] token windows; ``text`` is ``read_text(source)`` when read already."""
-    if nsamples < 1 or seqlen < 2:
-        raise CalibrationError("--nsamples must be ≥ 1 and --seqlen ≥ 2")
+    check_window_counts(nsamples, seqlen)
     if source == "self":
         return self_generated(model, tokenizer, nsamples, seqlen, seed)
     return windows_from_text(read_text(source) if text is None else text, tokenizer, nsamples, seqlen, seed)

@@ -50,6 +50,10 @@ class QuantSettings:
         fmt.slim_type(self.bits, self.group_size)
         if self.damp <= 0:
             raise ValueError("--damp must be positive")
+        if self.sqc_lambda < 0:
+            raise ValueError(f"--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got {self.sqc_lambda:g}")
+        if self.sba_tokens < 1:
+            raise ValueError(f"--sba-tokens must be ≥ 1, got {self.sba_tokens}")
         if self.fit not in FITS:
             raise ValueError(f"--fit must be one of {', '.join(FITS)}, got '{self.fit}'")
         if self.bpw is not None and self.method == "rtn":

@@ -28,7 +28,7 @@ from torch import nn
 from . import __version__, moe, score_cache, sensitivity
 from .architectures import in_classes
 from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
-from .calib import calibration_windows, read_text
+from .calib import calibration_windows, check_window_counts, read_text
 from .checkpoint import CheckpointWriter, finished_with, is_decision
 from .methods import NATIVE_BY_BUDGET, QuantSettings, check_allocation, quantize_linear
 from .models import (
@@ -60,6 +60,9 @@ class CalibSettings:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_window_counts(self.nsamples, self.seqlen)
 
 
 @dataclass

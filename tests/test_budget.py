@@ -188,7 +188,7 @@ def test_allocation_reuse_covers_per_tensor_settings(bpw_ckpt, tiny_model, tiny_
         quantize_model(str(tiny_model), tmp_path / "x", QuantSettings("slim", bpw=3.0), calib(tiny_text), allocation=alloc)
 
 
-def test_cli_refuses_bad_budgets_before_loading_weights(tiny_model, tiny_text, tmp_path, monkeypatch):
+def test_cli_refuses_bad_budgets_and_counts_before_loading_weights(tiny_model, tiny_text, tmp_path, monkeypatch):
     from slim2gguf import pipeline
     from slim2gguf.cli import app
 
@@ -200,6 +200,10 @@ def test_cli_refuses_bad_budgets_before_loading_weights(tiny_model, tiny_text, t
         (["--bpw", "3", "--bits", "3"], "not both"),
         (["--bpw", "3", "--method", "rtn"], "use --method slim or gptq"),
         (["--bpw", "3", "--sensitivity", "guess"], "--sensitivity must be one of fisher, hessian"),
+        (["--nsamples", "0"], "--nsamples must be ≥ 1 and --seqlen ≥ 2, got 0 and 512"),
+        (["--seqlen", "1"], "--nsamples must be ≥ 1 and --seqlen ≥ 2, got 128 and 1"),
+        (["--sqc-lambda", "-1"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got -1"),
+        (["--sba-tokens", "0"], "--sba-tokens must be ≥ 1, got 0"),
     ):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2, result.output

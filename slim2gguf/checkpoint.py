@@ -42,6 +42,11 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_bytes_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
+def _holds_work(manifest: dict[str, Any]) -> bool:
+    """Whether a work folder's manifest records finished blocks or a --bpw budget (minutes to hours)."""
+    return manifest["blocks_done"] > 0 or manifest.get("budget") is not None
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.exists():
@@ -130,15 +135,21 @@ class CheckpointWriter:
         }
         if self.work.exists():
             previous = read_manifest(self.work)
-            if previous["settings"] != settings or previous["num_blocks"] != num_blocks:
+            if previous["settings"] == settings and previous["num_blocks"] == num_blocks:
+                self.manifest = previous
+                return
+            if _holds_work(previous):
                 raise CheckpointError(
                     f"{self.work} holds an interrupted run with other settings; "
                     "delete it or rerun with the same settings to resume"
                 )
-            self.manifest = previous
-        else:
-            (self.work / "blocks").mkdir(parents=True)
-            _write_manifest(self.work, self.manifest)
+            shutil.rmtree(self.work)  # a run stopped before its first block or budget: nothing to resume
+
+    def _save(self) -> None:
+        """The manifest into the work folder, made with the first budget or block: a run that
+        fails before either (an empty calibration text, say) leaves nothing on disk."""
+        (self.work / "blocks").mkdir(parents=True, exist_ok=True)
+        _write_manifest(self.work, self.manifest)
 
     @property
     def blocks_done(self) -> int:
@@ -152,7 +163,7 @@ class CheckpointWriter:
     def set_budget(self, decision: dict[str, Any]) -> None:
         """Saved before the first block, so a resumed run quantizes by the same decision."""
         self.manifest["budget"] = decision
-        _write_manifest(self.work, self.manifest)
+        self._save()
 
     def finished_tensors(self) -> Iterator[tuple[str, StoredTensor]]:
         """Tensors of the blocks already saved (for a resumed run to replay)."""
@@ -164,18 +175,19 @@ class CheckpointWriter:
         flat: dict[str, Any] = {}
         for name, qt in tensors.items():
             flat.update(qt.tensors(name))
+        (self.work / "blocks").mkdir(parents=True, exist_ok=True)
         with atomic_path(self.work / block_file(index)) as tmp:
             save_file(flat, str(tmp))
         for name, qt in tensors.items():
             self.manifest["tensors"][name] = {"block": index, "shape": list(qt.shape), **qt.meta()}
         self.manifest["blocks"].append(info)
         self.manifest["blocks_done"] = index + 1
-        _write_manifest(self.work, self.manifest)
+        self._save()
 
     def finish(self, extra: dict[str, Any]) -> Path:
         """Rename the finished work folder to the target (replacing an older one)."""
         self.manifest.update(extra)
-        _write_manifest(self.work, self.manifest)
+        self._save()
         old = self.target.with_name(self.target.name + ".old")
         if self.target.exists():
             self.target.rename(old)

@@ -164,7 +164,10 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished blocks are kept in {out}.partial; rerun the same command to resume")
+        if Path(f"{out}.partial").exists():
+            console.print(f"[yellow]interrupted[/]: finished work is kept in {out}.partial; rerun the same command to resume")
+        else:
+            console.print("[yellow]interrupted[/] before the first block finished: nothing was written")
         raise typer.Exit(130)
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:
         _fail(str(err))

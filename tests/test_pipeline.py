@@ -101,10 +101,50 @@ def test_resume_after_interruption_matches_uninterrupted(slim_ckpt, tiny_model, 
 
 def test_resume_refuses_other_settings(tiny_model, tiny_text, tmp_path):
     partial = tmp_path / "x.partial"
-    ckpt_mod.CheckpointWriter(tmp_path / "x", {"method": "gptq"}, 2)
+    ckpt_mod.CheckpointWriter(tmp_path / "x", {"method": "gptq"}, 2).write_block(0, {}, {"block": 0})
     assert partial.exists()
     with pytest.raises(CheckpointError, match="other settings"):
         quantize_model(str(tiny_model), tmp_path / "x", SLIM, calib(tiny_text))
+
+
+def test_ctrl_c_says_whether_work_was_kept(tiny_model, tiny_text, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slim2gguf.cli import app
+
+    original = ckpt_mod.CheckpointWriter.write_block
+
+    def stop_at(block):
+        def write(self, index, tensors, info):
+            if index == block:
+                raise KeyboardInterrupt
+            original(self, index, tensors, info)
+
+        return write
+
+    args = ["quantize", str(tiny_model), "-o", str(tmp_path / "c"), "--calib", str(tiny_text), "--nsamples", "8", "--seqlen", "64", "--bits", "2", "--group-size", "32"]
+    for block, said in ((0, "before the first block finished: nothing was written"), (1, f"finished work is kept in {tmp_path / 'c'}.partial")):
+        monkeypatch.setattr(ckpt_mod.CheckpointWriter, "write_block", stop_at(block))
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 130 and said in " ".join(result.output.split()), result.output
+        assert (tmp_path / "c.partial").exists() == (block == 1)
+
+
+def test_a_run_that_fails_before_its_first_block_leaves_nothing(tiny_model, tiny_text, tmp_path):
+    """An empty calibration text stops the run after the model loads: no folder is left that
+    would refuse the corrected command as "an interrupted run with other settings"."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "x"
+    with pytest.raises(ValueError, match="0 tokens"):
+        quantize_model(str(tiny_model), out, SLIM, calib(empty))
+    assert not out.exists() and not (tmp_path / "x.partial").exists()
+    # a folder with nothing finished, as a run killed before its first block left one, is replaced
+    stale = ckpt_mod.CheckpointWriter(out, {"method": "gptq"}, 2).manifest
+    (tmp_path / "x.partial" / "blocks").mkdir(parents=True)
+    (tmp_path / "x.partial" / "manifest.json").write_text(json.dumps(stale))
+    assert quantize_model(str(tiny_model), out, SLIM, calib(tiny_text)).resumed_from == 0
+    assert Checkpoint(out).manifest["settings"]["method"] == "slim"
 
 
 def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):

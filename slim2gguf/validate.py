@@ -33,6 +33,8 @@ from .perplexity import PerplexityResult, perplexity, read_eval_text
 from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
 
 BACKENDS = ("torch", "triton")
+MIN_CTX = 8  # llama-perplexity runs its 2048-token batch as at most 256 windows
+TOO_FEW_TOKENS = re.compile(r"you need at least (?P<need>\d+) tokens.*\n.*tokenizes to only (?P<tokens>\d+) tokens")
 THRESHOLDS = {2: 0.02}  # by the file's average bits
 DEFAULT_THRESHOLD = 0.01
 BITS_KEY = "slim2gguf.bits"
@@ -104,6 +106,12 @@ def llama_perplexity(
         log = result.stderr + result.stdout
         if FINAL_ESTIMATE.search(log):
             break
+        short = TOO_FEW_TOKENS.search(log)
+        if short:  # it exits 0 on this refusal, which the user fixes from the command line: one line
+            raise ValidationError(
+                f"{text_path} has {short['tokens']} tokens; llama-perplexity needs at least {short['need']} "
+                f"(twice --ctx {ctx}): give a longer text or a smaller --ctx"
+            )
     return parse_llama_perplexity(log)
 
 
@@ -177,6 +185,12 @@ def validate(
     """
     if backend not in BACKENDS:
         raise ValidationError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if ctx < MIN_CTX:
+        raise ValidationError(f"--ctx must be at least {MIN_CTX} tokens (llama-perplexity's smallest window), got {ctx}")
+    if chunks < 1:
+        raise ValidationError(f"--chunks must be ≥ 1, got {chunks}")
+    if threshold is not None and threshold <= 0:
+        raise ValidationError(f"--threshold is the largest relative gap that passes: it must be > 0, got {threshold:g}")
     path = check_gguf_path(gguf_path)
     try:
         text = read_eval_text(str(text_path))

@@ -8,6 +8,7 @@ and the converter's mapping child runs once per model (cached), to keep this fas
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +284,13 @@ def test_validate_checks_inputs_before_running_anything(monkeypatch, tmp_path, s
         validate.validate(small_slim_gguf, "model", small_slim_gguf)
     with pytest.raises(ValidationError, match="backend"):
         validate.validate(small_slim_gguf, "model", tiny_text, backend="cuda")
+    for options, message in (
+        ({"ctx": 4}, "--ctx must be at least 8 tokens"),
+        ({"chunks": 0}, "--chunks must be ≥ 1, got 0"),
+        ({"threshold": -0.01}, "--threshold is the largest relative gap that passes: it must be > 0, got -0.01"),
+    ):
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            validate.validate(small_slim_gguf, "model", tiny_text, **options)
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(small_slim_gguf.read_bytes()[:-100])
     with pytest.raises(GGUFFileError, match="truncated"):

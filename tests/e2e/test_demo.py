@@ -130,6 +130,16 @@ def test_validate_a_file_alone(demo_file, eval_text):
     assert "pass" in r.stdout.lower()
 
 
+def test_validate_of_too_short_a_text_says_so_in_one_line(demo_file, tmp_path):
+    """llama-perplexity wants twice --ctx tokens; its refusal reaches the user as one line."""
+    text = tmp_path / "short.txt"
+    text.write_text("The capital of France is Paris. " * 20)
+    r = slim2gguf("validate", demo_file(4), "--text", text, "--ctx", 128)
+    assert r.returncode == 2, r.stderr[-3000:]
+    said = " ".join(r.stdout.split() + r.stderr.split())
+    assert said.startswith(f"error: {text} has ") and "tokens; llama-perplexity needs at least 256 (twice --ctx 128)" in said, said
+
+
 def test_own_build_and_llama_flags(demo_file, tmp_path):
     """`run --llama-cpp-bin` takes a patched build it checks first (here ours), passes
     llama.cpp's own flags through, and refuses a folder without the patched tools."""

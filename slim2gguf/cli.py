@@ -210,14 +210,15 @@ def eval_cmd(
     """Perplexity of the original model or of a quantized checkpoint, in PyTorch."""
     from .checkpoint import Checkpoint, CheckpointError
     from .models import ModelError, load_model, load_tokenizer, resolve_model, set_linear_weights
-    from .perplexity import perplexity, read_eval_text
+    from .perplexity import check_windows, perplexity, read_eval_text
     from .pipeline import pick_device
 
     try:
-        path = resolve_model(model)
-        net = load_model(path)
+        check_windows(ctx, chunks, method)
         if backend not in ("torch", "triton"):
             raise ValueError(f"--backend must be torch or triton, got {backend!r}")
+        path = resolve_model(model)
+        net = load_model(path)
         if checkpoint is not None and backend == "triton":
             from . import format as fmt
             from .triton_linear import swap_linears
@@ -381,7 +382,7 @@ def run(
     ctx: typer.Context,
     path: Path = typer.Argument(..., help="A GGUF file slim2gguf wrote (SliM or --format native)."),
     prompt: str = typer.Option(..., "-p", "--prompt"),
-    n_predict: int = typer.Option(64, "-n", "--n-predict", help="Tokens to generate."),
+    n_predict: int = typer.Option(64, "-n", "--n-predict", help="Tokens to generate (the text is printed when they are done).", min=0),
     threads: Optional[int] = typer.Option(None, "--threads"),
     seed: int = typer.Option(0, "--seed"),
     llama_cpp_bin: Optional[Path] = LLAMA_BIN,

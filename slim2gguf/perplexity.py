@@ -21,6 +21,17 @@ from torch import nn
 from .progress import Progress
 
 METHODS = ("llama", "full")
+MIN_CTX = 8  # llama-perplexity's smallest window (its 2048-token batch runs as at most 256), so eval and validate agree
+
+
+def check_windows(ctx: int, chunks: int | None, method: str = "llama") -> None:
+    """A ValueError for windows no evaluation can score, before any model loads."""
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if ctx < MIN_CTX:
+        raise ValueError(f"--ctx must be at least {MIN_CTX} tokens (llama-perplexity's smallest window), got {ctx}")
+    if chunks is not None and chunks < 1:
+        raise ValueError(f"--chunks must be ≥ 1, got {chunks}")
 
 
 @dataclass
@@ -62,8 +73,7 @@ def perplexity(
     device: torch.device | str = "cpu",
     reference: nn.Module | None = None,
 ) -> PerplexityResult:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}")
+    check_windows(ctx, chunks, method)
     bos = adds_bos(tokenizer)
     ids = torch.tensor(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
     n_chunks = ids.numel() // ctx

@@ -29,11 +29,10 @@ from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
 from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
-from .perplexity import PerplexityResult, perplexity, read_eval_text
+from .perplexity import PerplexityResult, check_windows, perplexity, read_eval_text
 from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
 
 BACKENDS = ("torch", "triton")
-MIN_CTX = 8  # llama-perplexity runs its 2048-token batch as at most 256 windows
 TOO_FEW_TOKENS = re.compile(r"you need at least (?P<need>\d+) tokens.*\n.*tokenizes to only (?P<tokens>\d+) tokens")
 THRESHOLDS = {2: 0.02}  # by the file's average bits
 DEFAULT_THRESHOLD = 0.01
@@ -185,10 +184,10 @@ def validate(
     """
     if backend not in BACKENDS:
         raise ValidationError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if ctx < MIN_CTX:
-        raise ValidationError(f"--ctx must be at least {MIN_CTX} tokens (llama-perplexity's smallest window), got {ctx}")
-    if chunks < 1:
-        raise ValidationError(f"--chunks must be ≥ 1, got {chunks}")
+    try:
+        check_windows(ctx, chunks)
+    except ValueError as err:
+        raise ValidationError(str(err)) from None
     if threshold is not None and threshold <= 0:
         raise ValidationError(f"--threshold is the largest relative gap that passes: it must be > 0, got {threshold:g}")
     path = check_gguf_path(gguf_path)

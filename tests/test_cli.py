@@ -28,6 +28,28 @@ def test_unknown_method(tiny_model, tmp_path):
     assert code == 2 and "method must be one of slim, gptq, rtn" in out
 
 
+def test_eval_refuses_unusable_windows_before_loading(tiny_model, tiny_text, monkeypatch):
+    """--ctx 0 divided by zero (a traceback) after the model loaded; --chunks 0 read as too short a text."""
+    from slim2gguf import models
+
+    monkeypatch.setattr(models, "load_model", lambda *_: pytest.fail("weights loaded"))
+    for options, message in (
+        (("--ctx", 0), "--ctx must be at least 8 tokens (llama-perplexity's smallest window), got 0"),
+        (("--chunks", 0), "--chunks must be ≥ 1, got 0"),
+        (("--method", "half"), "--method must be one of llama, full, got 'half'"),
+    ):
+        code, out = invoke("eval", tiny_model, "--text", tiny_text, *options)
+        assert code == 2 and out.strip() == f"error: {message}", out
+
+
+def test_run_refuses_a_negative_token_count(tmp_path):
+    """llama.cpp reads -n -1 as "until stopped"; run prints the text at the end, so it would never print."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    code, out = invoke("run", model, "-p", "hi", "-n", -1)
+    assert code == 2 and "Invalid value for '-n'" in out
+
+
 def test_missing_model(tmp_path):
     code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
     assert code == 2 and "no model directory" in out

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,20 +17,25 @@ class CalibrationError(ValueError):
     """Calibration data that cannot be read or is too short."""
 
 
+def dataset_texts(name: str, *args: Any, **kwargs: Any) -> Sequence[str]:
+    """The ``text`` column of a hub dataset (``datasets.load_dataset``'s arguments), or a
+    one-line CalibrationError when it cannot be fetched (offline, say)."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, *args, **kwargs)["text"]
+    except OSError as err:  # ConnectionError, a missing dataset (FileNotFoundError)
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CalibrationError(f"could not load the {name} dataset from the Hugging Face hub (offline?): {reason}") from None
+
+
 def read_text(source: str) -> str:
     """Text of a dataset name or a local file (jsonl/parquet: the ``text`` column)."""
     if source == "wikitext2":
-        from datasets import load_dataset
-
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"]
-        return "\n\n".join(rows)
+        return "\n\n".join(dataset_texts("wikitext", "wikitext-2-raw-v1", split="train"))
     if source == "c4":
-        from datasets import load_dataset
-
-        rows = load_dataset(
-            "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"
-        )["text"][:20000]
-        return "\n\n".join(rows)
+        rows = dataset_texts("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        return "\n\n".join(rows[:20000])
     path = Path(source).expanduser()
     if not path.is_file():
         raise CalibrationError(f"calibration source '{source}' is neither {', '.join(BUILTIN)} nor a file")

@@ -217,6 +217,7 @@ def eval_cmd(
         check_windows(ctx, chunks, method)
         if backend not in ("torch", "triton"):
             raise ValueError(f"--backend must be torch or triton, got {backend!r}")
+        eval_text = read_eval_text(text)
         path = resolve_model(model)
         net = load_model(path)
         if checkpoint is not None and backend == "triton":
@@ -229,7 +230,7 @@ def eval_cmd(
             swap_linears(net, {n: (qt.pack(), qt.stype) for n, qt in tensors.items()})
         elif checkpoint is not None:
             set_linear_weights(net, {n: qt.dequantize() for n, qt in Checkpoint(checkpoint).tensors()})
-        result = perplexity(net, load_tokenizer(path), read_eval_text(text), ctx, chunks, method, device=pick_device(device))
+        result = perplexity(net, load_tokenizer(path), eval_text, ctx, chunks, method, device=pick_device(device))
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}, method {method})")
@@ -279,6 +280,7 @@ def convert(
     _check_writable(out)
     if bpw is not None and (embed_type or output_type):
         _fail("--bpw chooses the token embedding's and output's types within the budget; drop --embed-type/--output-type")
+    _check_export_types(embed_type, output_type)
     try:
         llamacpp.ensure_source()  # the export needs llama.cpp's converter: know before quantizing
     except llamacpp.LlamaCppError as err:
@@ -293,6 +295,17 @@ def convert(
     table = _summary_table(report, f"{out}")
     _add_export_rows(table, exported)
     console.print(table)
+
+
+def _check_export_types(embed_type: str | None, output_type: str | None) -> None:
+    from .export import ExportError, check_standard_type
+
+    try:
+        for choice, what in ((embed_type, "embedding"), (output_type, "output")):
+            if choice is not None:
+                check_standard_type(choice, what)
+    except ExportError as err:
+        _fail(str(err))
 
 
 def _check_writable(out: Path) -> None:

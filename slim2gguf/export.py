@@ -64,7 +64,9 @@ class ExportReport:
         return 8 * self.total_bytes / self.total_params
 
 
-def _check_standard_type(choice: str, what: str) -> str:
+def check_standard_type(choice: str, what: str) -> str:
+    """The lower-case name of a type gguf-py or slim2gguf.storage writes, or an ExportError
+    (convert asks before quantizing, so a typo does not wait for the export)."""
     if choice.lower() not in STANDARD_TYPES:
         raise ExportError(f"{what} type must be one of {', '.join(STANDARD_TYPES)}, got {choice!r}")
     return choice.lower()
@@ -136,8 +138,8 @@ def export_gguf(
     decided = (ckpt.budget or {}).get("choices", {})
     job = {
         "checkpoint": str(ckpt.directory.resolve()),
-        "embed_type": _check_standard_type(embed_type or decided.get("token_embd", "q8_0"), "embedding"),
-        "output_type": _check_standard_type(output_type or decided.get("output", "q8_0"), "output"),
+        "embed_type": check_standard_type(embed_type or decided.get("token_embd", "q8_0"), "embedding"),
+        "output_type": check_standard_type(output_type or decided.get("output", "q8_0"), "output"),
         "progress": progress,
     }
     model_dir = Path(settings["model_path"])

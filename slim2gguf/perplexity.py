@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from .calib import dataset_texts
 from .progress import Progress
 
 METHODS = ("llama", "full")
@@ -47,9 +48,7 @@ class PerplexityResult:
 def read_eval_text(source: str) -> str:
     """A text file's contents as they are (no newline conversion), or ``wikitext2`` (test split)."""
     if source == "wikitext2":
-        from datasets import load_dataset
-
-        return "\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+        return "\n".join(dataset_texts("wikitext", "wikitext-2-raw-v1", split="test"))
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation text at {path}")

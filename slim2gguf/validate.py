@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import format as fmt
+from .calib import CalibrationError
 from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
@@ -195,6 +196,8 @@ def validate(
         text = read_eval_text(str(text_path))
     except UnicodeDecodeError as err:
         raise ValidationError(f"{text_path} is not UTF-8 text: {err}") from err
+    except CalibrationError as err:  # wikitext2 offline
+        raise ValidationError(str(err)) from None
     reader = open_gguf(path)  # a broken file fails here, not after llama-perplexity's run
     if threshold is None:
         threshold = default_threshold(reader)

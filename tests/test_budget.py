@@ -210,6 +210,8 @@ def test_cli_refuses_bad_budgets_and_counts_before_loading_weights(tiny_model, t
         assert message in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["convert", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--bpw", "4", "--embed-type", "q8_0"])
     assert result.exit_code == 2 and "drop --embed-type" in result.output
+    result = runner.invoke(app, ["convert", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--bits", "2", "--output-type", "q9_k"])
+    assert result.exit_code == 2 and "output type must be one of f32, f16, bf16, q8_0" in result.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 

@@ -5,7 +5,10 @@ JSON or calibration file. Targeted cases first, then property-based mutations.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -231,6 +234,18 @@ def test_quantize_refuses_bad_calibration_files(tiny_model, tmp_path, name, cont
     calib.write_bytes(content)
     result = run_cli("quantize", tiny_model, "-o", tmp_path / "o", "--calib", calib, "--nsamples", "2", "--seqlen", "32")
     assert_refused(result)
+
+
+def test_a_hub_dataset_out_of_reach_is_one_line(tiny_model, tiny_text, tmp_path):
+    """--calib wikitext2 (and eval's --text wikitext2) offline: datasets' ConnectionError was a
+    traceback. A real load, in a child with an empty Hugging Face cache and the hub off."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for args in (["quantize", tiny_model, "-o", tmp_path / "o", "--calib", "wikitext2"], ["eval", tiny_model, "--text", "wikitext2"]):
+        result = subprocess.run([sys.executable, "-m", "slim2gguf", *map(str, args)], env=env, capture_output=True, text=True)
+        said = (result.stdout + result.stderr).strip().splitlines()
+        assert result.returncode == 2 and len(said) == 1, said
+        assert said[0].startswith("error: could not load the wikitext dataset from the Hugging Face hub (offline?): "), said
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 # --- failure paths of convert; export of a finished checkpoint ----------------------------

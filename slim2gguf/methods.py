@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,9 +49,9 @@ class QuantSettings:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         fmt.slim_type(self.bits, self.group_size)
-        if self.damp <= 0:
-            raise ValueError("--damp must be positive")
-        if self.sqc_lambda < 0:
+        if not (math.isfinite(self.damp) and self.damp > 0):
+            raise ValueError(f"--damp must be positive, got {self.damp:g}")
+        if not (math.isfinite(self.sqc_lambda) and self.sqc_lambda >= 0):
             raise ValueError(f"--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got {self.sqc_lambda:g}")
         if self.sba_tokens < 1:
             raise ValueError(f"--sba-tokens must be ≥ 1, got {self.sba_tokens}")

@@ -189,7 +189,7 @@ def validate(
         check_windows(ctx, chunks)
     except ValueError as err:
         raise ValidationError(str(err)) from None
-    if threshold is not None and threshold <= 0:
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise ValidationError(f"--threshold is the largest relative gap that passes: it must be > 0, got {threshold:g}")
     path = check_gguf_path(gguf_path)
     try:

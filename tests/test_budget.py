@@ -204,6 +204,8 @@ def test_cli_refuses_bad_budgets_and_counts_before_loading_weights(tiny_model, t
         (["--seqlen", "1"], "--nsamples must be ≥ 1 and --seqlen ≥ 2, got 128 and 1"),
         (["--sqc-lambda", "-1"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got -1"),
         (["--sba-tokens", "0"], "--sba-tokens must be ≥ 1, got 0"),
+        (["--damp", "nan"], "--damp must be positive, got nan"),
+        (["--sqc-lambda", "nan"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got nan"),
     ):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2, result.output

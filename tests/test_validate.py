@@ -288,6 +288,7 @@ def test_validate_checks_inputs_before_running_anything(monkeypatch, tmp_path, s
         ({"ctx": 4}, "--ctx must be at least 8 tokens"),
         ({"chunks": 0}, "--chunks must be ≥ 1, got 0"),
         ({"threshold": -0.01}, "--threshold is the largest relative gap that passes: it must be > 0, got -0.01"),
+        ({"threshold": float("nan")}, "--threshold is the largest relative gap that passes: it must be > 0, got nan"),
     ):
         with pytest.raises(ValidationError, match=re.escape(message)):
             validate.validate(small_slim_gguf, "model", tiny_text, **options)

@@ -160,6 +160,7 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
     quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order, allocation is not None)
+    _check_checkpoint_dir(out)
     try:
         alloc = load_allocation(allocation) if allocation else None
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
@@ -217,6 +218,7 @@ def eval_cmd(
         check_windows(ctx, chunks, method)
         if backend not in ("torch", "triton"):
             raise ValueError(f"--backend must be torch or triton, got {backend!r}")
+        dev = pick_device(device)
         eval_text = read_eval_text(text)
         path = resolve_model(model)
         net = load_model(path)
@@ -230,7 +232,7 @@ def eval_cmd(
             swap_linears(net, {n: (qt.pack(), qt.stype) for n, qt in tensors.items()})
         elif checkpoint is not None:
             set_linear_weights(net, {n: qt.dequantize() for n, qt in Checkpoint(checkpoint).tensors()})
-        result = perplexity(net, load_tokenizer(path), eval_text, ctx, chunks, method, device=pick_device(device))
+        result = perplexity(net, load_tokenizer(path), eval_text, ctx, chunks, method, device=dev)
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}, method {method})")
@@ -311,6 +313,17 @@ def _check_export_types(embed_type: str | None, output_type: str | None) -> None
 def _check_writable(out: Path) -> None:
     if out.is_dir():
         _fail(f"{out} is a directory")
+    _check_parent_writable(out)
+
+
+def _check_checkpoint_dir(ckpt: Path) -> None:
+    """A checkpoint folder can be made at ``ckpt`` (its work folder beside it), known before quantizing."""
+    if ckpt.exists() and not ckpt.is_dir():
+        _fail(f"{ckpt} is a file, not a checkpoint folder")
+    _check_parent_writable(ckpt)
+
+
+def _check_parent_writable(out: Path) -> None:
     if not out.parent.is_dir():
         _fail(f"cannot write {out}: directory {out.parent} does not exist")
     try:

@@ -205,6 +205,8 @@ def test_cli_refuses_bad_budgets_and_counts_before_loading_weights(tiny_model, t
         (["--sqc-lambda", "-1"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got -1"),
         (["--sba-tokens", "0"], "--sba-tokens must be ≥ 1, got 0"),
         (["--damp", "nan"], "--damp must be positive, got nan"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
         (["--sqc-lambda", "nan"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got nan"),
     ):
         result = runner.invoke(app, base + extra)
@@ -214,6 +216,11 @@ def test_cli_refuses_bad_budgets_and_counts_before_loading_weights(tiny_model, t
     assert result.exit_code == 2 and "drop --embed-type" in result.output
     result = runner.invoke(app, ["convert", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--bits", "2", "--output-type", "q9_k"])
     assert result.exit_code == 2 and "output type must be one of f32, f16, bf16, q8_0" in result.output
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for args in (["quantize", str(tiny_model), "-o", str(taken)], ["convert", str(tiny_model), "-o", str(tmp_path / "o.gguf"), "--checkpoint", str(taken)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and f"{taken} is a file, not a checkpoint folder" in result.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 

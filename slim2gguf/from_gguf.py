@@ -136,6 +136,9 @@ def _file_kind(path: Path) -> str:
 
     import gguf
 
+    from . import format as fmt
+
+    fmt.register_gguf_types()  # a SliM file is read as model_dir_of_file reads it
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as err:

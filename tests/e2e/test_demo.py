@@ -130,6 +130,15 @@ def test_validate_a_file_alone(demo_file, eval_text):
     assert "pass" in r.stdout.lower()
 
 
+def test_a_slim_file_as_model(demo_file, tmp_path):
+    """Our own file as MODEL is read as validate reads it alone (gguf-py with the SliM types), with
+    the warning that quantizing again compounds errors; gguf-py refused its type ids before."""
+    out = tmp_path / "again.gguf"
+    r = slim2gguf("convert", demo_file(4), "-o", out, "--method", "rtn", "--bits", 4, "--group-size", 64)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is already quantized (mostly SLIM" in " ".join(r.stderr.split()) and out.is_file()
+
+
 def test_validate_of_too_short_a_text_says_so_in_one_line(demo_file, tmp_path):
     """llama-perplexity wants twice --ctx tokens; its refusal reaches the user as one line."""
     text = tmp_path / "short.txt"

@@ -550,6 +550,8 @@ PATCH_SERIES = (
 def export_patches(tree: Path, dest: Path = PATCH_DIR) -> list[Path]:
     """Rewrite patches/ from a tree made by `build` (a git repository over the pristine source)
     after editing it: every change since its first commit, split by PATCH_SERIES."""
+    if not Path(tree).is_dir():
+        raise LlamaCppError(f"{tree} is not a folder")
     root = _git(["rev-list", "--max-parents=0", "HEAD"], tree)
     if root.returncode != 0:
         raise LlamaCppError(f"{tree} is not a git tree made by slim2gguf's build: {root.stderr.strip()}")
@@ -583,7 +585,7 @@ app = typer.Typer(help="Get and build the llama.cpp that reads SliM types.", no_
 def build_command(
     target: list[str] = typer.Option(None, "--target", "-t", help="Tool to build (repeatable); default: all."),
     cpu: str = typer.Option("native", help=f"CPU variant: {', '.join(CPU_VARIANTS)}."),
-    jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: CPU count)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (default: CPU count).", min=1),
     force: bool = typer.Option(False, help="Run the build even if it is stamped done (after editing src/)."),
     stock: bool = typer.Option(False, "--stock", help="Build llama.cpp without the patches (runs --format native files)."),
 ) -> None:
@@ -624,7 +626,12 @@ def clean_command() -> None:
 @app.command("export-patches")
 def export_command(tree: Path = typer.Argument(..., help="A build's src/ folder, edited.")) -> None:
     """Regenerate patches/ from an edited build tree (for maintainers)."""
-    for patch in export_patches(tree):
+    try:
+        written = export_patches(tree)
+    except LlamaCppError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    for patch in written:
         print(patch)
 
 

@@ -50,6 +50,16 @@ def test_run_refuses_a_negative_token_count(tmp_path):
     assert code == 2 and "Invalid value for '-n'" in out
 
 
+def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path):
+    """export-patches of a folder that is not a build tree (or no folder) raised LlamaCppError or
+    FileNotFoundError tracebacks; --jobs 0 reached the build."""
+    for folder, said in ((tmp_path, f"error: {tmp_path} is not a git tree made by slim2gguf's build"), (tmp_path / "none", f"error: {tmp_path / 'none'} is not a folder")):
+        code, out = invoke("llama-cpp", "export-patches", folder)
+        assert code == 1 and out.startswith(said) and "Traceback" not in out, out
+    code, out = invoke("llama-cpp", "build", "--jobs", 0)
+    assert code == 2 and "Invalid value for '--jobs'" in out
+
+
 def test_missing_model(tmp_path):
     code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
     assert code == 2 and "no model directory" in out

@@ -219,12 +219,13 @@ def eval_cmd(
         if backend not in ("torch", "triton"):
             raise ValueError(f"--backend must be torch or triton, got {backend!r}")
         dev = pick_device(device)
+        if backend == "triton":  # before the model loads, which imports Triton (triton_linear)
+            from .triton_linear import swap_linears
         eval_text = read_eval_text(text)
         path = resolve_model(model)
         net = load_model(path)
         if checkpoint is not None and backend == "triton":
             from . import format as fmt
-            from .triton_linear import swap_linears
 
             tensors = dict(Checkpoint(checkpoint).tensors())
             if any(not isinstance(qt.stype, fmt.SlimType) for qt in tensors.values()):

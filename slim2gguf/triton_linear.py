@@ -8,6 +8,7 @@ way reads exactly the bytes that llama.cpp reads.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -16,10 +17,16 @@ from torch import nn
 
 from slim2gguf.format import SlimType
 
-if not torch.cuda.is_available():
-    # Without a GPU the kernels run in Triton's interpreter (slow: small inputs only);
-    # the flag must be set before the kernels are first imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    # Without a GPU the kernels run in Triton's interpreter (slow: small inputs only). The
+    # flag must be set before Triton is first imported: its own jit helpers (tl.sum, ...)
+    # are built then, and a GPU build of them fails inside the interpreted kernels.
+    if "triton" in sys.modules:
+        raise ImportError(
+            "without a GPU the SliM Triton kernels run in Triton's CPU interpreter, which must be chosen "
+            "before Triton is first imported: set TRITON_INTERPRET=1 (or import slim2gguf.triton_linear first)"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from slim2gguf_kernels import SlimTensor, slim_matmul  # noqa: E402
 

@@ -143,6 +143,8 @@ def torch_perplexity(
     token embedding and LM head are the file's too (e.g. dequantized q8_0). With
     ``against_float``, the untouched float model runs on the same windows and the
     result carries its perplexity and the KL divergence from it."""
+    if backend == "triton":  # before the model loads, which imports Triton (triton_linear)
+        from .triton_linear import swap_linears
     model_dir = resolve_model(model)
     reference = load_model(model_dir) if against_float else None
     hf_model = load_model(model_dir)
@@ -150,8 +152,6 @@ def torch_perplexity(
     if backend == "torch":
         set_linear_weights(hf_model, slim_weights_from_gguf(gguf_path, model_dir))
     else:
-        from .triton_linear import swap_linears
-
         packed = packed_from_gguf(gguf_path, model_dir)
         if any(not isinstance(stype, fmt.SlimType) for _, stype in packed.values()):
             raise ValidationError("--backend triton runs SliM types only; this file holds stock types: use --backend torch")

@@ -258,7 +258,9 @@ def _default_checkpoint(out: Path) -> Path:
     from .paths import cache_dir
 
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-    return cache_dir() / "checkpoints" / f"{out.stem}-{key}"
+    folder = cache_dir() / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{out.stem}-{key}"
 
 
 @app.command()

@@ -266,6 +266,20 @@ def convert_args(model: Path, out: Path, text: Path, *extra: str) -> list:
             "--nsamples", "2", "--seqlen", "32", "--checkpoint", out.with_suffix(".ckpt"), *extra]  # fmt: skip
 
 
+def test_convert_into_a_fresh_cache(convertible, tiny_text, tmp_path, monkeypatch):
+    """Without --checkpoint the work goes to the cache's checkpoints/ folder, which a fresh cache
+    does not have yet; after the export nothing of it stays."""
+    from slim2gguf import llamacpp
+
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(llamacpp.ensure_source()))
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "o.gguf"
+    args = convert_args(convertible, out, tiny_text)
+    result = run_cli(*args[: args.index("--checkpoint")])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and list((tmp_path / "cache" / "checkpoints").iterdir()) == []
+
+
 def test_convert_without_llama_cpp_source_stops_before_quantizing(convertible, tiny_text, tmp_path, monkeypatch):
     from slim2gguf import llamacpp, pipeline
 

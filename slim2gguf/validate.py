@@ -185,6 +185,8 @@ def validate(
     """
     if backend not in BACKENDS:
         raise ValidationError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":  # before reading the file alone imports Triton (triton_linear)
+        from . import triton_linear  # noqa: F401
     try:
         check_windows(ctx, chunks)
     except ValueError as err:

@@ -8,8 +8,10 @@ and the converter's mapping child runs once per model (cached), to keep this fas
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,6 +274,23 @@ def test_validate_torch_side_on_the_tiny_model(monkeypatch, exported, tiny_text)
     assert np.isfinite(result.ppl_torch) and result.ppl_torch > 1
     assert result.ppl_llama == 48956.1869 and result.threshold == 0.01
     assert result.kld_float > 0 and np.isfinite(result.ppl_float)  # the float model was given
+
+
+def test_triton_backend_of_a_file_alone_without_triton_interpret(exported, tiny_text):
+    """On a CPU with TRITON_INTERPRET unset, validate picks Triton's interpreter before reading the
+    file alone imports Triton (it raised ImportError, and before that failed inside the kernels).
+    A child process, so Triton is imported there first; llama.cpp's side is the end-to-end layer's."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the kernels run on it")
+    script = (
+        "from slim2gguf import validate\n"
+        "validate.llama_perplexity = lambda *args: 10.0\n"
+        f"r = validate.validate({str(exported.path)!r}, None, {str(tiny_text)!r}, ctx=64, chunks=1, backend='triton', threshold=1e9)\n"
+        "print(r.tokens)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "31", r.stderr[-3000:]
 
 
 def test_validate_checks_inputs_before_running_anything(monkeypatch, tmp_path, small_slim_gguf, tiny_text):

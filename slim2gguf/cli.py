@@ -258,9 +258,7 @@ def _default_checkpoint(out: Path) -> Path:
     from .paths import cache_dir
 
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-    folder = cache_dir() / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{out.stem}-{key}"
+    return cache_dir() / "checkpoints" / f"{out.stem}-{key}"
 
 
 @app.command()
@@ -320,9 +318,14 @@ def _check_writable(out: Path) -> None:
 
 
 def _check_checkpoint_dir(ckpt: Path) -> None:
-    """A checkpoint folder can be made at ``ckpt`` (its work folder beside it), known before quantizing."""
+    """A checkpoint folder can be made at ``ckpt`` (its work folder beside it, the folders above
+    it made as needed), known before quantizing."""
     if ckpt.exists() and not ckpt.is_dir():
         _fail(f"{ckpt} is a file, not a checkpoint folder")
+    try:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"cannot write {ckpt}: {err.strerror}")
     _check_parent_writable(ckpt)
 
 

@@ -98,7 +98,7 @@ def test_corrupt_gguf_for_inspect(tmp_path):
 
 
 def test_quantize_then_eval(tiny_model, tiny_text, tmp_path):
-    ck = tmp_path / "ck"
+    ck = tmp_path / "runs" / "ck"  # the folders above a checkpoint are made
     code, out = invoke("quantize", tiny_model, "-o", ck, "--bits", 3, "--group-size", 32, "--method", "gptq",
                        "--calib", tiny_text, "--nsamples", 4, "--seqlen", 64, "--no-refit")
     assert code == 0, out

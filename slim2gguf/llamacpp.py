@@ -28,6 +28,7 @@ from typing import Any
 
 import typer
 
+from slim2gguf.atomic import write_bytes_atomic
 from slim2gguf.paths import cache_dir
 
 PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -564,16 +565,18 @@ def export_patches(tree: Path, dest: Path = PATCH_DIR) -> list[Path]:
         if patch is None:
             raise LlamaCppError(f"{name} matches no entry of PATCH_SERIES; add one")
         groups.setdefault(patch, []).append(name)
-    for old in patch_files():
-        old.unlink()
-    written = []
-    for patch, paths in groups.items():
+    diffs = {}
+    for patch, paths in groups.items():  # every diff made before the old series is touched
         diff = _git(["diff", "--cached", "--no-color", "--no-ext-diff", base, "--", *paths], tree)
         if diff.returncode != 0:
             raise LlamaCppError(diff.stderr)
-        (dest / patch).write_text(diff.stdout)
-        written.append(dest / patch)
-    return sorted(written)
+        diffs[dest / patch] = diff.stdout
+    for old in Path(dest).glob("*.patch"):
+        if old not in diffs:
+            old.unlink()
+    for path, text in diffs.items():
+        write_bytes_atomic(path, text.encode())
+    return sorted(diffs)
 
 
 # --- command line -------------------------------------------------------------------------

@@ -64,6 +64,38 @@ def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path):
     assert code == 2 and "Invalid value for '--jobs'" in out
 
 
+def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch):
+    """export-patches into another folder deleted the repository's patches/ (it listed those, not
+    the destination's); the destination's old series is replaced only once every diff is made."""
+    import subprocess
+
+    from slim2gguf import llamacpp
+
+    tree = tmp_path / "tree"
+    (tree / "ggml").mkdir(parents=True)
+    (tree / "ggml" / "a.c").write_text("int a;\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tree)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "pristine"], check=True)
+    (tree / "ggml" / "a.c").write_text("int a = 1;\n")
+    (tree / "src").mkdir()
+    (tree / "src" / "b.cpp").write_text("int b;\n")
+    repo_patches, dest = tmp_path / "patches", tmp_path / "dest"
+    repo_patches.mkdir()
+    dest.mkdir()
+    (repo_patches / "0001-ggml-slim-types.patch").write_text("kept\n")
+    (dest / "0001-ggml-slim-types.patch").write_text("old\n")
+    (dest / "0009-gone.patch").write_text("old\n")
+    monkeypatch.setattr(llamacpp, "PATCH_DIR", repo_patches)
+    written = llamacpp.export_patches(tree, dest)
+    assert [p.name for p in written] == ["0001-ggml-slim-types.patch", "0003-llama-slim-types.patch"]
+    assert sorted(p.name for p in dest.iterdir()) == [p.name for p in written]
+    assert "+int a = 1;" in (dest / "0001-ggml-slim-types.patch").read_text()
+    assert "+int b;" in (dest / "0003-llama-slim-types.patch").read_text()
+    assert (repo_patches / "0001-ggml-slim-types.patch").read_text() == "kept\n"
+
+
 def test_missing_model(tmp_path):
     code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
     assert code == 2 and "no model directory" in out

@@ -175,7 +175,6 @@ class CheckpointWriter:
         flat: dict[str, Any] = {}
         for name, qt in tensors.items():
             flat.update(qt.tensors(name))
-        (self.work / "blocks").mkdir(parents=True, exist_ok=True)
         with atomic_path(self.work / block_file(index)) as tmp:
             save_file(flat, str(tmp))
         for name, qt in tensors.items():

@@ -212,13 +212,13 @@ def eval_cmd(
     """Perplexity of the original model or of a quantized checkpoint, in PyTorch."""
     from .checkpoint import Checkpoint, CheckpointError
     from .models import ModelError, load_model, load_tokenizer, resolve_model, set_linear_weights
-    from .perplexity import check_windows, perplexity, read_eval_text
+    from .perplexity import BACKENDS, check_windows, perplexity, read_eval_text
     from .pipeline import pick_device
 
     try:
         check_windows(ctx, chunks, method)
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"--backend must be torch or triton, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         dev = pick_device(device)
         if backend == "triton":  # before the model loads, which imports Triton (triton_linear)
             from .triton_linear import swap_linears

@@ -289,7 +289,8 @@ def register_gguf_types() -> None:
     GGMLQuantizationType is an IntEnum that cannot be subclassed; we add members the
     way Enum itself stores them. Idempotent; standard types are untouched.
     """
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.constants import GGMLQuantizationType as QT
 
     for t in SLIM_TYPES:
         if t.type_id not in QT._value2member_map_:

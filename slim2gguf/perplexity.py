@@ -22,6 +22,7 @@ from .calib import dataset_texts
 from .progress import Progress
 
 METHODS = ("llama", "full")
+BACKENDS = ("torch", "triton")  # a quantized linear: dequantized then matmul, or Triton kernels on the packed bytes
 MIN_CTX = 8  # llama-perplexity's smallest window (its 2048-token batch runs as at most 256), so eval and validate agree
 
 

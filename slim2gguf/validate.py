@@ -30,10 +30,9 @@ from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
 from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
-from .perplexity import PerplexityResult, check_windows, perplexity, read_eval_text
+from .perplexity import BACKENDS, PerplexityResult, check_windows, perplexity, read_eval_text
 from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
 
-BACKENDS = ("torch", "triton")
 TOO_FEW_TOKENS = re.compile(r"you need at least (?P<need>\d+) tokens.*\n.*tokenizes to only (?P<tokens>\d+) tokens")
 THRESHOLDS = {2: 0.02}  # by the file's average bits
 DEFAULT_THRESHOLD = 0.01
@@ -184,7 +183,7 @@ def validate(
     ``device`` to PyTorch (default: CUDA when present).
     """
     if backend not in BACKENDS:
-        raise ValidationError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValidationError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "triton":  # before reading the file alone imports Triton (triton_linear)
         from . import triton_linear  # noqa: F401
     try:

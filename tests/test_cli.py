@@ -41,6 +41,7 @@ def test_eval_refuses_unusable_windows_before_loading(tiny_model, tiny_text, mon
         (("--ctx", 0), "--ctx must be at least 8 tokens (llama-perplexity's smallest window), got 0"),
         (("--chunks", 0), "--chunks must be ≥ 1, got 0"),
         (("--method", "half"), "--method must be one of llama, full, got 'half'"),
+        (("--backend", "cuda"), "--backend must be one of torch, triton, got 'cuda'"),
     ):
         code, out = invoke("eval", tiny_model, "--text", tiny_text, *options)
         assert code == 2 and out.strip() == f"error: {message}", out

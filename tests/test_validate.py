@@ -324,6 +324,10 @@ def test_print_validation():
     validate.print_validation(judge(10.1, 10.0, 0.01, 1000), console)
     text = console.export_text()
     assert "10.1000" in text and "1.000 %" in text and "1,000" in text and "PASS" in text
+    assert "note: only 1,000 tokens scored; below 1,024 the gap is mostly noise" in " ".join(text.split())
+    console = Console(record=True, width=100)
+    validate.print_validation(judge(10.1, 10.0, 0.01, 5120), console)
+    assert "note" not in console.export_text()
 
 
 # --- llama-completion and tool failures --------------------------------------------------

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from .atomic import atomic_path, write_bytes_atomic
+from .atomic import write_bytes_atomic
 from .qtensor import StoredTensor, stored_tensor
 from .storage import NATIVE_TYPES
 
@@ -45,6 +47,19 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 def _holds_work(manifest: dict[str, Any]) -> bool:
     """Whether a work folder's manifest records finished blocks or a --bpw budget (minutes to hours)."""
     return manifest["blocks_done"] > 0 or manifest.get("budget") is not None
+
+
+def _unrecorded(work: Path) -> bool:
+    """Whether a work folder without a manifest holds only what a run leaves before recording
+    its first block (a block file or temporaries: the disk filled up, or the run was killed)."""
+    for path in work.rglob("*"):
+        name = path.relative_to(work).as_posix()
+        if path.is_dir():
+            if name != "blocks":
+                return False
+        elif not (fnmatchcase(name, "blocks/block_*.safetensors") or fnmatchcase(path.name, ".*.tmp")):
+            return False
+    return True
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -133,6 +148,10 @@ class CheckpointWriter:
             "tensors": {},
             "blocks": [],
         }
+        if self.work.exists() and not (self.work / MANIFEST).exists():
+            if not _unrecorded(self.work):
+                raise CheckpointError(f"{self.work} is in the way: it holds no {MANIFEST} and files a run does not write; move it")
+            shutil.rmtree(self.work)  # nothing recorded: a run stopped while writing its first block
         if self.work.exists():
             previous = read_manifest(self.work)
             if previous["settings"] == settings and previous["num_blocks"] == num_blocks:
@@ -160,10 +179,30 @@ class CheckpointWriter:
         """The --bpw decision this run quantizes by (budget.Decision.to_dict()), once made."""
         return self.manifest.get("budget")
 
+    def _write(self, what: str, write: Callable[[], None]) -> None:
+        """``write``, with the file system's failure (disk full, read-only) as one CheckpointError
+        that says what stays on disk; a work folder that recorded nothing is removed."""
+        done, budget = self.blocks_done, self.budget is not None
+        try:
+            write()
+        except OSError as err:
+            if done:
+                kept = f"its {done} finished block{'s are' if done > 1 else ' is'} kept: rerun the same command to resume"
+            elif budget:
+                kept = "its --bpw budget is kept: rerun the same command to resume"
+            else:
+                shutil.rmtree(self.work, ignore_errors=True)
+                kept = "nothing was kept"
+            raise CheckpointError(f"cannot write {what} in {self.work}: {err.strerror or err}; {kept}") from err
+
     def set_budget(self, decision: dict[str, Any]) -> None:
         """Saved before the first block, so a resumed run quantizes by the same decision."""
-        self.manifest["budget"] = decision
-        self._save()
+
+        def save() -> None:
+            self.manifest["budget"] = decision
+            self._save()
+
+        self._write("the --bpw budget", save)
 
     def finished_tensors(self) -> Iterator[tuple[str, StoredTensor]]:
         """Tensors of the blocks already saved (for a resumed run to replay)."""
@@ -175,18 +214,25 @@ class CheckpointWriter:
         flat: dict[str, Any] = {}
         for name, qt in tensors.items():
             flat.update(qt.tensors(name))
-        with atomic_path(self.work / block_file(index)) as tmp:
-            save_file(flat, str(tmp))
-        for name, qt in tensors.items():
-            self.manifest["tensors"][name] = {"block": index, "shape": list(qt.shape), **qt.meta()}
-        self.manifest["blocks"].append(info)
-        self.manifest["blocks_done"] = index + 1
-        self._save()
+
+        def save() -> None:  # the block's file, then the manifest that records it
+            write_bytes_atomic(self.work / block_file(index), safetensors_bytes(flat))
+            for name, qt in tensors.items():
+                self.manifest["tensors"][name] = {"block": index, "shape": list(qt.shape), **qt.meta()}
+            self.manifest["blocks"].append(info)
+            self.manifest["blocks_done"] = index + 1
+            self._save()
+
+        self._write(f"block {index}", save)
 
     def finish(self, extra: dict[str, Any]) -> Path:
         """Rename the finished work folder to the target (replacing an older one)."""
-        self.manifest.update(extra)
-        self._save()
+
+        def save() -> None:
+            self.manifest.update(extra)
+            self._save()
+
+        self._write("the manifest", save)
         old = self.target.with_name(self.target.name + ".old")
         if self.target.exists():
             self.target.rename(old)

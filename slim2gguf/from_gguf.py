@@ -46,6 +46,7 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
         return target
     import torch
     from accelerate import init_empty_weights
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     with atomic_path(target) as tmp, console.status(f"dequantizing {gguf_path.name} (once)…") as status:
@@ -55,16 +56,16 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
             with init_empty_weights():
                 skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(f"dequantizing {gguf_path.name} (once): {done}"))
-        except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as err:
+            # the weights are plain float32 now: save them as such, not as "quantized with gguf"
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.dtype = "float32"
+            config.architectures = [type(skeleton).__name__]
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError, SafetensorError) as err:  # a full disk too
             raise GGUFImportError(f"cannot import {gguf_path}: {_first_line(err)}") from err
-        # the weights are plain float32 now: save them as such, not as "quantized with gguf"
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = "float32"
-        config.architectures = [type(skeleton).__name__]
-        config.save_pretrained(tmp)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
     return target
 
 

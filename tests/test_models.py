@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from write_limits import files_limited_to
 
 from slim2gguf import named_models
 from slim2gguf.cli import app
@@ -85,6 +86,16 @@ def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, ca
     assert ours.keys() == {k for k in reference if k != "lm_head.weight"}  # tied to the embedding, as save_pretrained leaves it
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
     assert resolve_model(str(gguf_path)) == made  # cached: no second dequantization
+
+
+def test_a_gguf_import_that_cannot_write_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk while the shards were written was a SafetensorError traceback."""
+    gguf_path = tmp_path / "smol.gguf"
+    gguf_path.symlink_to(named_models.gguf_file(named_models.DEMO))
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    with files_limited_to(1 << 20), pytest.raises(ModelError, match="cannot import .*gguf: Error while serializing: I/O error: File too large"):
+        resolve_model(str(gguf_path))
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
 
 
 def test_bad_gguf_models_fail_in_one_line(tmp_path):

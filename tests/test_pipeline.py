@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from write_limits import files_limited_to
 
 from slim2gguf import checkpoint as ckpt_mod
 from slim2gguf.checkpoint import Checkpoint, CheckpointError
@@ -145,6 +146,37 @@ def test_a_run_that_fails_before_its_first_block_leaves_nothing(tiny_model, tiny
     (tmp_path / "x.partial" / "manifest.json").write_text(json.dumps(stale))
     assert quantize_model(str(tiny_model), out, SLIM, calib(tiny_text)).resumed_from == 0
     assert Checkpoint(out).manifest["settings"]["method"] == "slim"
+
+
+def test_a_full_disk_says_what_is_kept_and_the_same_command_resumes(tmp_path):
+    """A block that could not be written (disk full) was a SafetensorError traceback, and the
+    work folder it left (blocks/, no manifest) refused every later run as "not a checkpoint"."""
+    from export_helpers import random_qtensor
+
+    gen = torch.Generator().manual_seed(0)
+    block = {f"model.layers.0.mlp.{n}": random_qtensor(64, 256, 3, 64, gen) for n in ("up_proj", "down_proj")}
+    out, work = tmp_path / "x", tmp_path / "x.partial"
+    with files_limited_to(4096), pytest.raises(CheckpointError) as failed:
+        ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2).write_block(0, block, {"block": 0})
+    assert str(failed.value) == f"cannot write block 0 in {work}: File too large; nothing was kept"
+    assert not work.exists()
+    writer = ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2)
+    writer.write_block(0, block, {"block": 0})
+    with files_limited_to(4096), pytest.raises(CheckpointError) as failed:
+        writer.write_block(1, block, {"block": 1})
+    assert str(failed.value).endswith("; its 1 finished block is kept: rerun the same command to resume")
+    assert ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2).blocks_done == 1
+    # a killed run's folder that recorded nothing (a block file, no manifest) is replaced ...
+    shutil.rmtree(work)
+    (work / "blocks").mkdir(parents=True)
+    (work / "blocks" / "block_0000.safetensors").write_bytes(b"half")
+    assert ckpt_mod.CheckpointWriter(out, {"method": "gptq"}, 2).blocks_done == 0 and not work.exists()
+    # ... but a folder of that name holding anything else is not removed
+    (work / "notes.txt").parent.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="is in the way: it holds no manifest.json"):
+        ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2)
+    assert (work / "notes.txt").read_text() == "mine"
 
 
 def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):

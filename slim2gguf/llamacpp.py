@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -223,6 +224,8 @@ def ensure_source() -> Path:
         except OSError:
             if not _is_llama_tree(target):  # a concurrent run may have won the race
                 raise
+    except OSError as err:  # the cache's file system: full, read-only
+        raise LlamaCppError(f"cannot write llama.cpp's source in {target.parent}: {err.strerror or err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -336,6 +339,16 @@ def _apply_patches(tree: Path) -> None:
             _run_quiet(["patch", "-p1", "--batch", "--forward", "-i", str(patch)], cwd=tree)
 
 
+def _os_reason(err: OSError) -> str:
+    """Why a file operation failed; for copytree's Error (source, copy, "[Errno N] why: 'path'"
+    for each file that failed) the first file's why."""
+    if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list) and err.args[0]:
+        first = str(err.args[0][0][-1])
+        found = re.match(r"\[Errno \d+\] ([^:]+)", first)
+        return found[1] if found else first
+    return err.strerror or str(err)
+
+
 def _prepare_tree(src: Path, patched: bool = True) -> None:
     """Copy the pristine source next to `src`, patch it (unless it is the unpatched
     build's), then rename it into place."""
@@ -347,6 +360,8 @@ def _prepare_tree(src: Path, patched: bool = True) -> None:
         if patched:
             _apply_patches(tmp)
         os.rename(tmp, src)
+    except OSError as err:  # the cache's file system: full, read-only
+        raise LlamaCppError(f"cannot copy llama.cpp's source into {src.parent}: {_os_reason(err)}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from typer.testing import CliRunner
+from write_limits import files_limited_to
 
 from slim2gguf.cli import app
 
@@ -68,8 +69,6 @@ def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path):
 def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch):
     """export-patches into another folder deleted the repository's patches/ (it listed those, not
     the destination's); the destination's old series is replaced only once every diff is made."""
-    import subprocess
-
     from slim2gguf import llamacpp
 
     tree = tmp_path / "tree"
@@ -95,6 +94,29 @@ def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch
     assert "+int a = 1;" in (dest / "0001-ggml-slim-types.patch").read_text()
     assert "+int b;" in (dest / "0003-llama-slim-types.patch").read_text()
     assert (repo_patches / "0001-ggml-slim-types.patch").read_text() == "kept\n"
+
+
+def test_a_llama_cpp_source_that_cannot_be_written_fails_in_one_line(tmp_path, monkeypatch):
+    """A full disk while llama.cpp's source was unpacked (build, or convert's export) was an OSError traceback."""
+    from slim2gguf import llamacpp
+
+    sdist, source = llamacpp.sdist_path(), llamacpp.ensure_source()  # from the usual cache
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / sdist.name).symlink_to(sdist)
+    with files_limited_to(1 << 20):
+        code, out = invoke("llama-cpp", "build")
+    said = "".join(out.split())  # rich wraps long paths anywhere
+    assert code == 1 and said == "".join(f"error: cannot write llama.cpp's source in {tmp_path / 'llama.cpp'}: File too large".split()), out
+    assert [p.name for p in (tmp_path / "llama.cpp").iterdir() if p.name.startswith(("src-", ".src-"))] == []
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(source))  # the source is there: copying it fails
+    with files_limited_to(1 << 20):
+        code, out = invoke("llama-cpp", "build")
+    build = llamacpp.build_dir("native", True)
+    said = "".join(out.split())
+    assert code == 1 and said == "".join(f"error: cannot copy llama.cpp's source into {build}: File too large".split()), out
+    assert [p.name for p in build.iterdir()] == [".lock"]
 
 
 def test_missing_model(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
@@ -16,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save_file
 
-from .atomic import write_bytes_atomic
+from .atomic import atomic_path, write_bytes_atomic
 from .qtensor import StoredTensor, stored_tensor
 from .storage import NATIVE_TYPES
 
@@ -60,6 +60,14 @@ def _unrecorded(work: Path) -> bool:
         elif not (fnmatchcase(name, "blocks/block_*.safetensors") or fnmatchcase(path.name, ".*.tmp")):
             return False
     return True
+
+
+def _why(err: OSError | SafetensorError) -> str:
+    """The file system's reason, from an OSError or from safetensors' report of one."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))
+    return found[1] if found else str(err)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -185,7 +193,7 @@ class CheckpointWriter:
         done, budget = self.blocks_done, self.budget is not None
         try:
             write()
-        except OSError as err:
+        except (OSError, SafetensorError) as err:
             if done:
                 kept = f"its {done} finished block{'s are' if done > 1 else ' is'} kept: rerun the same command to resume"
             elif budget:
@@ -193,7 +201,7 @@ class CheckpointWriter:
             else:
                 shutil.rmtree(self.work, ignore_errors=True)
                 kept = "nothing was kept"
-            raise CheckpointError(f"cannot write {what} in {self.work}: {err.strerror or err}; {kept}") from err
+            raise CheckpointError(f"cannot write {what} in {self.work}: {_why(err)}; {kept}") from err
 
     def set_budget(self, decision: dict[str, Any]) -> None:
         """Saved before the first block, so a resumed run quantizes by the same decision."""
@@ -216,7 +224,8 @@ class CheckpointWriter:
             flat.update(qt.tensors(name))
 
         def save() -> None:  # the block's file, then the manifest that records it
-            write_bytes_atomic(self.work / block_file(index), safetensors_bytes(flat))
+            with atomic_path(self.work / block_file(index)) as tmp:
+                save_file(flat, str(tmp))
             for name, qt in tensors.items():
                 self.manifest["tensors"][name] = {"block": index, "shape": list(qt.shape), **qt.meta()}
             self.manifest["blocks"].append(info)

@@ -7,6 +7,7 @@ before the next starts, which is what lets an interrupted run resume.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -26,6 +27,7 @@ from .storage import NATIVE_TYPES
 FORMAT_NAME = "slim2gguf-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # in the work folder, held by the run writing it
 
 
 class CheckpointError(ValueError):
@@ -57,7 +59,7 @@ def _unrecorded(work: Path) -> bool:
         if path.is_dir():
             if name != "blocks":
                 return False
-        elif not (fnmatchcase(name, "blocks/block_*.safetensors") or fnmatchcase(path.name, ".*.tmp")):
+        elif not (name == LOCK or fnmatchcase(name, "blocks/block_*.safetensors") or fnmatchcase(path.name, ".*.tmp")):
             return False
     return True
 
@@ -156,21 +158,64 @@ class CheckpointWriter:
             "tensors": {},
             "blocks": [],
         }
-        if self.work.exists() and not (self.work / MANIFEST).exists():
+        self._lock: IO[str] | None = None
+        if self.work.exists():
+            self._lock_work()
+            try:
+                self._take_over(settings, num_blocks)
+            except BaseException:
+                self._unlock()
+                raise
+
+    def _take_over(self, settings: dict[str, Any], num_blocks: int) -> None:
+        """Resume the work folder a run left, or clear it if it recorded nothing."""
+        if not (self.work / MANIFEST).exists():
             if not _unrecorded(self.work):
                 raise CheckpointError(f"{self.work} is in the way: it holds no {MANIFEST} and files a run does not write; move it")
-            shutil.rmtree(self.work)  # nothing recorded: a run stopped while writing its first block
-        if self.work.exists():
-            previous = read_manifest(self.work)
-            if previous["settings"] == settings and previous["num_blocks"] == num_blocks:
-                self.manifest = previous
-                return
-            if _holds_work(previous):
-                raise CheckpointError(
-                    f"{self.work} holds an interrupted run with other settings; "
-                    "delete it or rerun with the same settings to resume"
-                )
-            shutil.rmtree(self.work)  # a run stopped before its first block or budget: nothing to resume
+            self._remove_work()  # nothing recorded: a run stopped while writing its first block
+            return
+        previous = read_manifest(self.work)
+        if previous["settings"] == settings and previous["num_blocks"] == num_blocks:
+            self.manifest = previous
+            return
+        if _holds_work(previous):
+            raise CheckpointError(
+                f"{self.work} holds an interrupted run with other settings; "
+                "delete it or rerun with the same settings to resume"
+            )
+        self._remove_work()  # a run stopped before its first block or budget: nothing to resume
+
+    def _lock_work(self) -> None:
+        """Hold the work folder's lock, made with the folder: two runs writing one folder at once
+        (the same output, other settings) would mix their blocks and manifests."""
+        if self._lock is not None:
+            return
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            handle = open(self.work / LOCK, "w")
+        except OSError as err:
+            raise CheckpointError(f"cannot write in {self.work}: {err.strerror or err}") from err
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise CheckpointError(f"another slim2gguf run is writing {self.work}: let it finish, or write to another place") from None
+        self._lock = handle
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._unlock()
+
+    def _remove_work(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self._unlock()
 
     def _save(self) -> None:
         """The manifest into the work folder, made with the first budget or block: a run that
@@ -188,18 +233,23 @@ class CheckpointWriter:
         return self.manifest.get("budget")
 
     def _write(self, what: str, write: Callable[[], None]) -> None:
-        """``write``, with the file system's failure (disk full, read-only) as one CheckpointError
-        that says what stays on disk; a work folder that recorded nothing is removed."""
+        """``write`` under the work folder's lock. A work folder that recorded nothing is removed
+        if it fails (Ctrl-C too); the file system's failure (disk full, read-only) becomes one
+        CheckpointError that says what stays on disk."""
         done, budget = self.blocks_done, self.budget is not None
+        self._lock_work()
         try:
             write()
-        except (OSError, SafetensorError) as err:
+        except BaseException as err:
+            if not (done or budget):
+                self._remove_work()
+            if not isinstance(err, (OSError, SafetensorError)):
+                raise
             if done:
                 kept = f"its {done} finished block{'s are' if done > 1 else ' is'} kept: rerun the same command to resume"
             elif budget:
                 kept = "its --bpw budget is kept: rerun the same command to resume"
             else:
-                shutil.rmtree(self.work, ignore_errors=True)
                 kept = "nothing was kept"
             raise CheckpointError(f"cannot write {what} in {self.work}: {_why(err)}; {kept}") from err
 
@@ -242,10 +292,12 @@ class CheckpointWriter:
             self._save()
 
         self._write("the manifest", save)
+        (self.work / LOCK).unlink()  # held until the folder has its final name
         old = self.target.with_name(self.target.name + ".old")
         if self.target.exists():
             self.target.rename(old)
         self.work.rename(self.target)
+        self._unlock()
         shutil.rmtree(old, ignore_errors=True)
         return self.target
 

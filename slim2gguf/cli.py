@@ -154,7 +154,7 @@ TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g
 
 
 def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_="slim", type_=None, act_order=False):
-    from .checkpoint import CheckpointError, partial_dir
+    from .checkpoint import MANIFEST, CheckpointError, partial_dir
     from .methods import DEFAULT_SQC_LAMBDA
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
@@ -166,7 +166,7 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
     except KeyboardInterrupt:
         work = partial_dir(Path(out))
-        if work.exists():
+        if (work / MANIFEST).exists():  # a block or --bpw budget recorded
             console.print(f"[yellow]interrupted[/]: finished work is kept in {work}; rerun the same command to resume")
         else:
             console.print("[yellow]interrupted[/] before the first block finished: nothing was written")

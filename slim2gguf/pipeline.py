@@ -470,71 +470,71 @@ def quantize_model(
     model, loader = _open_model(path, whole=calibrated and calib.source == "self")
     tokenizer = load_tokenizer(path)
     layers = decoder_layers(model)
-    writer = CheckpointWriter(out_dir, settings, len(layers))
-    resumed = writer.blocks_done
-    hidden: list[torch.Tensor] = []
-    kwargs_of: dict[str, list[dict]] = {}
-    kinds = layer_types(model)
-    sample_idx, n_tokens = torch.empty(0, dtype=torch.long), 0
-    decision = None
-    if calibrated:
-        windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
-        if shapes is not None:
-            if writer.budget is None:
-                scores = _sensitivity_scores(path, model, loader, windows, shapes, quant.sensitivity, dev, console)
-                writer.set_budget(solve(quant.bpw, shapes, scores, quant.sensitivity).to_dict())
-            decision = Decision.from_dict(writer.budget)
-        elif allocation is not None and allocation.budget is not None:
-            if writer.budget is None:
-                writer.set_budget(allocation.budget)
-            decision = Decision.from_dict(writer.budget) if stock else None
-        ahead = [block_name(i) for i in range(max(kinds.index(kind) for kind in kinds))]  # run to the last kind's first layer
-        for name in ahead if loader else ():
-            loader.load(name)
-        hidden, kwargs_of = capture_block_inputs(model, windows, dev)
-        for name in ahead if loader else ():
-            loader.release(name)
-        n_tokens = windows.numel()
-        sample_idx = token_sample(n_tokens, quant.sba_tokens, calib.seed)
-    stored = dict(writer.finished_tensors()) if resumed else {}
-    width_groups = Counter(w for qt in stored.values() for w in qt.group_widths())
-    tensor_types = _types(list(stored.values()))
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with torch.no_grad(), Progress(*columns, console=console) as progress:
-        task = progress.add_task("quantizing blocks", total=len(layers))
-        for i, layer in enumerate(layers):
-            if loader:
-                loader.load(block_name(i))
-            layer.to(dev)
-            batches = list(zip(hidden, kwargs_of.get(kinds[i], [])))
-            linears = quantized_linears(model, i, quant)
-            if i < resumed:
-                for name, lin in linears.items():
-                    lin.weight.data = stored[name].dequantize().to(dev, lin.weight.dtype)
-                outputs = _run_block(layer, batches, dev)
-                progress.update(task, description=f"block {i}: replayed from checkpoint")
-            else:
-                tensors, recorded, outputs, rel_err = _quantize_block(
-                    i, layer, linears, batches, quant, (None if stock else allocation, decision), (n_tokens, sample_idx), dev
-                )
-                writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err, **recorded})
-                block_widths = Counter(w for qt in tensors.values() for w in qt.group_widths())
-                block_types = _types(list(tensors.values()))
-                width_groups.update(block_widths)
-                tensor_types.update(block_types)
-                error = f"  out err {rel_err:.2e}" if rel_err is not None else ""
-                topped = len(recorded.get("experts_topped_up", ()))
-                rare = f"  {topped} expert linears topped up" if topped else ""
-                made = _widths_summary(block_widths) or " ".join(f"{k}×{n}" for k, n in sorted(block_types.items()))
-                progress.update(task, description=f"block {i}: {made}{error}{rare}")
-            hidden = outputs
-            layer.to("cpu")
-            if loader:
-                loader.release(block_name(i))
-            progress.advance(task)
-    wall = time.perf_counter() - started
-    versions = {"slim2gguf": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    final = writer.finish({"versions": versions})
+    with CheckpointWriter(out_dir, settings, len(layers)) as writer:  # its work folder locked until the run ends
+        resumed = writer.blocks_done
+        hidden: list[torch.Tensor] = []
+        kwargs_of: dict[str, list[dict]] = {}
+        kinds = layer_types(model)
+        sample_idx, n_tokens = torch.empty(0, dtype=torch.long), 0
+        decision = None
+        if calibrated:
+            windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
+            if shapes is not None:
+                if writer.budget is None:
+                    scores = _sensitivity_scores(path, model, loader, windows, shapes, quant.sensitivity, dev, console)
+                    writer.set_budget(solve(quant.bpw, shapes, scores, quant.sensitivity).to_dict())
+                decision = Decision.from_dict(writer.budget)
+            elif allocation is not None and allocation.budget is not None:
+                if writer.budget is None:
+                    writer.set_budget(allocation.budget)
+                decision = Decision.from_dict(writer.budget) if stock else None
+            ahead = [block_name(i) for i in range(max(kinds.index(kind) for kind in kinds))]  # run to the last kind's first layer
+            for name in ahead if loader else ():
+                loader.load(name)
+            hidden, kwargs_of = capture_block_inputs(model, windows, dev)
+            for name in ahead if loader else ():
+                loader.release(name)
+            n_tokens = windows.numel()
+            sample_idx = token_sample(n_tokens, quant.sba_tokens, calib.seed)
+        stored = dict(writer.finished_tensors()) if resumed else {}
+        width_groups = Counter(w for qt in stored.values() for w in qt.group_widths())
+        tensor_types = _types(list(stored.values()))
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        with torch.no_grad(), Progress(*columns, console=console) as progress:
+            task = progress.add_task("quantizing blocks", total=len(layers))
+            for i, layer in enumerate(layers):
+                if loader:
+                    loader.load(block_name(i))
+                layer.to(dev)
+                batches = list(zip(hidden, kwargs_of.get(kinds[i], [])))
+                linears = quantized_linears(model, i, quant)
+                if i < resumed:
+                    for name, lin in linears.items():
+                        lin.weight.data = stored[name].dequantize().to(dev, lin.weight.dtype)
+                    outputs = _run_block(layer, batches, dev)
+                    progress.update(task, description=f"block {i}: replayed from checkpoint")
+                else:
+                    tensors, recorded, outputs, rel_err = _quantize_block(
+                        i, layer, linears, batches, quant, (None if stock else allocation, decision), (n_tokens, sample_idx), dev
+                    )
+                    writer.write_block(i, tensors, {"block": i, "rel_output_error": rel_err, **recorded})
+                    block_widths = Counter(w for qt in tensors.values() for w in qt.group_widths())
+                    block_types = _types(list(tensors.values()))
+                    width_groups.update(block_widths)
+                    tensor_types.update(block_types)
+                    error = f"  out err {rel_err:.2e}" if rel_err is not None else ""
+                    topped = len(recorded.get("experts_topped_up", ()))
+                    rare = f"  {topped} expert linears topped up" if topped else ""
+                    made = _widths_summary(block_widths) or " ".join(f"{k}×{n}" for k, n in sorted(block_types.items()))
+                    progress.update(task, description=f"block {i}: {made}{error}{rare}")
+                hidden = outputs
+                layer.to("cpu")
+                if loader:
+                    loader.release(block_name(i))
+                progress.advance(task)
+        wall = time.perf_counter() - started
+        versions = {"slim2gguf": __version__, "torch": torch.__version__, "python": platform.python_version()}
+        final = writer.finish({"versions": versions})
     peak_dev = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     return QuantizeReport(
         path=final,

@@ -4,6 +4,7 @@ evaluation of the stored values, and the documented errors for bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -148,35 +149,60 @@ def test_a_run_that_fails_before_its_first_block_leaves_nothing(tiny_model, tiny
     assert Checkpoint(out).manifest["settings"]["method"] == "slim"
 
 
+def random_block(layer: int, seed: int = 0) -> dict:
+    from export_helpers import random_qtensor
+
+    gen = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{layer}.mlp.{n}": random_qtensor(64, 256, 3, 64, gen) for n in ("up_proj", "down_proj")}
+
+
 def test_a_full_disk_says_what_is_kept_and_the_same_command_resumes(tmp_path):
     """A block that could not be written (disk full) was a SafetensorError traceback, and the
     work folder it left (blocks/, no manifest) refused every later run as "not a checkpoint"."""
-    from export_helpers import random_qtensor
-
-    gen = torch.Generator().manual_seed(0)
-    block = {f"model.layers.0.mlp.{n}": random_qtensor(64, 256, 3, 64, gen) for n in ("up_proj", "down_proj")}
+    block = random_block(0)
     out, work = tmp_path / "x", tmp_path / "x.partial"
-    with files_limited_to(4096), pytest.raises(CheckpointError) as failed:
-        ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2).write_block(0, block, {"block": 0})
+    with files_limited_to(4096), pytest.raises(CheckpointError) as failed, ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2) as writer:
+        writer.write_block(0, block, {"block": 0})
     assert str(failed.value) == f"cannot write block 0 in {work}: File too large; nothing was kept"
     assert not work.exists()
-    writer = ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2)
-    writer.write_block(0, block, {"block": 0})
-    with files_limited_to(4096), pytest.raises(CheckpointError) as failed:
-        writer.write_block(1, block, {"block": 1})
+    with ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2) as writer:
+        writer.write_block(0, block, {"block": 0})
+        with files_limited_to(4096), pytest.raises(CheckpointError) as failed:
+            writer.write_block(1, block, {"block": 1})
     assert str(failed.value).endswith("; its 1 finished block is kept: rerun the same command to resume")
-    assert ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2).blocks_done == 1
+    with ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2) as writer:
+        assert writer.blocks_done == 1
     # a killed run's folder that recorded nothing (a block file, no manifest) is replaced ...
     shutil.rmtree(work)
     (work / "blocks").mkdir(parents=True)
     (work / "blocks" / "block_0000.safetensors").write_bytes(b"half")
-    assert ckpt_mod.CheckpointWriter(out, {"method": "gptq"}, 2).blocks_done == 0 and not work.exists()
+    with ckpt_mod.CheckpointWriter(out, {"method": "gptq"}, 2) as writer:
+        assert writer.blocks_done == 0 and not work.exists()
     # ... but a folder of that name holding anything else is not removed
     (work / "notes.txt").parent.mkdir()
     (work / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="is in the way: it holds no manifest.json"):
         ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2)
     assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_two_runs_cannot_write_one_work_folder(tmp_path):
+    """Two runs of one output at once (other settings, both started before either wrote) wrote
+    their blocks and manifests over each other's; the second is refused and the first goes on."""
+    out, work = tmp_path / "x", tmp_path / "x.partial"
+    refused = f"another slim2gguf run is writing {work}: let it finish, or write to another place"
+    with ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2) as first, ckpt_mod.CheckpointWriter(out, {"method": "gptq"}, 2) as second:
+        first.write_block(0, random_block(0), {"block": 0})
+        with pytest.raises(CheckpointError, match=re.escape(refused)):
+            second.write_block(0, random_block(0, seed=1), {"block": 0})
+        with pytest.raises(CheckpointError, match=re.escape(refused)):
+            ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2)
+        first.write_block(1, random_block(1), {"block": 1})
+        first.finish({})
+    done = Checkpoint(out)
+    assert done.settings == {"method": "slim"} and sorted(p.name for p in out.rglob("*")) == [
+        "block_0000.safetensors", "block_0001.safetensors", "blocks", "manifest.json"]  # fmt: skip
+    assert torch.equal(dict(done.tensors())["model.layers.0.mlp.up_proj"].codes, random_block(0)["model.layers.0.mlp.up_proj"].codes)
 
 
 def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):

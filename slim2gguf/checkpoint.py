@@ -292,7 +292,7 @@ class CheckpointWriter:
             self._save()
 
         self._write("the manifest", save)
-        (self.work / LOCK).unlink()  # held until the folder has its final name
+        (self.work / LOCK).unlink(missing_ok=True)  # held until the folder has its final name
         old = self.target.with_name(self.target.name + ".old")
         if self.target.exists():
             self.target.rename(old)

@@ -12,10 +12,12 @@ models get a wider margin: their larger errors amplify the harmless differences.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +165,29 @@ def torch_perplexity(
     return perplexity(hf_model, tokenizer, text, ctx, chunks, method="llama", device=device, reference=reference)
 
 
+@contextlib.contextmanager
+def _text_file(text_path: str | Path, text: str) -> Iterator[Path]:
+    """The text as a file for llama-perplexity: the user's own, or WikiText-2's written to a
+    temporary folder (removed after the run)."""
+    if str(text_path) != "wikitext2":
+        yield Path(text_path).expanduser()
+        return
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="slim2gguf-")
+    except OSError as err:  # no writable temporary folder at all
+        raise ValidationError(f"cannot write WikiText-2's test text for llama-perplexity: {err}; set TMPDIR to a writable folder") from None
+    with tmp as folder:
+        text_file = Path(folder) / "wikitext2-test.txt"
+        try:
+            text_file.write_bytes(text.encode("utf-8"))
+        except OSError as err:
+            raise ValidationError(
+                f"cannot write WikiText-2's test text for llama-perplexity in {folder}: {err.strerror or err}; "
+                "set TMPDIR to a folder with a few MB free"
+            ) from None
+        yield text_file
+
+
 def validate(
     gguf_path: str | os.PathLike,
     model: str | os.PathLike | None,
@@ -211,11 +236,7 @@ def validate(
             model = model_dir_of_file(path)
         except GGUFImportError as err:
             raise ValidationError(f"{err}; give --model, the model the file was made from") from err
-    with tempfile.TemporaryDirectory() as tmp:
-        text_file = Path(text_path).expanduser()
-        if str(text_path) == "wikitext2":
-            text_file = Path(tmp) / "wikitext2-test.txt"
-            text_file.write_bytes(text.encode("utf-8"))
+    with _text_file(text_path, text) as text_file:
         ppl_llama = llama_perplexity(path, text_file, ctx, chunks, threads)
     ours = torch_perplexity(reader, model, text, ctx, chunks, backend, device, against_float)
     result = judge(ours.ppl, ppl_llama, threshold, ours.tokens_scored)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from export_helpers import random_qtensor, tiny_model_dir, write_random_checkpoint, write_small_gguf
+from write_limits import files_limited_to
 
 from slim2gguf import format as fmt
 from slim2gguf import gguf_weights, run, validate
@@ -172,6 +173,29 @@ def test_missing_inputs(tmp_path, exported):
 
 
 # --- validation --------------------------------------------------------------------------
+
+
+def test_wikitext2_text_file_that_cannot_be_written(tmp_path, monkeypatch):
+    """validate hands llama-perplexity WikiText-2's test text as a temporary file: a full or
+    missing temporary folder is one line naming TMPDIR (it was an OSError traceback)."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with validate._text_file("wikitext2", "x" * 5000) as written:
+        assert written.read_text() == "x" * 5000
+    assert not written.parent.exists()  # removed after the run
+    with files_limited_to(1000), pytest.raises(ValidationError, match=r"^cannot write WikiText-2's .* File too large; set TMPDIR"):
+        with validate._text_file("wikitext2", "x" * 5000):
+            pass
+    assert not list(temp.iterdir())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(ValidationError, match=r"^cannot write WikiText-2's .*set TMPDIR to a writable folder$"):
+        with validate._text_file("wikitext2", "text"):
+            pass
+    with validate._text_file(tmp_path / "mine.txt", "text") as users:  # the user's file, as it is
+        assert users == tmp_path / "mine.txt"
 
 
 def test_parse_llama_perplexity():

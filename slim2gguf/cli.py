@@ -9,13 +9,15 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import llamacpp
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(llamacpp.app, name="llama-cpp", help="Build the patched llama.cpp that runs SliM files.")
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # messages carry paths and names: no [...] is a style
 
+INTERRUPTED = Text("interrupted:", style="yellow")
 ModelArg = typer.Argument(..., help="Hugging Face model directory, GGUF file, hub id (online), 'smollm2-135m' (demo) or 'qwen2.5-coder-1.5b' (benchmark).")
 
 
@@ -58,7 +60,7 @@ def _use_build(directory: Optional[Path], gguf_path: Path) -> None:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    console.print(Text("error:", style="bold red"), message, soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -167,9 +169,9 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
     except KeyboardInterrupt:
         work = partial_dir(Path(out))
         if (work / MANIFEST).exists():  # a block or --bpw budget recorded
-            console.print(f"[yellow]interrupted[/]: finished work is kept in {work}; rerun the same command to resume")
+            console.print(INTERRUPTED, f"finished work is kept in {work}; rerun the same command to resume")
         else:
-            console.print("[yellow]interrupted[/] before the first block finished: nothing was written")
+            console.print(Text("interrupted", style="yellow"), "before the first block finished: nothing was written")
         raise typer.Exit(130)
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -247,7 +249,7 @@ def inspect(path: Path = typer.Argument(..., help="A GGUF file.")) -> None:
     from .inspect_gguf import GGUFFileError, print_inspect
 
     try:
-        print_inspect(path, Console())
+        print_inspect(path, Console(markup=False))
     except GGUFFileError as err:
         _fail(str(err))
 
@@ -349,7 +351,8 @@ def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | No
         return export_gguf(ckpt, out, embed_type, output_type)
     except KeyboardInterrupt:
         console.print(
-            f"[yellow]interrupted[/]: no output written; the checkpoint in {ckpt} is complete: rerun the same "
+            INTERRUPTED,
+            f"no output written; the checkpoint in {ckpt} is complete: rerun the same "
             f"command (it exports without quantizing again) or run slim2gguf export {ckpt} -o {out}"
         )
         raise typer.Exit(130)
@@ -405,7 +408,7 @@ def validate(
         result = run_validation(path, model, text, ctx, chunks, threshold, backend, threads, device)
     except (GGUFFileError, GGUFWeightsError, ModelError, LlamaToolError, ValidationError, FileNotFoundError, llamacpp.LlamaCppError) as err:
         _fail(str(err))
-    print_validation(result, Console())
+    print_validation(result, Console(markup=False))
     if not result.passed:
         raise typer.Exit(1)
 

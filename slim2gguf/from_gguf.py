@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from .atomic import atomic_path
 from .paths import cache_dir
@@ -26,7 +27,7 @@ COMPOUND_WARNING = (
     "— start from the original float model when you have it"
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)
 
 
 class GGUFImportError(ValueError):
@@ -49,13 +50,13 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    with atomic_path(target) as tmp, console.status(f"dequantizing {gguf_path.name} (once)…") as status:
+    with atomic_path(target) as tmp, console.status(Text(f"dequantizing {gguf_path.name} (once)…")) as status:
         try:
             config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             with init_empty_weights():
                 skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(f"dequantizing {gguf_path.name} (once): {done}"))
+            _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(Text(f"dequantizing {gguf_path.name} (once): {done}")))
             # the weights are plain float32 now: save them as such, not as "quantized with gguf"
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
@@ -158,7 +159,7 @@ def resolve_gguf(path: Path) -> Path:
     path = path.expanduser().resolve()
     kind = _file_kind(path)
     if kind not in ("mostly F32", "mostly F16", "mostly BF16"):
-        console.print(f"[yellow]warning:[/] {COMPOUND_WARNING.format(path=path.name, kind=kind)}", highlight=False, soft_wrap=True)
+        console.print(Text("warning:", style="yellow"), COMPOUND_WARNING.format(path=path.name, kind=kind), highlight=False, soft_wrap=True)
     return model_dir_of_file(path)
 
 

@@ -146,7 +146,7 @@ def block_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
 
 def print_inspect(path: str | os.PathLike, console: Console | None = None) -> None:
     """A table of the file's tensors, the keys that say what it is, and totals."""
-    console = console or Console()
+    console = console or Console(markup=False)  # names and metadata may hold [...]
     reader = open_gguf(path)
     for key in reader.fields:
         if key in SHOWN_KEYS or key.startswith(SLIM_KEY_PREFIX):

@@ -440,7 +440,7 @@ def build(
     if console is None:
         from rich.console import Console
 
-        console = Console(stderr=True)
+        console = Console(stderr=True, markup=False)
     _check_toolchain()
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root / ".lock"):
@@ -609,13 +609,14 @@ def build_command(
 ) -> None:
     """Patch and build llama.cpp (cached; re-running only rebuilds what changed)."""
     from rich.console import Console
+    from rich.text import Text
 
-    console = Console()
+    console = Console(markup=False)
     targets = tuple(target) if target else (STOCK_TARGETS if stock else DEFAULT_TARGETS)
     try:
         bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console, force=force, patched=not stock)
     except LlamaCppError as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        Console(stderr=True).print(Text("error:", style="bold red"), str(err), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     patches = "no patches" if stock else f"{len(patch_files())} patches"
     console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {patches}, built in {bin_dir}:", soft_wrap=True)

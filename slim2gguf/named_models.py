@@ -27,7 +27,7 @@ from .from_gguf import hf_dir_from_gguf
 from .paths import cache_dir
 from .progress import Progress
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)
 
 
 class NamedModelError(RuntimeError):

@@ -423,7 +423,7 @@ def quantize_model(
     With ``quant.bpw`` each linear's setting (and the token embedding's and output's
     stock types) come from a budget spent by measured sensitivity, decided once before
     the first block and kept in the manifest, so a resumed run keeps it."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, markup=False)
     started = time.perf_counter()
     dev = pick_device(device)
     path = resolve_model(model_name)

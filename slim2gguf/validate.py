@@ -25,6 +25,7 @@ import gguf
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import format as fmt
 from .calib import CalibrationError
@@ -246,7 +247,7 @@ def validate(
 
 def print_validation(result: ValidationResult, console: Console | None = None) -> None:
     """The two perplexities, their gap and the verdict as a table."""
-    console = console or Console()
+    console = console or Console(markup=False)
     table = Table(title="slim2gguf file validation")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -258,7 +259,7 @@ def print_validation(result: ValidationResult, console: Console | None = None) -
     if result.kld_float is not None:
         table.add_row("float model perplexity", f"{result.ppl_float:.4f}")
         table.add_row("KL divergence to the float model", f"{result.kld_float:.5f}")
-    table.add_row("verdict", "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]")
+    table.add_row("verdict", Text("PASS", style="green") if result.passed else Text("FAIL", style="red"))
     console.print(table)
     if result.tokens < FIRM_VERDICT_TOKENS:
         console.print(

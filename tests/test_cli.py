@@ -119,6 +119,19 @@ def test_a_llama_cpp_source_that_cannot_be_written_fails_in_one_line(tmp_path, m
     assert [p.name for p in build.iterdir()] == [".lock"]
 
 
+def test_paths_with_brackets_print_as_they_are(tmp_path):
+    """Rich read "[/x]" in a path as a closing style tag: the error about it was a MarkupError
+    traceback, and "[b]" vanished from titles; every message now prints brackets as they are."""
+    from export_helpers import write_small_gguf
+
+    odd = tmp_path / "[/x] [b]"
+    code, out = invoke("quantize", odd / "nothing", "-o", tmp_path / "ck")
+    assert code == 2 and f"no model directory at {odd / 'nothing'} (give" in "".join(out.splitlines()), out
+    odd.mkdir(parents=True)
+    code, out = invoke("inspect", write_small_gguf(odd / "m.gguf"))
+    assert code == 0 and "[/x][b]/m.gguf" in "".join(out.split()), out  # the title wraps
+
+
 def test_missing_model(tmp_path):
     code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
     assert code == 2 and "no model directory" in out

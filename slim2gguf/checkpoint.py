@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -32,6 +33,10 @@ LOCK = ".lock"  # in the work folder, held by the run writing it
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or was made with other settings."""
+
+
+class CheckpointWarning(UserWarning):
+    """The run goes on, with something the user should know (its work folder is unlocked)."""
 
 
 def partial_dir(target: Path) -> Path:
@@ -200,6 +205,12 @@ class CheckpointWriter:
         except BlockingIOError:
             handle.close()
             raise CheckpointError(f"another slim2gguf run is writing {self.work}: let it finish, or write to another place") from None
+        except OSError as err:  # a file system without locks (NFS without its lock daemon: ENOLCK)
+            warnings.warn(
+                f"cannot lock {self.work} ({err.strerror or err}): going on unlocked; do not start a second run of this output",
+                CheckpointWarning,
+                stacklevel=2,
+            )
         self._lock = handle
 
     def _unlock(self) -> None:

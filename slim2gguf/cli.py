@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,17 @@ def _use_build(directory: Optional[Path], gguf_path: Path) -> None:
             llamacpp.user_build(lambda: not holds_slim_types(gguf_path))
         except llamacpp.LlamaCppError as err:
             _fail(str(err))
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None, line: str | None = None) -> None:
+    """slim2gguf's own warnings as one line each, like its errors; others as Python shows them."""
+    if category.__module__.startswith("slim2gguf."):
+        console.print(Text("warning:", style="bold yellow"), message, soft_wrap=True, highlight=False)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning, warnings.showwarning = warnings.showwarning, _show_warning
 
 
 def _fail(message: str) -> None:

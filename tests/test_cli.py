@@ -132,6 +132,19 @@ def test_paths_with_brackets_print_as_they_are(tmp_path):
     assert code == 0 and "[/x][b]/m.gguf" in "".join(out.split()), out  # the title wraps
 
 
+def test_slim2gguf_warnings_print_in_one_line():
+    """The command's own warnings (a work folder it cannot lock) read like its errors, not as
+    Python's "file:line: Category: message" and source line; other warnings keep that form."""
+    code = (
+        "import warnings, slim2gguf.cli\n"
+        "from slim2gguf.checkpoint import CheckpointWarning\n"
+        "warnings.warn('cannot lock [/x]', CheckpointWarning)\n"
+        "warnings.warn('theirs', DeprecationWarning)\n"
+    )
+    shown = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=True).stderr
+    assert shown.splitlines()[0] == "warning: cannot lock [/x]" and "DeprecationWarning: theirs" in shown.splitlines()[1], shown
+
+
 def test_missing_model(tmp_path):
     code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
     assert code == 2 and "no model directory" in out

@@ -205,6 +205,25 @@ def test_two_runs_cannot_write_one_work_folder(tmp_path):
     assert torch.equal(dict(done.tensors())["model.layers.0.mlp.up_proj"].codes, random_block(0)["model.layers.0.mlp.up_proj"].codes)
 
 
+def test_work_folder_on_a_file_system_without_locks(tmp_path, monkeypatch):
+    """flock failing otherwise than "held" (NFS without its lock daemon: ENOLCK) stopped the run
+    with an OSError traceback; it goes on unlocked, with one CheckpointWarning."""
+    import errno
+    import os
+
+    def no_locks(*_args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(ckpt_mod.fcntl, "flock", no_locks)
+    out = tmp_path / "x"
+    with pytest.warns(ckpt_mod.CheckpointWarning, match=r"cannot lock .*x\.partial \(No locks available\): going on unlocked") as said:
+        with ckpt_mod.CheckpointWriter(out, {"method": "slim"}, 2) as writer:
+            writer.write_block(0, random_block(0), {"block": 0})
+            writer.write_block(1, random_block(1), {"block": 1})
+            writer.finish({})
+    assert len(said) == 1 and Checkpoint(out).manifest["blocks_done"] == 2
+
+
 def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):
     alloc = load_allocation(slim_ckpt / "manifest.json")
     out = tmp_path / "reused"

@@ -136,15 +136,12 @@ def _file_kind(path: Path) -> str:
     """The file's dominant tensor type, for the warning (e.g. 'mostly Q4_K')."""
     from collections import Counter
 
-    import gguf
+    from .inspect_gguf import GGUFFileError, open_gguf
 
-    from . import format as fmt
-
-    fmt.register_gguf_types()  # a SliM file is read as model_dir_of_file reads it
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise GGUFImportError(f"{path} is not a readable GGUF file: {_first_line(err)}") from err
+        reader = open_gguf(path)  # SliM types too, as model_dir_of_file reads them
+    except GGUFFileError as err:  # a cut header raised IndexError here, past the (ValueError, OSError) it caught
+        raise GGUFImportError(str(err)) from err
     counts: Counter = Counter()
     for tensor in reader.tensors:
         counts[tensor.tensor_type.name] += int(tensor.n_elements)

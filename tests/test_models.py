@@ -139,7 +139,12 @@ def test_bad_gguf_models_fail_in_one_line(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all" * 10)
     result = runner.invoke(app, ["quantize", str(junk), "-o", str(tmp_path / "ck")])
-    assert result.exit_code == 2 and "junk.gguf is not a readable GGUF file" in result.output
+    assert result.exit_code == 2 and "junk.gguf (220 bytes) is not a valid GGUF file" in result.output
     assert "Traceback" not in result.output
-    with pytest.raises(ModelError, match="not a readable GGUF file"):
+    with pytest.raises(ModelError, match="not a valid GGUF file"):
         resolve_model(str(junk))
+    whole = named_models.gguf_file(named_models.DEMO).read_bytes()
+    for size in (1000, 200_000, len(whole) // 2):  # cut in the keys (an IndexError traceback), in the tokenizer, in the tensors
+        junk.write_bytes(whole[:size])
+        with pytest.raises(ModelError, match=rf"junk\.gguf (\({size} bytes\) is not a valid GGUF file or )?is truncated"):
+            resolve_model(str(junk))

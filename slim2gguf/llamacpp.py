@@ -566,7 +566,8 @@ PATCH_SERIES = (
 def export_patches(tree: Path, dest: Path = PATCH_DIR) -> list[Path]:
     """Rewrite patches/ from a tree made by `build` (a git repository over the pristine source)
     after editing it: every change since its first commit, split by PATCH_SERIES."""
-    if not Path(tree).is_dir():
+    tree, dest = Path(tree), Path(dest)
+    if not tree.is_dir():
         raise LlamaCppError(f"{tree} is not a folder")
     root = _git(["rev-list", "--max-parents=0", "HEAD"], tree)
     if root.returncode != 0:
@@ -586,7 +587,7 @@ def export_patches(tree: Path, dest: Path = PATCH_DIR) -> list[Path]:
         if diff.returncode != 0:
             raise LlamaCppError(diff.stderr)
         diffs[dest / patch] = diff.stdout
-    for old in Path(dest).glob("*.patch"):
+    for old in dest.glob("*.patch"):
         if old not in diffs:
             old.unlink()
     for path, text in diffs.items():

@@ -317,8 +317,10 @@ class GGUFDequantizer:
         self.stype = stype
 
     def dequantize(self, data: np.ndarray) -> np.ndarray:
-        """Packed rows ``[..., row_bytes]`` (uint8) -> float32 ``[..., n_cols]``."""
+        """Packed rows ``[..., rows, row_bytes]`` (uint8) -> float32 ``[..., rows, n_cols]``,
+        one matrix at a time: a 3-D tensor's experts may each have their own width pattern."""
         data = np.asarray(data, dtype=np.uint8)
         n_cols = data.shape[-1] // self.stype.block_bytes * self.stype.group_size
-        rows = dequantize(data.reshape(-1, data.shape[-1]), self.stype, n_cols)
-        return rows.reshape(*data.shape[:-1], n_cols)
+        matrices = data.reshape(-1, *data.shape[-2:]) if data.ndim > 1 else data.reshape(1, 1, -1)
+        weights = np.stack([dequantize(matrix, self.stype, n_cols) for matrix in matrices])
+        return weights.reshape(*data.shape[:-1], n_cols)

@@ -83,7 +83,8 @@ def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[di
     ``bpw`` is None for a stock tensor with no elements (a zero dimension), which GGUF allows.
 
     ``widths`` (SliM tensors only, else None) counts (row, column-group) quantizer
-    groups per width, read from the first row's headers (rows share one pattern).
+    groups per width, read from each matrix's first row (a matrix's rows share one pattern;
+    a 3-D tensor's experts may differ).
     """
     reader = _reader(path_or_reader)
     rows = []
@@ -94,11 +95,14 @@ def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[di
             if int(tensor.n_elements) == 0:
                 raise GGUFFileError(f"tensor {tensor.name} is corrupt: a {stype.name} tensor with no rows or columns")
             packed = _slim_rows(tensor, stype)
+            per_matrix = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+            counts: Counter = Counter()
             try:
-                pattern = fmt.read_widths(packed[0], stype, int(tensor.shape[0]))
+                for first in packed[::per_matrix]:
+                    counts.update(fmt.read_widths(first, stype, int(tensor.shape[0])).tolist())
             except fmt.FormatError as err:
                 raise GGUFFileError(f"tensor {tensor.name} is corrupt: {_one_line(err)}") from err
-            widths = {int(w): int(n) * packed.shape[0] for w, n in sorted(Counter(pattern.tolist()).items())}
+            widths = {int(w): int(n) * per_matrix for w, n in sorted(counts.items())}
         n_params = int(tensor.n_elements)
         rows.append(
             {
@@ -184,5 +188,5 @@ def dequantize_tensor(path_or_reader: str | os.PathLike | gguf.GGUFReader, name:
     shape = _numpy_shape(tensor)
     stype = fmt.type_from_id(tensor.tensor_type)
     if stype is not None:
-        return fmt.dequantize(_slim_rows(tensor, stype), stype, int(tensor.shape[0])).reshape(shape)
+        return fmt.GGUFDequantizer(stype).dequantize(_slim_rows(tensor, stype).reshape(*shape[:-1], -1)).reshape(shape)
     return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32).reshape(shape)

@@ -108,3 +108,36 @@ def test_gguf_registration_keeps_standard_types():
     assert GGMLQuantizationType(1001).name == "SLIM2_G64"
     assert GGML_QUANT_SIZES[GGMLQuantizationType(1001)] == (64, 20)
     assert GGMLQuantizationType(8) == GGMLQuantizationType.Q8_0
+
+
+def test_gguf_py_reads_experts_with_their_own_width_patterns(tmp_path):
+    """A 3-D tensor's experts may each have their own width pattern (FORMAT.md); gguf-py's
+    reader walked every row by the first row's pattern ("a group's scale or offset is not
+    finite"), and inspect counted expert 0's widths for all."""
+    import gguf
+    import torch
+    from export_helpers import random_qtensor
+
+    from slim2gguf.inspect_gguf import dequantize_tensor, inspect_rows
+
+    fmt.register_gguf_types()
+    gen = torch.Generator().manual_seed(3)
+    experts = [random_qtensor(16, 256, 3, 32, gen) for _ in range(3)]
+    assert len({tuple(e.widths.tolist()) for e in experts}) == 3  # three patterns
+    stype = experts[0].stype
+    packed = np.stack([e.pack() for e in experts])  # [expert, rows, row_bytes], as the converter stacks them
+    writer = gguf.GGUFWriter(tmp_path / "moe.gguf", arch="qwen3moe")
+    writer.add_tensor("blk.0.ffn_down_exps.weight", packed, raw_dtype=gguf.GGMLQuantizationType(stype.type_id))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = gguf.GGUFReader(tmp_path / "moe.gguf").tensors[0]
+    expected = np.stack([e.dequantize().numpy() for e in experts])
+    assert np.array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type), expected)
+    assert np.array_equal(dequantize_tensor(tmp_path / "moe.gguf", tensor.name), expected)
+    counts: dict[int, int] = {}
+    for expert in experts:
+        for width in expert.widths.tolist():
+            counts[width] = counts.get(width, 0) + 16
+    assert inspect_rows(tmp_path / "moe.gguf")[0]["widths"] == dict(sorted(counts.items()))

@@ -96,13 +96,16 @@ def _native(format_: str, type_: str | None, bits: int | None, bpw: float | None
     return type_ or DEFAULT_NATIVE_TYPE
 
 
-def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None, act_order: bool = False, reuse: bool = False):
+def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool | None, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None, act_order: bool = False, reuse: bool = False):
     from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
     if bits is not None and bpw is not None:
         _fail("give --bits (every tensor the same width) or --bpw (a whole-file budget), not both")
     native = _native(format_, type_, bits, bpw, reuse)
+    if native is not None and sba is not None:
+        _fail("--sba/--no-sba allocates SliM widths per column group; stock types have none: drop it with --format native")
+    sba = True if sba is None else sba
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
         return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit, native, act_order)
@@ -158,7 +161,7 @@ DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, c
 DAMP = typer.Option(0.3, "--damp", help="Hessian damping, fraction of mean diag(H).")
 LAMBDA = typer.Option(None, "--sqc-lambda", help="SQC weight on salient elements (default chosen by measurement, see docs/BENCHMARKS.md).")
 SBA_TOKENS = typer.Option(1024, "--sba-tokens", help="Calibration tokens used to score allocations (subsample).")
-SBA = typer.Option(True, "--sba/--no-sba", help="Salience-determined bit allocation (slim only).")
+SBA = typer.Option(None, "--sba/--no-sba", help="Salience-determined bit allocation (slim only; default: on).", show_default=False)
 SQC = typer.Option(True, "--sqc/--no-sqc", help="Quantizer calibration (slim only; off: min-max scales).")
 FIT = typer.Option("wls", "--fit", help="Quantizer calibration objective: wls (least squares weighted by the inputs' energy, as an importance matrix) or sqc (SliM's salience-weighted grid).")
 REFIT = typer.Option(True, "--refit/--no-refit", help="After GPTQ, re-solve each row's scales and offsets for its codes under the calibration Hessian (slim only).")
@@ -196,7 +199,7 @@ def quantize(
     bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
+    sba: Optional[bool] = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
     bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE, act_order: bool = ACT_ORDER,
 ) -> None:
     """Quantize a model into a checkpoint (resumable; written atomically)."""
@@ -283,7 +286,7 @@ def convert(
     bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
     damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: bool = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
+    sba: Optional[bool] = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
     bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE, act_order: bool = ACT_ORDER,
     embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k (default: --bpw's choice, else q8_0)."),
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),

@@ -123,6 +123,8 @@ def test_bpw_spends_a_budget_over_stock_types(bpw_native_ckpt, tmp_path):
     [
         (["--type", "q4_k"], "add --format native"),
         (["--format", "native", "--bits", "2"], "--bits sets SliM widths"),
+        (["--format", "native", "--sba"], "--sba/--no-sba allocates SliM widths"),  # was ignored
+        (["--format", "native", "--bpw", "4.5", "--no-sba"], "stock types have none: drop it with --format native"),
         (["--format", "native", "--type", "q4_z"], "native type must be one of"),
         (["--format", "gguf"], "--format must be slim or native"),
         (["--format", "native", "--bpw", "4.5", "--type", "q4_k"], "--bpw chooses every tensor's stock type"),

@@ -3,8 +3,9 @@
 Stock llama.cpp cannot load SliM types, so runs go through the patched build
 (``llamacpp.binary`` builds it on first use), which also runs ``--format native``
 files; a user's own unpatched build ($SLIM2GGUF_LLAMA_CPP_BIN) is taken for a file
-that holds stock types only. A failing tool's own log is the only useful diagnosis,
-so errors carry the tail of its stderr.
+that holds stock types only. A failing tool's own log is the usual diagnosis, so errors
+carry the tail of its stderr; a file gguf-py cannot read is named as such instead (a
+cut-short file made llama-completion exit 1 without a word).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .inspect_gguf import GGUFFileError
+from .inspect_gguf import GGUFFileError, open_gguf
 from .llamacpp import binary
 
 LOG_TAIL_LINES = 25
@@ -56,7 +57,13 @@ def run_tool(
         cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
     )
     if result.returncode != 0:
-        raise LlamaToolError(f"{name} failed (exit code {result.returncode}):\n{log_tail(result.stderr)}")
+        failed = f"{name} failed (exit code {result.returncode})"
+        if gguf_path is not None:
+            try:
+                open_gguf(gguf_path)
+            except GGUFFileError as err:
+                raise LlamaToolError(f"{failed}: {err}") from None
+        raise LlamaToolError(f"{failed}:\n{log_tail(result.stderr) or 'it printed nothing'}")
     return result
 
 

@@ -378,13 +378,28 @@ def test_run_completion_missing_file(monkeypatch, tmp_path):
         run_completion(tmp_path / "nope.gguf", "Hi")
 
 
-def test_tool_failure_shows_its_log(monkeypatch, tmp_path):
+def test_tool_failure_shows_its_log(monkeypatch, tmp_path, small_slim_gguf):
     stub = tmp_path / "llama-perplexity"
     stub.write_text("#!/bin/sh\n" + "".join(f"echo line{i} >&2\n" for i in range(40)) + "exit 3\n")
     stub.chmod(0o755)
     monkeypatch.setattr(run, "binary", lambda name, stock_ok=None: tmp_path / name)
     with pytest.raises(LlamaToolError) as err:
-        validate.llama_perplexity(tmp_path / "x.gguf", tmp_path / "t.txt", 128, 4)
+        validate.llama_perplexity(small_slim_gguf, tmp_path / "t.txt", 128, 4)
     message = str(err.value)
     assert "llama-perplexity failed (exit code 3)" in message
     assert "line39" in message and "line15" in message and "line14" not in message
+
+
+def test_a_silent_tool_failure_on_a_cut_file_names_the_file(monkeypatch, tmp_path, small_slim_gguf):
+    """llama-completion exits 1 without a word on a GGUF cut short in its header: the error
+    ended in "failed (exit code 1):" and nothing; now it says what is wrong with the file."""
+    stub = tmp_path / "llama-completion"
+    stub.write_text("#!/bin/sh\nexit 1\n")
+    stub.chmod(0o755)
+    monkeypatch.setattr(run, "binary", lambda name, stock_ok=None: tmp_path / name)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(small_slim_gguf.read_bytes()[:100])
+    with pytest.raises(LlamaToolError, match=r"^llama-completion failed \(exit code 1\): .*cut\.gguf \(100 bytes\) is not a valid GGUF file or is truncated"):
+        run_completion(cut, "Hi")
+    with pytest.raises(LlamaToolError, match=r"^llama-completion failed \(exit code 1\):\nit printed nothing$"):
+        run_completion(small_slim_gguf, "Hi")  # a readable file: the tool's (empty) log

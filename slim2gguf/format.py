@@ -249,11 +249,11 @@ def unpack(data: np.ndarray, stype: SlimType, n_cols: int) -> Unpacked:
     check_widths(widths, stype)
     offsets = group_offsets(widths, g)
     d, m, code = decode_header(data[:, offsets[:, None] + np.arange(HEADER_BYTES)])
+    expected = np.searchsorted(stype.widths, widths)
+    if np.any(code != expected[None, :]):  # first: other rows' headers were read at row 0's offsets
+        raise FormatError("rows of one tensor must share one width pattern")
     if not (np.isfinite(d).all() and np.isfinite(m).all()):
         raise FormatError("a group's scale or offset is not finite")
-    expected = np.searchsorted(stype.widths, widths)
-    if np.any(code != expected[None, :]):
-        raise FormatError("rows of one tensor must share one width pattern")
     codes = np.empty((rows, n_cols // g, g // CHUNK, CHUNK), dtype=np.uint8)
     for width in np.unique(widths).tolist():
         sel = np.flatnonzero(widths == width)

@@ -99,6 +99,10 @@ def test_rejects_unbalanced_widths_and_bad_codes():
         fmt.unpack(np.concatenate([row_a, row_b]), stype, 4 * 32)
     with pytest.raises(fmt.FormatError, match="take"):
         fmt.unpack(packed[:, :-1], stype, 4 * 32)
+    infinite = packed.copy()
+    infinite[1, 2:4] = np.array([np.inf], dtype="<f2").view(np.uint8)  # row 1, group 0's offset m
+    with pytest.raises(fmt.FormatError, match="a group's scale or offset is not finite"):
+        fmt.unpack(infinite, stype, 4 * 32)
 
 
 def test_gguf_registration_keeps_standard_types():
@@ -132,6 +136,8 @@ def test_gguf_py_reads_experts_with_their_own_width_patterns(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    with pytest.raises(fmt.FormatError, match="rows of one tensor must share one width pattern"):
+        fmt.unpack(packed.reshape(-1, packed.shape[-1]), stype, 256)  # read as one matrix: refused as such
     tensor = gguf.GGUFReader(tmp_path / "moe.gguf").tensors[0]
     expected = np.stack([e.dequantize().numpy() for e in experts])
     assert np.array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type), expected)

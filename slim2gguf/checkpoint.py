@@ -56,17 +56,35 @@ def _holds_work(manifest: dict[str, Any]) -> bool:
     return manifest["blocks_done"] > 0 or manifest.get("budget") is not None
 
 
-def _unrecorded(work: Path) -> bool:
+def _unrecorded(work: Path, manifest_ok: bool = False) -> bool:
     """Whether a work folder without a manifest holds only what a run leaves before recording
-    its first block (a block file or temporaries: the disk filled up, or the run was killed)."""
+    its first block (a block file or temporaries: the disk filled up, or the run was killed);
+    with ``manifest_ok``, whether a folder holds only a run's files."""
     for path in work.rglob("*"):
         name = path.relative_to(work).as_posix()
         if path.is_dir():
             if name != "blocks":
                 return False
-        elif not (name == LOCK or fnmatchcase(name, "blocks/block_*.safetensors") or fnmatchcase(path.name, ".*.tmp")):
+        elif not (name == LOCK or fnmatchcase(name, "blocks/block_*.safetensors") or fnmatchcase(path.name, ".*.tmp") or (manifest_ok and name == MANIFEST)):
             return False
     return True
+
+
+def replaceable(target: Path) -> bool:
+    """Whether a new checkpoint may take ``target``'s place: nothing there, an empty folder, or
+    a checkpoint (a manifest of this format, and only a run's files). Anything else (a model
+    folder, the user's files) is never renamed away or deleted."""
+    if not target.exists():
+        return True
+    if not target.is_dir():
+        return False
+    if not any(target.iterdir()):
+        return True
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME and _unrecorded(target, manifest_ok=True)
 
 
 def _why(err: OSError | SafetensorError) -> str:
@@ -302,10 +320,13 @@ class CheckpointWriter:
             self.manifest.update(extra)
             self._save()
 
+        if not replaceable(self.target):
+            raise CheckpointError(f"{self.target} is not a slim2gguf checkpoint: it is not replaced; the finished work is in {self.work}")
         self._write("the manifest", save)
         (self.work / LOCK).unlink(missing_ok=True)  # held until the folder has its final name
-        old = self.target.with_name(self.target.name + ".old")
+        old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")  # a name of this run's own
         if self.target.exists():
+            shutil.rmtree(old, ignore_errors=True)
             self.target.rename(old)
         self.work.rename(self.target)
         self._unlock()

@@ -298,7 +298,8 @@ def convert(
     whose export failed or was interrupted, and only exports."""
     import shutil
 
-    _check_writable(out)
+    local = Path(model).expanduser()  # a folder or a GGUF file; not a hub id or a named model
+    _check_writable(out, *([local] if local.exists() else []), *([checkpoint] if checkpoint is not None else []))
     if bpw is not None and (embed_type or output_type):
         _fail("--bpw chooses the token embedding's and output's types within the budget; drop --embed-type/--output-type")
     _check_export_types(embed_type, output_type)
@@ -329,17 +330,31 @@ def _check_export_types(embed_type: str | None, output_type: str | None) -> None
         _fail(str(err))
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, *inputs: Path) -> None:
+    """The GGUF output can be written without destroying anything: not a folder, not a device
+    (the file is renamed over it), not one of ``inputs`` (what the command reads) or inside one."""
     if out.is_dir():
         _fail(f"{out} is a directory")
+    if out.exists() and not out.is_file():
+        _fail(f"{out} is not a regular file (a device or a pipe): the GGUF file would replace it; give a file name")
+    for source in inputs:
+        if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+            _fail(f"{out} would overwrite {source}, which this command reads: write the file elsewhere")
     _check_parent_writable(out)
 
 
 def _check_checkpoint_dir(ckpt: Path) -> None:
     """A checkpoint folder can be made at ``ckpt`` (its work folder beside it, the folders above
-    it made as needed), known before quantizing."""
+    it made as needed), known before quantizing. Only an older checkpoint is replaced: a model
+    folder or the user's own files named by mistake are refused, never moved or deleted."""
+    from .checkpoint import replaceable
+
+    if ckpt.name in ("", ".", ".."):
+        _fail(f"{ckpt} names no new folder: give the checkpoint a folder of its own, e.g. {Path('checkpoints') / 'model-3bit'}")
     if ckpt.exists() and not ckpt.is_dir():
         _fail(f"{ckpt} is a file, not a checkpoint folder")
+    if not replaceable(ckpt):
+        _fail(f"{ckpt} holds files that are not a slim2gguf checkpoint: give a new or empty folder (only an older checkpoint is replaced)")
     try:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -389,7 +404,7 @@ def export_cmd(
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),
 ) -> None:
     """Write a finished checkpoint as one GGUF file for patched llama.cpp."""
-    _check_writable(out)
+    _check_writable(out, checkpoint)
     table = Table(title=str(out))
     table.add_column("what")
     table.add_column("value", justify="right")

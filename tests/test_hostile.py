@@ -359,3 +359,76 @@ def test_interrupted_export_then_rerun_only_exports(convertible, tiny_text, tmp_
     assert third.exit_code == 0, third.output
     assert again.read_bytes() == out.read_bytes()
     assert_refused(run_cli("export", tmp_path / "nothing", "-o", tmp_path / "x.gguf"), "no checkpoint at")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_never_replaces_what_is_not_one(tiny_model, tiny_text, tmp_path, monkeypatch):
+    """quantize -o MODEL_FOLDER quantized, then renamed the model folder away and deleted it;
+    any folder of the user's went the same way, and so did an unrelated X.old beside X. Now
+    they are refused before anything loads, and only an older checkpoint is ever replaced."""
+    from slim2gguf import models
+
+    monkeypatch.setattr(models, "load_model", lambda *_: pytest.fail("the model loaded"))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    before = {folder: tree(folder) for folder in (model, mine)}
+    for out in (model, mine):
+        assert_refused(run_cli("quantize", tiny_model, "-o", out), "holds files that are not a slim2gguf checkpoint")
+    monkeypatch.chdir(mine)
+    for out in (".", "..", "/"):
+        assert_refused(run_cli("quantize", tiny_model, "-o", out), "names no new folder")
+    assert {folder: tree(folder) for folder in (model, mine)} == before
+
+
+def test_finishing_a_checkpoint_keeps_the_users_folders(gptq_ckpt, tmp_path):
+    """finish renamed an older X to X.old and deleted X.old: a folder of the user's by that name
+    was deleted even when there was no X; a target that is no checkpoint is refused as well."""
+    from slim2gguf.checkpoint import Checkpoint, CheckpointError, CheckpointWriter
+
+    out = tmp_path / "x"
+    (tmp_path / "x.old").mkdir()
+    (tmp_path / "x.old" / "b").write_text("mine")
+    for _ in range(2):  # made, then an older checkpoint replaced
+        with CheckpointWriter(out, {"method": "rtn"}, 1) as writer:
+            writer.write_block(0, {}, {"block": 0})
+            writer.finish({})
+        assert Checkpoint(out).settings == {"method": "rtn"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "x.old"] and (tmp_path / "x.old" / "b").read_text() == "mine"
+    users = tmp_path / "users"
+    with CheckpointWriter(users, {"method": "rtn"}, 1) as writer:
+        writer.write_block(0, {}, {"block": 0})
+        users.mkdir()
+        (users / "data.bin").write_bytes(b"1")
+        with pytest.raises(CheckpointError, match="is not a slim2gguf checkpoint: it is not replaced"):
+            writer.finish({})
+    assert tree(users) == {"data.bin": b"1"}
+
+
+def test_a_gguf_output_never_overwrites_an_input_or_a_device(gptq_ckpt, convertible, tiny_text, tmp_path):
+    """export -o CKPT/manifest.json wrote the file over the manifest, convert -o MODEL.gguf or
+    -o MODEL/model.safetensors over the model, convert --checkpoint X -o X failed after
+    quantizing, and -o /dev/null replaced the device with a file; all refused before any work."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(gptq_ckpt, ckpt)
+    model = tmp_path / "model"
+    shutil.copytree(convertible, model)
+    gguf_model = write_gguf(tmp_path / "m.gguf")
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    before = {folder: tree(folder) for folder in (ckpt, model)}
+    assert_refused(run_cli("export", ckpt, "-o", ckpt / "manifest.json"), "which this command reads")
+    assert_refused(run_cli("export", ckpt, "-o", pipe), "is not a regular file")
+    for out, extra in (
+        (model / "model.safetensors", ()),
+        (gguf_model, ()),
+        (tmp_path / "same", ("--checkpoint", tmp_path / "same")),
+    ):
+        source = gguf_model if out == gguf_model else model
+        assert_refused(run_cli(*convert_args(source, out, tiny_text)[:-2], *(extra or ("--checkpoint", tmp_path / "c"))), "which this command reads")
+    assert {folder: tree(folder) for folder in (ckpt, model)} == before and pipe.is_fifo()

@@ -452,7 +452,7 @@ def quantize_model(
         check_budget(quant.bpw, shapes)
     settings = {
         "model": str(model_name),
-        "model_path": str(path),
+        "model_path": str(path.resolve()),  # export reads it from anywhere, not only where quantize ran
         "architecture": arch,
         **quant.to_dict(),
         "calibration": asdict(calib),

@@ -224,6 +224,15 @@ def test_work_folder_on_a_file_system_without_locks(tmp_path, monkeypatch):
     assert len(said) == 1 and Checkpoint(out).manifest["blocks_done"] == 2
 
 
+def test_the_model_path_is_kept_absolute(tiny_model, tiny_text, tmp_path, monkeypatch):
+    """A model named relative to where quantize ran was kept as given: export from another
+    folder said "the checkpoint's float model tiny is gone"."""
+    monkeypatch.chdir(tiny_model.parent)
+    out = tmp_path / "rel"
+    quantize_model(tiny_model.name, out, QuantSettings("rtn", 3, 32), calib(tiny_text))
+    assert Checkpoint(out).settings["model_path"] == str(tiny_model.resolve())
+
+
 def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):
     alloc = load_allocation(slim_ckpt / "manifest.json")
     out = tmp_path / "reused"

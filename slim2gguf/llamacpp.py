@@ -575,6 +575,8 @@ def export_patches(tree: Path, dest: Path = PATCH_DIR) -> list[Path]:
     base = root.stdout.split()[0]
     _git(["add", "-A"], tree)
     names = _git(["diff", "--cached", "--name-only", base], tree).stdout.split()
+    if not names:  # the pristine source (or another repository): the series would be deleted
+        raise LlamaCppError(f"{tree} has no changes since its first commit: nothing to export, the patches in {dest} are kept")
     groups: dict[str, list[str]] = {}
     for name in names:
         patch = next((p for p, prefixes in PATCH_SERIES if name.startswith(prefixes)), None)

@@ -78,15 +78,18 @@ def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "pristine"], check=True)
-    (tree / "ggml" / "a.c").write_text("int a = 1;\n")
-    (tree / "src").mkdir()
-    (tree / "src" / "b.cpp").write_text("int b;\n")
     repo_patches, dest = tmp_path / "patches", tmp_path / "dest"
     repo_patches.mkdir()
     dest.mkdir()
+    (dest / "0009-gone.patch").write_text("old\n")
+    with pytest.raises(llamacpp.LlamaCppError, match="has no changes since its first commit: nothing to export"):
+        llamacpp.export_patches(tree, dest)  # a pristine tree (or any one-commit repository) deleted the series
+    assert (dest / "0009-gone.patch").read_text() == "old\n"
+    (tree / "ggml" / "a.c").write_text("int a = 1;\n")
+    (tree / "src").mkdir()
+    (tree / "src" / "b.cpp").write_text("int b;\n")
     (repo_patches / "0001-ggml-slim-types.patch").write_text("kept\n")
     (dest / "0001-ggml-slim-types.patch").write_text("old\n")
-    (dest / "0009-gone.patch").write_text("old\n")
     monkeypatch.setattr(llamacpp, "PATCH_DIR", repo_patches)
     written = llamacpp.export_patches(tree, dest)
     assert [p.name for p in written] == ["0001-ggml-slim-types.patch", "0003-llama-slim-types.patch"]

@@ -215,8 +215,11 @@ def validate(
         raise ValidationError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "triton":  # before reading the file alone imports Triton (triton_linear)
         from . import triton_linear  # noqa: F401
+    from .pipeline import pick_device
+
     try:
         check_windows(ctx, chunks)
+        device = str(pick_device(device or "auto"))  # an unknown or absent device was a torch traceback
     except ValueError as err:
         raise ValidationError(str(err)) from None
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):

@@ -332,6 +332,8 @@ def test_validate_checks_inputs_before_running_anything(monkeypatch, tmp_path, s
         ({"chunks": 0}, "--chunks must be ≥ 1, got 0"),
         ({"threshold": -0.01}, "--threshold is the largest relative gap that passes: it must be > 0, got -0.01"),
         ({"threshold": float("nan")}, "--threshold is the largest relative gap that passes: it must be > 0, got nan"),
+        ({"device": "foo"}, "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),  # was a torch traceback
+        *([({"device": "cuda"}, "--device cuda asked for, but torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
     ):
         with pytest.raises(ValidationError, match=re.escape(message)):
             validate.validate(small_slim_gguf, "model", tiny_text, **options)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import moe, named_models, text_model
@@ -56,7 +57,10 @@ def resolve_model(name: str | os.PathLike) -> Path:
 def architecture_of(path: Path) -> str:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # config.json that is not JSON, or not a model's
+        raise ModelError(f"cannot read {path / 'config.json'}: {' '.join(str(err).split())}") from None
     arch = (getattr(config, "architectures", None) or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(
@@ -81,6 +85,8 @@ def load_model(path: Path) -> nn.Module:
                 text_model.check_finite(name, param)
     except text_model.TextModelError as err:
         raise ModelError(str(err)) from err
+    except (OSError, SafetensorError) as err:  # weights missing, cut short or unreadable
+        raise ModelError(f"cannot load the model in {path}: {' '.join(str(err).split())}") from None
     model.eval()
     model.config.use_cache = False
     return moe.unfuse(model)

@@ -13,10 +13,11 @@ block at a time, so quantizing needs the memory of one block, not of the model.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +60,29 @@ def causal_config(model_dir: Path) -> Any:
     return config.get_text_config() if is_multimodal(model_dir) else config
 
 
+@contextlib.contextmanager
+def open_shard(shard: Path) -> Iterator[Any]:
+    """safe_open on a safetensors file; one cut short, missing or unreadable (when opened or
+    while a tensor is read) is a one-line TextModelError, not safetensors' traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(shard), "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise TextModelError(f"cannot read {shard}: {' '.join(str(err).split())}") from None
+
+
 def shard_of(model_dir: Path) -> dict[str, Path]:
     """Every tensor name in the model's safetensors files -> the shard holding it (from
     the index, or the shards' headers)."""
-    from safetensors import safe_open
-
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         return {name: model_dir / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
     where: dict[str, Path] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
+        with open_shard(shard) as f:
             where.update(dict.fromkeys(f.keys(), shard))
     return where
 
@@ -155,7 +167,6 @@ class BlockLoader:
     def load(self, module: str) -> None:
         """Read every parameter under ``module`` from the files (float32, on the CPU)."""
         from accelerate.utils import set_module_tensor_to_device
-        from safetensors import safe_open
 
         wanted = [n for n, p in self.skeleton.named_parameters(remove_duplicate=False) if n.startswith(module + ".") and p.is_meta]
         by_shard: dict[Path, list[tuple[str, str]]] = {}
@@ -167,7 +178,7 @@ class BlockLoader:
                 raise TextModelError(f"{self.model_dir} has no weight {stored}")
             by_shard.setdefault(self.shard_of[stored], []).append((name, stored))
         for shard, pairs in by_shard.items():
-            with safe_open(str(shard), "pt") as f:
+            with open_shard(shard) as f:
                 for name, stored in pairs:
                     value = f.get_tensor(stored).float()
                     check_finite(stored, value)
@@ -180,15 +191,13 @@ class BlockLoader:
         (the pipeline reads the embedding and the blocks; the final norm and an untied head
         reach the file through the exporter, unseen). Read CHECK_ELEMENTS at a time, so
         memory stays flat whatever the head's size."""
-        from safetensors import safe_open
-
         names = [n for n, _ in self.skeleton.named_parameters()]
         unread = [n for n in names if not n.startswith(tuple(m + "." for m in read)) and not (n == "lm_head.weight" and self.tied)]
         for name in unread:
             stored = self._stored_name(name)
             if stored not in self.shard_of:
                 continue  # load() names what is missing when it is needed
-            with safe_open(str(self.shard_of[stored]), "pt") as f:
+            with open_shard(self.shard_of[stored]) as f:
                 part = f.get_slice(stored)
                 shape = part.get_shape()
                 if len(shape) < 2:  # a norm's vector: small

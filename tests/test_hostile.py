@@ -432,3 +432,23 @@ def test_a_gguf_output_never_overwrites_an_input_or_a_device(gptq_ckpt, converti
         source = gguf_model if out == gguf_model else model
         assert_refused(run_cli(*convert_args(source, out, tiny_text)[:-2], *(extra or ("--checkpoint", tmp_path / "c"))), "which this command reads")
     assert {folder: tree(folder) for folder in (ckpt, model)} == before and pipe.is_fifo()
+
+
+@pytest.mark.parametrize("damage", ["config not json", "weights missing", "weights cut short"])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])  # block by block, and loaded whole (--calib self)
+def test_a_broken_model_folder_is_one_line(tiny_model, tiny_text, tmp_path, damage, method):
+    """transformers' OSError and safetensors' SafetensorError went through as tracebacks."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    if damage == "config not json":
+        (model / "config.json").write_text("{x")
+    elif damage == "weights missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:100_000])
+    calib = ["--calib", tiny_text] if method == "rtn" else []
+    said = {"config not json": "cannot read", "weights missing": "cannot load the model in", "weights cut short": "cannot read"}[damage]
+    result = run_cli("quantize", model, "-o", tmp_path / "ck", "--method", method, "--group-size", "32", "--nsamples", "2", "--seqlen", "32", *calib)
+    assert_refused(result, said)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "ck.partial").exists()

@@ -40,12 +40,15 @@ def read_text(source: str) -> str:
     if not path.is_file():
         raise CalibrationError(f"calibration source '{source}' is neither {', '.join(BUILTIN)} nor a file")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows = _json_rows(path)
-    elif suffix == ".parquet":
-        rows = _parquet_rows(path)
-    else:
-        return path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if suffix in (".jsonl", ".json"):
+            rows = _json_rows(path)
+        elif suffix == ".parquet":
+            rows = _parquet_rows(path)
+        else:
+            return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:  # unreadable (permissions, an I/O error)
+        raise CalibrationError(f"cannot read {path}: {err.strerror or err}") from None
     texts = [row.get("text") if isinstance(row, dict) else None for row in rows]
     if not texts or not all(isinstance(t, str) for t in texts):
         raise CalibrationError(f"{path} must hold records with a 'text' string each")

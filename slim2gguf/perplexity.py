@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .calib import dataset_texts
+from .calib import CalibrationError, dataset_texts
 from .progress import Progress
 
 METHODS = ("llama", "full")
@@ -53,7 +53,11 @@ def read_eval_text(source: str) -> str:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation text at {path}")
-    return path.read_bytes().decode("utf-8")  # as llama-perplexity reads it: CRLF stays CRLF
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # unreadable (permissions, an I/O error)
+        raise CalibrationError(f"cannot read {path}: {err.strerror or err}") from None
+    return data.decode("utf-8")  # as llama-perplexity reads it: CRLF stays CRLF
 
 
 def adds_bos(tokenizer) -> bool:

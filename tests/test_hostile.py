@@ -452,3 +452,16 @@ def test_a_broken_model_folder_is_one_line(tiny_model, tiny_text, tmp_path, dama
     result = run_cli("quantize", model, "-o", tmp_path / "ck", "--method", method, "--group-size", "32", "--nsamples", "2", "--seqlen", "32", *calib)
     assert_refused(result, said)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "ck.partial").exists()
+
+
+def test_an_unreadable_text_is_one_line(tiny_model, tmp_path):
+    """A text file that cannot be read (no permission; here a read that fails with EIO, which
+    root meets too) was an OSError traceback in eval and validate (one reader) and in
+    quantize's --calib."""
+    unreadable = tmp_path / "text.txt"
+    unreadable.symlink_to("/proc/self/mem")  # a regular file whose first bytes cannot be read
+    for args in (
+        ("eval", tiny_model, "--text", unreadable),
+        ("quantize", tiny_model, "-o", tmp_path / "ck", "--method", "gptq", "--group-size", "32", "--calib", unreadable),
+    ):
+        assert_refused(run_cli(*args), f"cannot read {unreadable}: Input/output error")

@@ -35,6 +35,24 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version, the patch series' hash and the pinned llama.cpp commit."),
 ) -> None:
     """SliM-LLM mixed-precision quantization, exported to GGUF files for llama.cpp."""
+    _check_cache_env()
+
+
+def _check_cache_env() -> None:
+    """$SLIM2GGUF_CACHE, when set, is a folder slim2gguf can write: known before any command
+    starts (a file there was a FileExistsError traceback from whichever command used it first)."""
+    cache = os.environ.get("SLIM2GGUF_CACHE")
+    if not cache:
+        return
+    path = Path(cache).expanduser()
+    if path.exists() and not path.is_dir():
+        _fail(f"SLIM2GGUF_CACHE={cache} is not a folder: point it at a folder for slim2gguf's downloads and builds")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"SLIM2GGUF_CACHE={cache} cannot be made: {err.strerror or err}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        _fail(f"SLIM2GGUF_CACHE={cache} is not writable: point it at a folder slim2gguf can write")
 
 
 LLAMA_BIN = typer.Option(None, "--llama-cpp-bin", help=f"bin/ folder of your own llama.cpp build (or ${llamacpp.BIN_ENV}): patched for SliM files, any for --format native ones; default: slim2gguf builds a patched one.")

@@ -266,3 +266,15 @@ def test_own_build_is_checked_before_running(tmp_path, monkeypatch):
     llamacpp.checked_user_build.cache_clear()
     code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
     assert code == 2 and "cannot read a SliM tensor (gguf_init_from_file_impl: tensor has invalid ggml type 1004)" in out
+
+
+def test_a_cache_setting_that_is_no_folder_is_one_line(tmp_path, monkeypatch):
+    """SLIM2GGUF_CACHE naming a file was a FileExistsError traceback from the first command that
+    used the cache (convert, a named model, llama-cpp build)."""
+    cache = tmp_path / "cache"
+    cache.write_text("a file")
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(cache))
+    for args in (("convert", "smollm2-135m", "-o", tmp_path / "x.gguf"), ("llama-cpp", "build")):
+        code, out = invoke(*args)
+        assert code == 2 and out.strip() == f"error: SLIM2GGUF_CACHE={cache} is not a folder: point it at a folder for slim2gguf's downloads and builds", out
+    assert cache.read_text() == "a file" and not (tmp_path / "x.gguf").exists()

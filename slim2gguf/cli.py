@@ -120,6 +120,8 @@ def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_l
 
     if bits is not None and bpw is not None:
         _fail("give --bits (every tensor the same width) or --bpw (a whole-file budget), not both")
+    if bits is not None and reuse:  # it was ignored, and recorded in the manifest as if it held
+        _fail("--allocation fixes every tensor's widths, and so its bits: drop --bits")
     native = _native(format_, type_, bits, bpw, reuse)
     if native is not None and sba is not None:
         _fail("--sba/--no-sba allocates SliM widths per column group; stock types have none: drop it with --format native")

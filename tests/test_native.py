@@ -130,6 +130,7 @@ def test_bpw_spends_a_budget_over_stock_types(bpw_native_ckpt, tmp_path):
         (["--format", "native", "--bpw", "4.5", "--type", "q4_k"], "--bpw chooses every tensor's stock type"),
         (["--format", "native", "--type", "iq2_xs", "--act-order"], "IQ2_XS rounds runs of them"),
         (["--method", "rtn", "--act-order"], "--act-order orders GPTQ's columns"),
+        (["--allocation", "alloc.json", "--bits", "2"], "--allocation fixes every tensor's widths, and so its bits: drop --bits"),
     ],
 )
 def test_cli_refuses_bad_native_choices(tiny_model, tmp_path, args, message):

@@ -468,8 +468,8 @@ def run(
     ctx: typer.Context,
     path: Path = typer.Argument(..., help="A GGUF file slim2gguf wrote (SliM or --format native)."),
     prompt: str = typer.Option(..., "-p", "--prompt"),
-    n_predict: int = typer.Option(64, "-n", "--n-predict", help="Tokens to generate (the text is printed when they are done).", min=0),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    n_predict: int = typer.Option(64, "-n", "--n-predict", help="Tokens to generate (the text is printed when they are done).", min=0, max=2**31 - 1),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=2**31 - 1),
     seed: int = typer.Option(0, "--seed"),
     llama_cpp_bin: Optional[Path] = LLAMA_BIN,
 ) -> None:
@@ -478,6 +478,8 @@ def run(
     -c 4096 --temp 0.7 --top-p 0.9)."""
     from .run import LlamaToolError, run_completion
 
+    if not prompt:  # llama-completion stops with its whole log and "input is empty"
+        _fail("--prompt is empty: give the text the model continues")
     _use_build(llama_cpp_bin, path)
     try:
         generated = run_completion(path, prompt, n_predict, threads, seed, ctx.args)

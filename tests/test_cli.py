@@ -54,6 +54,11 @@ def test_run_refuses_a_negative_token_count(tmp_path):
     model.write_bytes(b"GGUF")
     code, out = invoke("run", model, "-p", "hi", "-n", -1)
     assert code == 2 and "Invalid value for '-n'" in out
+    for option, value in (("-n", 3_000_000_000), ("--threads", 0)):  # llama.cpp's stoi failed, with its usage text
+        code, out = invoke("run", model, "-p", "hi", option, value)
+        assert code == 2 and f"Invalid value for '{option}'" in out, out
+    code, out = invoke("run", model, "-p", "")  # llama-completion's whole log, ending in "input is empty"
+    assert code == 2 and out.strip() == "error: --prompt is empty: give the text the model continues"
 
 
 def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path):

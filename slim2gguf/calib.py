@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +92,24 @@ def windows_from_text(text: str, tokenizer, nsamples: int, seqlen: int, seed: in
 
 
 @torch.no_grad()
-def self_generated(model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int = 32) -> torch.Tensor:
+def self_generated(
+    model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int = 32, on_tokens: Callable[[int], None] | None = None
+) -> torch.Tensor:
     """Sequences sampled from the model itself (data-free calibration).
 
     Each sequence starts from a random vocabulary token and continues by sampling
     from the model's own distribution (temperature 1, top-k 50), so the activations
-    seen in calibration are ones the model produces on its own text."""
-    from transformers import GenerationConfig
+    seen in calibration are ones the model produces on its own text. ``on_tokens(n)``
+    hears of every step's ``n`` new tokens (minutes of sampling on a CPU)."""
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class Counted(StoppingCriteria):
+        """Never stops a sequence: it counts the steps for ``on_tokens``."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            if on_tokens is not None:
+                on_tokens(input_ids.shape[0])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     gen = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
@@ -111,7 +122,8 @@ def self_generated(model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed
     for start in range(0, nsamples, batch):
         torch.manual_seed(seed + start)
         ids = first[start : start + batch]
-        out.append(model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[:, :seqlen])
+        made = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, stopping_criteria=StoppingCriteriaList([Counted()]))
+        out.append(made[:, :seqlen])
     return torch.cat(out)
 
 
@@ -122,10 +134,12 @@ def check_window_counts(nsamples: int, seqlen: int) -> None:
 
 
 def calibration_windows(
-    source: str, model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int, text: str | None = None
+    source: str, model: nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int, text: str | None = None,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """[nsamples, seqlen] token windows; ``text`` is ``read_text(source)`` when read already."""
+    """[nsamples, seqlen] token windows; ``text`` is ``read_text(source)`` when read already;
+    ``on_tokens`` hears of the tokens ``self`` samples as they come."""
     check_window_counts(nsamples, seqlen)
     if source == "self":
-        return self_generated(model, tokenizer, nsamples, seqlen, seed)
+        return self_generated(model, tokenizer, nsamples, seqlen, seed, on_tokens=on_tokens)
     return windows_from_text(read_text(source) if text is None else text, tokenizer, nsamples, seqlen, seed)

@@ -409,6 +409,18 @@ def load_allocation(path: str | os.PathLike) -> Allocation:
     return Allocation(data)
 
 
+def _calibration(calib: CalibSettings, model: nn.Module, tokenizer: Any, text: str | None, console: Console) -> torch.Tensor:
+    """The calibration windows, with a bar while ``self`` samples them from the model."""
+    if calib.source != "self":
+        return calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("calibration: sampling tokens from the model", total=calib.nsamples * (calib.seqlen - 1))
+        return calibration_windows(
+            calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, on_tokens=lambda n: progress.advance(task, n)
+        )
+
+
 def quantize_model(
     model_name: str,
     out_dir: str | os.PathLike,
@@ -478,7 +490,7 @@ def quantize_model(
         sample_idx, n_tokens = torch.empty(0, dtype=torch.long), 0
         decision = None
         if calibrated:
-            windows = calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
+            windows = _calibration(calib, model, tokenizer, text, console)
             if shapes is not None:
                 if writer.budget is None:
                     scores = _sensitivity_scores(path, model, loader, windows, shapes, quant.sensitivity, dev, console)

@@ -343,9 +343,20 @@ def test_self_generated_calibration_is_deterministic(tiny_model):
     from slim2gguf.calib import self_generated
 
     model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
-    a = self_generated(model, tok, nsamples=3, seqlen=16, seed=5)
-    b = self_generated(model, tok, nsamples=3, seqlen=16, seed=5)
-    assert a.shape == (3, 16) and torch.equal(a, b)
+    a = self_generated(model, tok, nsamples=3, seqlen=16, seed=5, batch=2)
+    heard: list[int] = []
+    b = self_generated(model, tok, nsamples=3, seqlen=16, seed=5, batch=2, on_tokens=heard.append)
+    assert a.shape == (3, 16) and torch.equal(a, b)  # counting the steps changes no sample
+    assert heard == [2] * 15 + [1] * 15  # every step of each batch: what the progress bar shows
+
+
+def test_self_calibration_shows_progress(tiny_model, tmp_path):
+    """Sampling the calibration text from the model took minutes on a CPU without a word."""
+    from rich.console import Console
+
+    console = Console(record=True, width=120, force_terminal=False)
+    quantize_model(str(tiny_model), tmp_path / "ck", QuantSettings("gptq", 3, 32), CalibSettings("self", 3, 16, seed=5), console=console)
+    assert "calibration: sampling tokens from the model: 45/45" in console.export_text()
 
 
 def test_tensor_selection_quantizes_only_that_class(slim_ckpt, tiny_model, tiny_text, tmp_path):

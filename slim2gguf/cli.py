@@ -114,7 +114,10 @@ def _native(format_: str, type_: str | None, bits: int | None, bpw: float | None
     return type_ or DEFAULT_NATIVE_TYPE
 
 
-def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_lambda: float, sba_tokens: int, sba: bool | None, sqc: bool, tensors: str | None, fit: str, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None, act_order: bool = False, reuse: bool = False):
+SLIM_FLAGS = {"group_size": "--group-size", "sqc_lambda": "--sqc-lambda", "fit": "--fit", "sqc": "--sqc/--no-sqc", "sba": "--sba/--no-sba", "sba_tokens": "--sba-tokens"}
+
+
+def _settings(method: str, bits: int | None, group_size: int | None, damp: float, sqc_lambda: float | None, sba_tokens: int | None, sba: bool | None, sqc: bool | None, tensors: str | None, fit: str | None, bpw: float | None, sensitivity: str, refit: bool, format_: str = "slim", type_: str | None = None, act_order: bool = False, reuse: bool = False):
     from .architectures import parse_tensor_classes
     from .methods import QuantSettings
 
@@ -123,12 +126,14 @@ def _settings(method: str, bits: int | None, group_size: int, damp: float, sqc_l
     if bits is not None and reuse:  # it was ignored, and recorded in the manifest as if it held
         _fail("--allocation fixes every tensor's widths, and so its bits: drop --bits")
     native = _native(format_, type_, bits, bpw, reuse)
-    if native is not None and sba is not None:
-        _fail("--sba/--no-sba allocates SliM widths per column group; stock types have none: drop it with --format native")
-    sba = True if sba is None else sba
+    slim_only = {"group_size": group_size, "sqc_lambda": sqc_lambda, "fit": fit, "sqc": sqc, "sba": sba, "sba_tokens": sba_tokens}
+    given = {name: value for name, value in slim_only.items() if value is not None}  # the rest: QuantSettings' defaults
+    if native is not None and given:  # each was accepted and ignored
+        flags = [SLIM_FLAGS[name] for name in given]
+        _fail(f"{', '.join(flags)} tune{'s' if len(flags) == 1 else ''} SliM types (per-group widths, scales and offsets); stock types have their own: drop {'it' if len(flags) == 1 else 'them'} with --format native")
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
-        return QuantSettings(method, 3 if bits is None else bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, classes, fit, bpw, sensitivity, refit, native, act_order)
+        return QuantSettings(method, 3 if bits is None else bits, damp=damp, tensors=classes, bpw=bpw, sensitivity=sensitivity, refit=refit, native=native, act_order=act_order, **given)
     except ValueError as err:
         _fail(str(err))
 
@@ -172,7 +177,7 @@ TYPE = typer.Option(None, "--type", help=f"--format native: the stock type of th
 BPW = typer.Option(None, "--bpw", help="Whole-file bits per weight (e.g. 2.75): each tensor's width, group size and the embedding/output types are chosen by measured sensitivity.")
 SENSITIVITY = typer.Option("fisher", "--sensitivity", help="How --bpw scores tensors: fisher (loss increase) or hessian (relative output error); see docs/BENCHMARKS.md.")
 METHOD = typer.Option("slim", "--method", help="slim (SBA + SQC + GPTQ), gptq or rtn.")
-GROUP = typer.Option(128, "--group-size", help="Columns per group: 128, 64 or 32 (must divide every input size).")
+GROUP = typer.Option(None, "--group-size", help="SliM columns per group: 128, 64 or 32 (must divide every input size; default: 128).", show_default=False)
 CALIB = typer.Option("self", "--calib", help="self (sampled from the model, no download), wikitext2, c4, or a .txt/.jsonl/.parquet file.")
 NSAMPLES = typer.Option(128, "--nsamples", help="Calibration windows.")
 SEQLEN = typer.Option(512, "--seqlen", help="Tokens per calibration window.")
@@ -180,10 +185,10 @@ SEED = typer.Option(0, "--seed", help="Seed for calibration sampling; equal seed
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
 DAMP = typer.Option(0.3, "--damp", help="Hessian damping, fraction of mean diag(H).")
 LAMBDA = typer.Option(None, "--sqc-lambda", help="SQC weight on salient elements (default chosen by measurement, see docs/BENCHMARKS.md).")
-SBA_TOKENS = typer.Option(1024, "--sba-tokens", help="Calibration tokens used to score allocations (subsample).")
+SBA_TOKENS = typer.Option(None, "--sba-tokens", help="Calibration tokens used to score SBA's allocations (subsample; default: 1024).", show_default=False)
 SBA = typer.Option(None, "--sba/--no-sba", help="Salience-determined bit allocation (slim only; default: on).", show_default=False)
-SQC = typer.Option(True, "--sqc/--no-sqc", help="Quantizer calibration (slim only; off: min-max scales).")
-FIT = typer.Option("wls", "--fit", help="Quantizer calibration objective: wls (least squares weighted by the inputs' energy, as an importance matrix) or sqc (SliM's salience-weighted grid).")
+SQC = typer.Option(None, "--sqc/--no-sqc", help="Quantizer calibration (slim only; off: min-max scales; default: on).", show_default=False)
+FIT = typer.Option(None, "--fit", help="SliM quantizer calibration objective: wls (least squares weighted by the inputs' energy, as an importance matrix; the default) or sqc (SliM's salience-weighted grid).", show_default=False)
 REFIT = typer.Option(True, "--refit/--no-refit", help="After GPTQ, re-solve each row's scales and offsets for its codes under the calibration Hessian (slim only).")
 ACT_ORDER = typer.Option(False, "--act-order/--no-act-order", help="GPTQ visits inputs by decreasing energy, each group's scales fitted before the pass (slim and gptq; not the IQ2/IQ3 lattice types).")
 ALLOCATION = typer.Option(None, "--allocation", help="Reuse the widths (and --bpw decision) of a checkpoint manifest or {name: [widths]} JSON; with --format native, a --bpw run's stock type per tensor.")
@@ -192,11 +197,10 @@ TENSORS = typer.Option(None, "--tensors", help="Quantize only these classes (e.g
 
 def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_="slim", type_=None, act_order=False):
     from .checkpoint import MANIFEST, CheckpointError, partial_dir
-    from .methods import DEFAULT_SQC_LAMBDA
     from .models import ModelError
     from .pipeline import CalibSettings, load_allocation, quantize_model
 
-    quant = _settings(method, bits, group_size, damp, DEFAULT_SQC_LAMBDA if sqc_lambda is None else sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order, allocation is not None)
+    quant = _settings(method, bits, group_size, damp, sqc_lambda, sba_tokens, sba, sqc, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order, allocation is not None)
     _check_checkpoint_dir(out)
     try:
         alloc = load_allocation(allocation) if allocation else None
@@ -216,10 +220,10 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
 def quantize(
     model: str = ModelArg,
     out: Path = typer.Option(..., "-o", "--out", help="Checkpoint directory to write."),
-    bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
+    bits: int = BITS, method: str = METHOD, group_size: Optional[int] = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
-    damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: Optional[bool] = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
+    damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: Optional[int] = SBA_TOKENS,
+    sba: Optional[bool] = SBA, sqc: Optional[bool] = SQC, fit: Optional[str] = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
     bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE, act_order: bool = ACT_ORDER,
 ) -> None:
     """Quantize a model into a checkpoint (resumable; written atomically)."""
@@ -303,10 +307,10 @@ def _default_checkpoint(out: Path) -> Path:
 def convert(
     model: str = ModelArg,
     out: Path = typer.Option(..., "-o", "--out", help="GGUF file to write."),
-    bits: int = BITS, method: str = METHOD, group_size: int = GROUP, calib: str = CALIB,
+    bits: int = BITS, method: str = METHOD, group_size: Optional[int] = GROUP, calib: str = CALIB,
     nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = DEVICE,
-    damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: int = SBA_TOKENS,
-    sba: Optional[bool] = SBA, sqc: bool = SQC, fit: str = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
+    damp: float = DAMP, sqc_lambda: Optional[float] = LAMBDA, sba_tokens: Optional[int] = SBA_TOKENS,
+    sba: Optional[bool] = SBA, sqc: Optional[bool] = SQC, fit: Optional[str] = FIT, allocation: Optional[Path] = ALLOCATION, tensors: Optional[str] = TENSORS,
     bpw: Optional[float] = BPW, sensitivity: str = SENSITIVITY, refit: bool = REFIT, format_: str = FORMAT, type_: Optional[str] = TYPE, act_order: bool = ACT_ORDER,
     embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Token embedding type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k (default: --bpw's choice, else q8_0)."),
     output_type: Optional[str] = typer.Option(None, "--output-type", help="Untied LM head type, as --embed-type."),

@@ -123,8 +123,10 @@ def test_bpw_spends_a_budget_over_stock_types(bpw_native_ckpt, tmp_path):
     [
         (["--type", "q4_k"], "add --format native"),
         (["--format", "native", "--bits", "2"], "--bits sets SliM widths"),
-        (["--format", "native", "--sba"], "--sba/--no-sba allocates SliM widths"),  # was ignored
-        (["--format", "native", "--bpw", "4.5", "--no-sba"], "stock types have none: drop it with --format native"),
+        (["--format", "native", "--sba"], "--sba/--no-sba tunes SliM types"),  # each was accepted and ignored
+        (["--format", "native", "--bpw", "4.5", "--no-sba"], "stock types have their own: drop it with --format native"),
+        (["--format", "native", "--group-size", "32", "--fit", "sqc"], "--group-size, --fit tune SliM types"),
+        (["--format", "native", "--sqc-lambda", "5", "--no-sqc", "--sba-tokens", "64"], "--sqc-lambda, --sqc/--no-sqc, --sba-tokens tune SliM types"),
         (["--format", "native", "--type", "q4_z"], "native type must be one of"),
         (["--format", "gguf"], "--format must be slim or native"),
         (["--format", "native", "--bpw", "4.5", "--type", "q4_k"], "--bpw chooses every tensor's stock type"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .architectures import model_family
+from .architectures import UnsupportedArchitectureError, model_family
 from .atomic import atomic_path
 from .budget import STANDARD_BPW, STORAGE_EMBED_TYPES
 from .checkpoint import Checkpoint
@@ -134,7 +134,13 @@ def export_gguf(
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     settings = ckpt.settings
-    model_family(settings["architecture"])
+    for key in ("architecture", "model_path"):  # an edited manifest was a KeyError or TypeError traceback
+        if not isinstance(settings.get(key), str):
+            raise ExportError(f"{ckpt.directory / 'manifest.json'} is corrupt: settings.{key} is not a string")
+    try:
+        model_family(settings["architecture"])
+    except UnsupportedArchitectureError as err:
+        raise ExportError(f"{ckpt.directory}: {err}") from None
     decided = (ckpt.budget or {}).get("choices", {})
     job = {
         "checkpoint": str(ckpt.directory.resolve()),

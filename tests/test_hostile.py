@@ -465,3 +465,19 @@ def test_an_unreadable_text_is_one_line(tiny_model, tmp_path):
         ("quantize", tiny_model, "-o", tmp_path / "ck", "--method", "gptq", "--group-size", "32", "--calib", unreadable),
     ):
         assert_refused(run_cli(*args), f"cannot read {unreadable}: Input/output error")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [("architecture", "FooForCausalLM", "architecture 'FooForCausalLM' is not supported"),
+     ("model_path", 5, "settings.model_path is not a string"), ("architecture", None, "settings.architecture is not a string")],
+)  # fmt: skip
+def test_export_refuses_an_edited_manifest_in_one_line(gptq_ckpt, tmp_path, key, value, said):
+    """An unsupported architecture or a model path that is no string were tracebacks in export."""
+    broken = tmp_path / "ck"
+    shutil.copytree(gptq_ckpt, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["settings"][key] = value
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert_refused(run_cli("export", broken, "-o", tmp_path / "x.gguf"), said)
+    assert not (tmp_path / "x.gguf").exists()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 BUILTIN = ("self", "wikitext2", "c4")
+MAX_CALIBRATION_TOKENS = 2**31 - 1  # their float32 hidden states alone: 13 TB at a 1.5B model's width (1,536)
 
 
 class CalibrationError(ValueError):
@@ -131,6 +132,8 @@ def check_window_counts(nsamples: int, seqlen: int) -> None:
     """A CalibrationError for counts no calibration can have, before any model loads."""
     if nsamples < 1 or seqlen < 2:
         raise CalibrationError(f"--nsamples must be ≥ 1 and --seqlen ≥ 2, got {nsamples} and {seqlen}")
+    if nsamples * seqlen > MAX_CALIBRATION_TOKENS:  # torch's indexing overflowed (a traceback), far before memory would
+        raise CalibrationError(f"--nsamples × --seqlen is {nsamples * seqlen:,} tokens; calibration holds at most {MAX_CALIBRATION_TOKENS:,}")
 
 
 def calibration_windows(

@@ -202,6 +202,7 @@ def test_cli_refuses_bad_budgets_and_counts_before_loading_weights(tiny_model, t
         (["--bpw", "3", "--sensitivity", "guess"], "--sensitivity must be one of fisher, hessian"),
         (["--nsamples", "0"], "--nsamples must be ≥ 1 and --seqlen ≥ 2, got 0 and 512"),
         (["--seqlen", "1"], "--nsamples must be ≥ 1 and --seqlen ≥ 2, got 128 and 1"),
+        (["--nsamples", str(10**20)], "--nsamples × --seqlen is 51,200,000,000,000,000,000,000 tokens; calibration holds at most 2,147,483,647"),
         (["--sqc-lambda", "-1"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got -1"),
         (["--sba-tokens", "0"], "--sba-tokens must be ≥ 1, got 0"),
         (["--damp", "nan"], "--damp must be positive, got nan"),

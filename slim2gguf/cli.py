@@ -333,7 +333,7 @@ def convert(
         _fail(f"llama.cpp's source (its converter writes the file) cannot be obtained: {err}")
     ckpt_dir = checkpoint or _default_checkpoint(out)
     report = _quantize(model, ckpt_dir, bits, method, group_size, calib, nsamples, seqlen, seed, device, damp, sqc_lambda, sba_tokens, sba, sqc, allocation, tensors, fit, bpw, sensitivity, refit, format_, type_, act_order)
-    exported = _export(report.path, out, embed_type, output_type)
+    exported = _export(report.path, out, embed_type, output_type, quantized_now=True)
     if checkpoint is None:
         shutil.rmtree(report.path, ignore_errors=True)
     if report.decision is not None:
@@ -397,7 +397,8 @@ def _check_parent_writable(out: Path) -> None:
         _fail(f"cannot write {out}: {err.strerror}")
 
 
-def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | None):
+def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | None, quantized_now: bool = False):
+    """Export ``ckpt``; ``quantized_now`` (convert): a failure says the checkpoint is kept."""
     from .checkpoint import CheckpointError
     from .export import ExportError, export_gguf
 
@@ -411,7 +412,8 @@ def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | No
         )
         raise typer.Exit(130)
     except (ExportError, CheckpointError, llamacpp.LlamaCppError) as err:
-        _fail(str(err))
+        kept = f"; the quantized checkpoint in {ckpt} is kept: rerun the same command to export it without quantizing again"
+        _fail(f"{err}{kept if quantized_now else ''}")
 
 
 def _add_export_rows(table: Table, exported) -> None:

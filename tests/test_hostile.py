@@ -345,6 +345,11 @@ def test_interrupted_export_then_rerun_only_exports(convertible, tiny_text, tmp_
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
+    def failed(*_args, **_kwargs):  # e.g. a full disk: the checkpoint stayed in the cache, unmentioned
+        raise export.ExportError("cannot write o.gguf: No space left on device")
+
+    monkeypatch.setattr(export, "export_gguf", failed)
+    assert_refused(run_cli(*convert_args(convertible, out, tiny_text)), "No space left on device; the quantized checkpoint in", "is kept: rerun")
     monkeypatch.setattr(export, "export_gguf", interrupted)
     first = run_cli(*convert_args(convertible, out, tiny_text))
     assert first.exit_code == 130 and "exports without quantizing again" in first.output and not out.exists()

@@ -284,7 +284,8 @@ def test_validate_compares_both_sides(monkeypatch, tmp_path, small_slim_gguf, ll
     ]
     reader, *rest = torch_side[0]
     assert isinstance(reader, gguf.GGUFReader)
-    assert rest == ["some-model", "some text\r\nwith CRLF\n", 256, 2, "triton", None, True]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto, resolved (and checked) before anything runs
+    assert rest == ["some-model", "some text\r\nwith CRLF\n", 256, 2, "triton", device, True]
     # a 2-bit file: 2 % by default
     assert result == ValidationResult(1005.0, llama_ppl, abs(1005.0 - llama_ppl) / llama_ppl, 0.02, passed, 254)
 

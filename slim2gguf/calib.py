@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import one_line
+
 BUILTIN = ("self", "wikitext2", "c4")
 MAX_CALIBRATION_TOKENS = 2**31 - 1  # their float32 hidden states alone: 13 TB at a 1.5B model's width (1,536)
 
@@ -26,8 +28,7 @@ def dataset_texts(name: str, *args: Any, **kwargs: Any) -> Sequence[str]:
     try:
         return load_dataset(name, *args, **kwargs)["text"]
     except OSError as err:  # ConnectionError, a missing dataset (FileNotFoundError)
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise CalibrationError(f"could not load the {name} dataset from the Hugging Face hub (offline?): {reason}") from None
+        raise CalibrationError(f"could not load the {name} dataset from the Hugging Face hub (offline?): {one_line(err)}") from None
 
 
 def read_text(source: str) -> str:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from . import format as fmt
 from .architectures import TENSOR_CLASSES
+from .errors import one_line
 
 SHOWN_KEYS = ("general.architecture", "general.name", "general.file_type")
 SLIM_KEY_PREFIX = "slim2gguf."
@@ -25,11 +26,6 @@ SLIM_KEY_PREFIX = "slim2gguf."
 
 class GGUFFileError(ValueError):
     """A file that is missing, not GGUF, corrupt or truncated; the message is one line."""
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -44,7 +40,7 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as err:
-        reason = _one_line(err)
+        reason = one_line(err)
         raise GGUFFileError(f"{path} ({size} bytes) is not a valid GGUF file or is truncated: {reason}") from err
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size:
@@ -61,7 +57,7 @@ def field_value(reader: gguf.GGUFReader, key: str) -> Any:
     try:
         return field.contents()
     except (UnicodeDecodeError, ValueError, IndexError) as err:
-        raise GGUFFileError(f"key {key} is corrupt: {_one_line(err)}") from err
+        raise GGUFFileError(f"key {key} is corrupt: {one_line(err)}") from err
 
 
 def _numpy_shape(tensor: Any) -> tuple[int, ...]:
@@ -101,7 +97,7 @@ def inspect_rows(path_or_reader: str | os.PathLike | gguf.GGUFReader) -> list[di
                 for first in packed[::per_matrix]:
                     counts.update(fmt.read_widths(first, stype, int(tensor.shape[0])).tolist())
             except fmt.FormatError as err:
-                raise GGUFFileError(f"tensor {tensor.name} is corrupt: {_one_line(err)}") from err
+                raise GGUFFileError(f"tensor {tensor.name} is corrupt: {one_line(err)}") from err
             widths = {int(w): int(n) * per_matrix for w, n in sorted(counts.items())}
         n_params = int(tensor.n_elements)
         rows.append(

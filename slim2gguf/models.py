@@ -12,6 +12,7 @@ from torch import nn
 
 from . import moe, named_models, text_model
 from .architectures import SUPPORTED_ARCHITECTURES, tensor_class
+from .errors import one_line
 from .from_gguf import GGUFImportError, is_gguf, resolve_gguf
 
 
@@ -60,7 +61,7 @@ def architecture_of(path: Path) -> str:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:  # config.json that is not JSON, or not a model's
-        raise ModelError(f"cannot read {path / 'config.json'}: {' '.join(str(err).split())}") from None
+        raise ModelError(f"cannot read {path / 'config.json'}: {one_line(err)}") from None
     arch = (getattr(config, "architectures", None) or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(
@@ -86,7 +87,7 @@ def load_model(path: Path) -> nn.Module:
     except text_model.TextModelError as err:
         raise ModelError(str(err)) from err
     except (OSError, SafetensorError) as err:  # weights missing, cut short or unreadable
-        raise ModelError(f"cannot load the model in {path}: {' '.join(str(err).split())}") from None
+        raise ModelError(f"cannot load the model in {path}: {one_line(err)}") from None
     model.eval()
     model.config.use_cache = False
     return moe.unfuse(model)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .architectures import FILE_RENAMES, MULTIMODAL_ARCHITECTURES, SUPPORTED_ARCHITECTURES
+from .errors import one_line
 from .moe import unfuse
 
 PLAIN_PREFIX = "model."
@@ -70,7 +71,7 @@ def open_shard(shard: Path) -> Iterator[Any]:
         with safe_open(str(shard), "pt") as f:
             yield f
     except (SafetensorError, OSError) as err:
-        raise TextModelError(f"cannot read {shard}: {' '.join(str(err).split())}") from None
+        raise TextModelError(f"cannot read {shard}: {one_line(err)}") from None
 
 
 def shard_of(model_dir: Path) -> dict[str, Path]:

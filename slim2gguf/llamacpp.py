@@ -619,7 +619,7 @@ def build_command(
     try:
         bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console, force=force, patched=not stock)
     except LlamaCppError as err:
-        Console(stderr=True).print(Text("error:", style="bold red"), str(err), highlight=False, soft_wrap=True)
+        Console(stderr=True, markup=False).print(Text("error:", style="bold red"), str(err), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     patches = "no patches" if stock else f"{len(patch_files())} patches"
     console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {patches}, built in {bin_dir}:", soft_wrap=True)

@@ -61,7 +61,7 @@ def test_run_refuses_a_negative_token_count(tmp_path):
     assert code == 2 and out.strip() == "error: --prompt is empty: give the text the model continues"
 
 
-def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path):
+def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path, monkeypatch):
     """export-patches of a folder that is not a build tree (or no folder) raised LlamaCppError or
     FileNotFoundError tracebacks; --jobs 0 reached the build."""
     for folder, said in ((tmp_path, f"error: {tmp_path} is not a git tree made by slim2gguf's build"), (tmp_path / "none", f"error: {tmp_path / 'none'} is not a folder")):
@@ -69,6 +69,11 @@ def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path):
         assert code == 1 and out.startswith(said) and "Traceback" not in out, out
     code, out = invoke("llama-cpp", "build", "--jobs", 0)
     assert code == 2 and "Invalid value for '--jobs'" in out
+    source = tmp_path / "[/x]" / "none"  # rich read "[/x]" as a closing tag: a MarkupError in place of the error
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(source))
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    code, out = invoke("llama-cpp", "build")
+    assert code == 1 and "".join(out.split()) == "".join(f"error: LLAMA_CPP_DIR={source} is not a llama.cpp source tree (no ggml/include/ggml.h)".split()), out
 
 
 def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch):

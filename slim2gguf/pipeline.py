@@ -409,12 +409,16 @@ def load_allocation(path: str | os.PathLike) -> Allocation:
     return Allocation(data)
 
 
+def _bar_columns() -> list[Any]:
+    """What a bar of quantize shows: its step, done of total, time taken and time left."""
+    return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+
+
 def _calibration(calib: CalibSettings, model: nn.Module, tokenizer: Any, text: str | None, console: Console) -> torch.Tensor:
     """The calibration windows, with a bar while ``self`` samples them from the model."""
     if calib.source != "self":
         return calibration_windows(calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, text)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*_bar_columns(), console=console) as progress:
         task = progress.add_task("calibration: sampling tokens from the model", total=calib.nsamples * (calib.seqlen - 1))
         return calibration_windows(
             calib.source, model, tokenizer, calib.nsamples, calib.seqlen, calib.seed, on_tokens=lambda n: progress.advance(task, n)
@@ -511,8 +515,7 @@ def quantize_model(
         stored = dict(writer.finished_tensors()) if resumed else {}
         width_groups = Counter(w for qt in stored.values() for w in qt.group_widths())
         tensor_types = _types(list(stored.values()))
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-        with torch.no_grad(), Progress(*columns, console=console) as progress:
+        with torch.no_grad(), Progress(*_bar_columns(), console=console) as progress:
             task = progress.add_task("quantizing blocks", total=len(layers))
             for i, layer in enumerate(layers):
                 if loader:

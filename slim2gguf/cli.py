@@ -361,8 +361,9 @@ def _check_writable(out: Path, *inputs: Path) -> None:
         _fail(f"{out} is a directory")
     if out.exists() and not out.is_file():
         _fail(f"{out} is not a regular file (a device or a pipe): the GGUF file would replace it; give a file name")
+    target = out.resolve()
     for source in inputs:
-        if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        if target.is_relative_to(source.resolve()):  # the input itself, or a file inside it
             _fail(f"{out} would overwrite {source}, which this command reads: write the file elsewhere")
     _check_parent_writable(out)
 

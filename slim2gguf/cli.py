@@ -11,10 +11,40 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from . import llamacpp
+from .errors import one_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# click's error classes, from wherever this Typer takes click (a copy of its own in recent Typers)
+CLICK_ERROR, USAGE_ERROR = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == name) for name in ("ClickException", "UsageError"))
+
+
+class OneLineErrors(TyperGroup):
+    """Typer's own refusals (a value that is no int, a missing option, an unknown command) in
+    one line, as slim2gguf's errors are: Typer draws them as a usage line and a boxed panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except CLICK_ERROR as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # no arguments: the help (Typer printed it)
+                if err.format_message():
+                    typer.echo(err.format_message(), err=True)
+            else:
+                ctx = getattr(err, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if isinstance(err, USAGE_ERROR) and ctx is not None else ""
+                console.print(Text("error:", style="bold red"), one_line(Exception(err.format_message())) + hint, soft_wrap=True, highlight=False)
+            code = err.exit_code
+        except typer.Abort:
+            console.print(INTERRUPTED, "aborted")
+            code = 1
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(llamacpp.app, name="llama-cpp", help="Build the patched llama.cpp that runs SliM files.")
 console = Console(stderr=True, markup=False)  # messages carry paths and names: no [...] is a style
 

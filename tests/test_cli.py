@@ -48,6 +48,23 @@ def test_eval_refuses_unusable_windows_before_loading(tiny_model, tiny_text, mon
         assert code == 2 and out.strip() == f"error: {message}", out
 
 
+def test_typer_refusals_are_one_line(tmp_path):
+    """A value that is no int, a missing option or argument, an unknown command: Typer drew a
+    usage line, a hint and a boxed panel; now one line like slim2gguf's own errors, exit code 2."""
+    for args, said in (
+        (("quantize", "--bits", "abc", tmp_path, "-o", tmp_path / "ck"), "error: Invalid value for '--bits': "),
+        (("quantize", tmp_path), "error: Missing option '-o' / '--out'. (see 'slim2gguf quantize --help')"),
+        (("inspect",), "error: Missing argument 'path'. (see 'slim2gguf inspect --help')"),
+        (("bogus",), "error: No such command 'bogus'. (see 'slim2gguf --help')"),
+        (("llama-cpp", "build", "--jobs", 0), "error: Invalid value for '--jobs' / '-j': "),
+    ):
+        result = runner.invoke(app, [str(a) for a in args], prog_name="slim2gguf")
+        out = result.output.strip()
+        assert result.exit_code == 2 and out.startswith(said) and "\n" not in out, out
+    result = runner.invoke(app, [], prog_name="slim2gguf")  # no arguments: the help
+    assert result.exit_code == 2 and "Usage: slim2gguf" in result.output and "error" not in result.output
+
+
 def test_run_refuses_a_negative_token_count(tmp_path):
     """llama.cpp reads -n -1 as "until stopped"; run prints the text at the end, so it would never print."""
     model = tmp_path / "m.gguf"

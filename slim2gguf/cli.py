@@ -18,11 +18,17 @@ from .errors import one_line
 
 # click's error classes, from wherever this Typer takes click (a copy of its own in recent Typers)
 CLICK_ERROR, USAGE_ERROR = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == name) for name in ("ClickException", "UsageError"))
+HELP_ASKED = "slim2gguf.help_asked"
 
 
 class OneLineErrors(TyperGroup):
     """Typer's own refusals (a value that is no int, a missing option, an unknown command) in
-    one line, as slim2gguf's errors are: Typer draws them as a usage line and a boxed panel."""
+    one line, as slim2gguf's errors are: Typer draws them as a usage line and a boxed panel.
+    It also notes whether a command's --help was asked, which the group's callback cannot see."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta[HELP_ASKED] = "--help" in args  # the callback runs before a command reads its --help
+        return super().parse_args(ctx, args)
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
@@ -62,10 +68,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version, the patch series' hash and the pinned llama.cpp commit."),
 ) -> None:
     """SliM-LLM mixed-precision quantization, exported to GGUF files for llama.cpp."""
-    _check_cache_env()
+    if not ctx.meta.get(HELP_ASKED):  # a command's help needs no cache
+        _check_cache_env()
 
 
 def _check_cache_env() -> None:

@@ -305,3 +305,6 @@ def test_a_cache_setting_that_is_no_folder_is_one_line(tmp_path, monkeypatch):
         code, out = invoke(*args)
         assert code == 2 and out.strip() == f"error: SLIM2GGUF_CACHE={cache} is not a folder: point it at a folder for slim2gguf's downloads and builds", out
     assert cache.read_text() == "a file" and not (tmp_path / "x.gguf").exists()
+    for args in (("convert", "--help"), ("llama-cpp", "build", "--help")):  # a command's help needs no cache
+        code, out = invoke(*args)
+        assert code == 0 and "Usage:" in out and "SLIM2GGUF_CACHE=" not in out, out

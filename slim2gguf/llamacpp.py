@@ -297,9 +297,11 @@ def _check_toolchain() -> None:
         )
 
 
-def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _git(args: list[str], cwd: Path, index: Path | None = None) -> subprocess.CompletedProcess:
+    """git in ``cwd``; with ``index``, on that index file in place of the tree's own."""
     cmd = ["git", "-c", "user.name=slim2gguf", "-c", "user.email=slim2gguf@localhost", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    env = None if index is None else dict(os.environ, GIT_INDEX_FILE=str(index))
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
 
 
 def _apply_patches(tree: Path) -> None:
@@ -573,22 +575,25 @@ def export_patches(tree: Path, dest: Path = PATCH_DIR) -> list[Path]:
     if root.returncode != 0:
         raise LlamaCppError(f"{tree} is not a git tree made by slim2gguf's build: {root.stderr.strip()}")
     base = root.stdout.split()[0]
-    _git(["add", "-A"], tree)
-    names = _git(["diff", "--cached", "--name-only", base], tree).stdout.split()
-    if not names:  # the pristine source (or another repository): the series would be deleted
-        raise LlamaCppError(f"{tree} has no changes since its first commit: nothing to export, the patches in {dest} are kept")
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        patch = next((p for p, prefixes in PATCH_SERIES if name.startswith(prefixes)), None)
-        if patch is None:
-            raise LlamaCppError(f"{name} matches no entry of PATCH_SERIES; add one")
-        groups.setdefault(patch, []).append(name)
-    diffs = {}
-    for patch, paths in groups.items():  # every diff made before the old series is touched
-        diff = _git(["diff", "--cached", "--no-color", "--no-ext-diff", base, "--", *paths], tree)
-        if diff.returncode != 0:
-            raise LlamaCppError(diff.stderr)
-        diffs[dest / patch] = diff.stdout
+    with tempfile.TemporaryDirectory() as scratch:  # new files staged on a scratch index: the tree's own stays as it was
+        index = Path(scratch) / "index"
+        _git(["read-tree", "HEAD"], tree, index)
+        _git(["add", "-A"], tree, index)
+        names = _git(["diff", "--cached", "--name-only", base], tree, index).stdout.split()
+        if not names:  # the pristine source (or another repository): the series would be deleted
+            raise LlamaCppError(f"{tree} has no changes since its first commit: nothing to export, the patches in {dest} are kept")
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            patch = next((p for p, prefixes in PATCH_SERIES if name.startswith(prefixes)), None)
+            if patch is None:
+                raise LlamaCppError(f"{name} matches no entry of PATCH_SERIES; add one")
+            groups.setdefault(patch, []).append(name)
+        diffs = {}
+        for patch, paths in groups.items():  # every diff made before the old series is touched
+            diff = _git(["diff", "--cached", "--no-color", "--no-ext-diff", base, "--", *paths], tree, index)
+            if diff.returncode != 0:
+                raise LlamaCppError(diff.stderr)
+            diffs[dest / patch] = diff.stdout
     for old in dest.glob("*.patch"):
         if old not in diffs:
             old.unlink()

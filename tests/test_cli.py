@@ -118,6 +118,12 @@ def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch
     (repo_patches / "0001-ggml-slim-types.patch").write_text("kept\n")
     (dest / "0001-ggml-slim-types.patch").write_text("old\n")
     monkeypatch.setattr(llamacpp, "PATCH_DIR", repo_patches)
+    (tree / "notes.txt").write_text("mine\n")  # no patch covers it: refused
+    with pytest.raises(llamacpp.LlamaCppError, match="notes.txt matches no entry of PATCH_SERIES"):
+        llamacpp.export_patches(tree, dest)
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+    assert status.splitlines() == [" M ggml/a.c", "?? notes.txt", "?? src/"], status  # the tree's index untouched (git add -A staged all)
+    (tree / "notes.txt").unlink()
     written = llamacpp.export_patches(tree, dest)
     assert [p.name for p in written] == ["0001-ggml-slim-types.patch", "0003-llama-slim-types.patch"]
     assert sorted(p.name for p in dest.iterdir()) == [p.name for p in written]

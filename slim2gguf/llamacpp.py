@@ -512,10 +512,14 @@ def checked_user_build(directory: str) -> Path:
             f"{bin_dir} has no {DUMP_TOOL}: not a llama.cpp built with slim2gguf's patches (apply "
             f"patches/*.patch to commit {PINNED_COMMIT[:10]} and build every tool), or not its bin/ folder"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / "probe.gguf"
-        _write_probe(probe)
-        result = subprocess.run([dump, probe, "validate", _PROBE_TENSOR], capture_output=True, text=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = Path(tmp) / "probe.gguf"
+            _write_probe(probe)
+            result = subprocess.run([dump, probe, "validate", _PROBE_TENSOR], capture_output=True, text=True)
+    except OSError as err:  # a dump tool that cannot run, or no temporary folder to write the probe in
+        what = f"{dump} cannot run" if err.filename in (str(dump), dump) else f"no probe file can be written in {tempfile.gettempdir()} (set TMPDIR)"
+        raise LlamaCppError(f"{what}: {err.strerror or err}") from None
     if result.returncode != 0:
         said = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise LlamaCppError(f"{dump} cannot read a SliM tensor ({said}): rebuild it with this slim2gguf's patches")

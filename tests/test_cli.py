@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -299,6 +300,14 @@ def test_own_build_is_checked_before_running(tmp_path, monkeypatch):
     llamacpp.checked_user_build.cache_clear()
     code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
     assert code == 2 and "cannot read a SliM tensor (gguf_init_from_file_impl: tensor has invalid ggml type 1004)" in out
+    fake.chmod(0o644)  # a tool that cannot run, and a temporary folder the probe cannot be written in: tracebacks
+    llamacpp.checked_user_build.cache_clear()
+    code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
+    assert code == 2 and out.strip() == f"error: {fake} cannot run: Permission denied", out
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    llamacpp.checked_user_build.cache_clear()
+    code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
+    assert code == 2 and out.strip() == f"error: no probe file can be written in {tmp_path / 'gone'} (set TMPDIR): No such file or directory", out
 
 
 def test_a_cache_setting_that_is_no_folder_is_one_line(tmp_path, monkeypatch):

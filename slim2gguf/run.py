@@ -53,9 +53,12 @@ def run_tool(
     waiting for input."""
     stock_ok = (lambda: not holds_slim_types(gguf_path)) if gguf_path is not None else None
     cmd = [str(binary(name, stock_ok=stock_ok)), *(str(a) for a in args)]
-    result = subprocess.run(
-        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
-    )
+    try:
+        result = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
+        )
+    except OSError as err:  # a tool of the user's build that cannot run (no execute bit, another CPU's binary)
+        raise LlamaToolError(f"{cmd[0]} cannot run: {err.strerror or err}") from None
     if result.returncode != 0:
         failed = f"{name} failed (exit code {result.returncode})"
         if gguf_path is not None:

@@ -304,10 +304,17 @@ def test_own_build_is_checked_before_running(tmp_path, monkeypatch):
     llamacpp.checked_user_build.cache_clear()
     code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
     assert code == 2 and out.strip() == f"error: {fake} cannot run: Permission denied", out
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with monkeypatch.context() as patched:
+        patched.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+        llamacpp.checked_user_build.cache_clear()
+        code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
+    assert code == 2 and out.strip() == f"error: no probe file can be written in {tmp_path / 'gone'} (set TMPDIR): No such file or directory", out
+    fake.write_text("#!/bin/sh\nexit 0\n")  # a dump tool that reads the probe, and a llama-completion that cannot run
+    fake.chmod(0o755)
+    (tmp_path / "llama-completion").write_text("not a program")
     llamacpp.checked_user_build.cache_clear()
     code, out = invoke("run", model, "-p", "hi", "--llama-cpp-bin", tmp_path)
-    assert code == 2 and out.strip() == f"error: no probe file can be written in {tmp_path / 'gone'} (set TMPDIR): No such file or directory", out
+    assert code == 2 and out.strip() == f"error: {tmp_path / 'llama-completion'} cannot run: Permission denied", out
 
 
 def test_a_cache_setting_that_is_no_folder_is_one_line(tmp_path, monkeypatch):

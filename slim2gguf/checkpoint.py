@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_bytes_atomic
+from .errors import check_readable, one_line_os
 from .qtensor import StoredTensor, stored_tensor
 from .storage import NATIVE_TYPES
 
@@ -342,9 +343,10 @@ def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[s
     for index in sorted(by_block):
         path = directory / block_file(index)
         try:
+            check_readable(path)
             data = load_file(str(path))
-        except (FileNotFoundError, SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path} is missing or corrupt: {err}") from err
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is missing or corrupt: {one_line_os(err)}") from err
         for name in by_block[index]:
             meta = manifest["tensors"][name]
             try:

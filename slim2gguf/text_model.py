@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .architectures import FILE_RENAMES, MULTIMODAL_ARCHITECTURES, SUPPORTED_ARCHITECTURES
-from .errors import one_line
+from .errors import check_readable, one_line_os
 from .moe import unfuse
 
 PLAIN_PREFIX = "model."
@@ -68,10 +68,11 @@ def open_shard(shard: Path) -> Iterator[Any]:
     from safetensors import SafetensorError, safe_open
 
     try:
+        check_readable(shard)
         with safe_open(str(shard), "pt") as f:
             yield f
     except (SafetensorError, OSError) as err:
-        raise TextModelError(f"cannot read {shard}: {one_line(err)}") from None
+        raise TextModelError(f"cannot read {shard}: {one_line_os(err)}") from None
 
 
 def shard_of(model_dir: Path) -> dict[str, Path]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from permissions import run_bound_by_permissions
 from write_limits import files_limited_to
 
 from slim2gguf import checkpoint as ckpt_mod
@@ -326,6 +327,17 @@ def test_truncated_block_file(slim_ckpt, tmp_path):
     block.write_bytes(block.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="missing or corrupt"):
         dict(Checkpoint(broken).tensors())
+
+
+def test_a_block_file_that_may_not_be_read_says_so(slim_ckpt, tmp_path):
+    """safetensors reported a block without read permission as "No such file or directory"."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(slim_ckpt, ckpt)
+    block = ckpt / "blocks" / "block_0001.safetensors"
+    block.chmod(0)
+    code = "import sys; from slim2gguf.checkpoint import Checkpoint\ndict(Checkpoint(sys.argv[1]).tensors())"
+    result = run_bound_by_permissions(code, str(ckpt))
+    assert result.returncode != 0 and result.stderr.strip().endswith(f"CheckpointError: {block} is missing or corrupt: Permission denied"), result.stderr
 
 
 def test_refit_setting_reaches_the_quantizer(slim_ckpt, tiny_model, tiny_text, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from export_helpers import tiny_model_dir
+from permissions import run_bound_by_permissions
 from safetensors.torch import load_file, save_file
 
 from slim2gguf import text_model
@@ -70,3 +71,12 @@ def test_a_checkpoint_without_a_text_decoder_is_refused(multimodal, tmp_path):
     broken = with_weights(multimodal, tmp_path / "broken", lambda k: None if k.startswith(LEGACY) else k)
     with pytest.raises(text_model.TextModelError, match="cannot tell the text decoder"):
         text_model.weight_prefix(broken)
+
+
+def test_a_shard_that_may_not_be_read_says_so(tmp_path):
+    """safetensors reported a file without read permission as "No such file or directory"."""
+    shard = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, shard)
+    shard.chmod(0)
+    result = run_bound_by_permissions("import sys; from slim2gguf.text_model import open_shard\nwith open_shard(sys.argv[1]): pass", str(shard))
+    assert result.returncode != 0 and result.stderr.strip().endswith(f"TextModelError: cannot read {shard}: Permission denied"), result.stderr

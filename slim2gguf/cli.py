@@ -290,9 +290,9 @@ def eval_cmd(
 ) -> None:
     """Perplexity of the original model or of a quantized checkpoint, in PyTorch."""
     from .checkpoint import Checkpoint, CheckpointError
+    from .devices import pick_device
     from .models import ModelError, load_model, load_tokenizer, resolve_model, set_linear_weights
     from .perplexity import BACKENDS, check_windows, perplexity, read_eval_text
-    from .pipeline import pick_device
 
     try:
         check_windows(ctx, chunks, method)

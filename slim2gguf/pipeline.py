@@ -30,6 +30,7 @@ from .architectures import in_classes
 from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
 from .calib import calibration_windows, check_window_counts, read_text
 from .checkpoint import CheckpointWriter, finished_with, is_decision
+from .devices import pick_device
 from .methods import NATIVE_BY_BUDGET, QuantSettings, check_allocation, quantize_linear
 from .models import (
     ModelError,
@@ -92,23 +93,6 @@ class Allocation:
     def stock_types(self) -> bool:
         """Whether this is a --format native --bpw decision (every choice a stock type)."""
         return self.budget is not None and not self.widths and all(c in NATIVE_TYPES for c in self.budget["choices"].values())
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when torch sees it), ``cpu``, ``cuda`` or ``cuda:N``; anything else a one-line ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-    return device
 
 
 def quantized_linears(model: nn.Module, index: int, quant: QuantSettings) -> dict[str, nn.Linear]:

@@ -29,6 +29,7 @@ from rich.text import Text
 
 from . import format as fmt
 from .calib import CalibrationError
+from .devices import pick_device
 from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
@@ -161,7 +162,7 @@ def torch_perplexity(
         if any(not isinstance(stype, fmt.SlimType) for _, stype in packed.values()):
             raise ValidationError("--backend triton runs SliM types only; this file holds stock types: use --backend torch")
         swap_linears(hf_model, packed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(device or "auto"))
     tokenizer = load_tokenizer(model_dir)
     return perplexity(hf_model, tokenizer, text, ctx, chunks, method="llama", device=device, reference=reference)
 
@@ -215,8 +216,6 @@ def validate(
         raise ValidationError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "triton":  # before reading the file alone imports Triton (triton_linear)
         from . import triton_linear  # noqa: F401
-    from .pipeline import pick_device
-
     try:
         check_windows(ctx, chunks)
         device = str(pick_device(device or "auto"))  # an unknown or absent device was a torch traceback

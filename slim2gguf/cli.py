@@ -319,7 +319,6 @@ def eval_cmd(
     typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}, method {method})")
 
 
-
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="A GGUF file.")) -> None:
     """Per-tensor type, shape, width histogram and bits per weight of a GGUF file."""

@@ -62,7 +62,6 @@ DIFFERING_KEYS = {"general.file_type", "GGUF.kv_count"}
 OUR_PREFIX = "slim2gguf."
 
 
-
 @dataclass(frozen=True)
 class Family:
     architecture: str

@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from . import llamacpp
 from .errors import one_line
+from .messages import ERROR, INTERRUPTED, WARNING, say
 
 # click's error classes, from wherever this Typer takes click (a copy of its own in recent Typers)
 CLICK_ERROR, USAGE_ERROR = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == name) for name in ("ClickException", "UsageError"))
@@ -42,10 +43,10 @@ class OneLineErrors(TyperGroup):
             else:
                 ctx = getattr(err, "ctx", None)
                 hint = f" (see '{ctx.command_path} --help')" if isinstance(err, USAGE_ERROR) and ctx is not None else ""
-                console.print(Text("error:", style="bold red"), one_line(Exception(err.format_message())) + hint, soft_wrap=True, highlight=False)
+                say(console, ERROR, one_line(Exception(err.format_message())) + hint)
             code = err.exit_code
         except typer.Abort:
-            console.print(INTERRUPTED, "aborted")
+            say(console, INTERRUPTED, "aborted")
             code = 1
         raise SystemExit(code if isinstance(code, int) else 0)
 
@@ -54,7 +55,6 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 app.add_typer(llamacpp.app, name="llama-cpp", help="Build the patched llama.cpp that runs SliM files.")
 console = Console(stderr=True, markup=False)  # messages carry paths and names: no [...] is a style
 
-INTERRUPTED = Text("interrupted:", style="yellow")
 ModelArg = typer.Argument(..., help="Hugging Face model directory, GGUF file, hub id (online), 'smollm2-135m' (demo) or 'qwen2.5-coder-1.5b' (benchmark).")
 
 
@@ -119,7 +119,7 @@ def _use_build(directory: Optional[Path], gguf_path: Path) -> None:
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None, line: str | None = None) -> None:
     """slim2gguf's own warnings as one line each, like its errors; others as Python shows them."""
     if category.__module__.startswith("slim2gguf."):
-        console.print(Text("warning:", style="bold yellow"), message, soft_wrap=True, highlight=False)
+        say(console, WARNING, str(message))
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 
@@ -128,7 +128,7 @@ _python_show_warning, warnings.showwarning = warnings.showwarning, _show_warning
 
 
 def _fail(message: str) -> None:
-    console.print(Text("error:", style="bold red"), message, soft_wrap=True, highlight=False)
+    say(console, ERROR, message)
     raise typer.Exit(2)
 
 
@@ -246,9 +246,9 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
     except KeyboardInterrupt:
         work = partial_dir(Path(out))
         if (work / MANIFEST).exists():  # a block or --bpw budget recorded
-            console.print(INTERRUPTED, f"finished work is kept in {work}; rerun the same command to resume")
+            say(console, INTERRUPTED, f"finished work is kept in {work}; rerun the same command to resume")
         else:
-            console.print(Text("interrupted", style="yellow"), "before the first block finished: nothing was written")
+            say(console, Text("interrupted", style="yellow"), "before the first block finished: nothing was written")
         raise typer.Exit(130)
     except (ModelError, CheckpointError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -443,10 +443,11 @@ def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | No
     try:
         return export_gguf(ckpt, out, embed_type, output_type)
     except KeyboardInterrupt:
-        console.print(
+        say(
+            console,
             INTERRUPTED,
             f"no output written; the checkpoint in {ckpt} is complete: rerun the same "
-            f"command (it exports without quantizing again) or run slim2gguf export {ckpt} -o {out}"
+            f"command (it exports without quantizing again) or run slim2gguf export {ckpt} -o {out}",
         )
         raise typer.Exit(130)
     except (ExportError, CheckpointError, llamacpp.LlamaCppError) as err:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .atomic import atomic_path
+from .messages import WARNING, say
 from .paths import cache_dir
 
 COMPOUND_WARNING = (
@@ -156,7 +157,7 @@ def resolve_gguf(path: Path) -> Path:
     path = path.expanduser().resolve()
     kind = _file_kind(path)
     if kind not in ("mostly F32", "mostly F16", "mostly BF16"):
-        console.print(Text("warning:", style="yellow"), COMPOUND_WARNING.format(path=path.name, kind=kind), highlight=False, soft_wrap=True)
+        say(console, WARNING, COMPOUND_WARNING.format(path=path.name, kind=kind))
     return model_dir_of_file(path)
 
 

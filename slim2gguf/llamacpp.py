@@ -621,14 +621,15 @@ def build_command(
 ) -> None:
     """Patch and build llama.cpp (cached; re-running only rebuilds what changed)."""
     from rich.console import Console
-    from rich.text import Text
+
+    from slim2gguf.messages import ERROR, say
 
     console = Console(markup=False)
     targets = tuple(target) if target else (STOCK_TARGETS if stock else DEFAULT_TARGETS)
     try:
         bin_dir = build(targets, cpu=cpu, jobs=jobs, console=console, force=force, patched=not stock)
     except LlamaCppError as err:
-        Console(stderr=True, markup=False).print(Text("error:", style="bold red"), str(err), highlight=False, soft_wrap=True)
+        say(Console(stderr=True, markup=False), ERROR, str(err))
         raise typer.Exit(1) from None
     patches = "no patches" if stock else f"{len(patch_files())} patches"
     console.print(f"llama.cpp {PINNED_COMMIT[:10]} + {patches}, built in {bin_dir}:", soft_wrap=True)

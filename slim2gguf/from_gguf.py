@@ -4,7 +4,8 @@ gguf-py dequantizes the tensors (any type it knows) to float32, one at a time, a
 transformers' GGUF support maps them to Hugging Face names and rebuilds config and
 tokenizer; we save that once as a plain safetensors directory in the cache, a shard per
 decoder block, so a model larger than memory imports too. Quantizing an already
-quantized model compounds the two errors, which is why ``resolve_gguf`` warns.
+quantized model compounds the two errors, which is why ``resolve_gguf`` warns of it when
+the file is the model to quantize.
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def _write_shards(tensors: Iterable[tuple[str, Any]], directory: Path, progress:
 
 
 def _file_kind(path: Path) -> str:
-    """The file's dominant tensor type, for the warning (e.g. 'mostly Q4_K')."""
+    """The dominant type of the file's weight matrices, for the warning (e.g. 'mostly Q4_K'):
+    the token embedding and output head are left out, as a Q8_0 embedding outweighs a small
+    model's Q4_K linears."""
     from collections import Counter
 
     from .inspect_gguf import GGUFFileError, open_gguf
@@ -143,20 +146,24 @@ def _file_kind(path: Path) -> str:
         reader = open_gguf(path)  # SliM types too, as model_dir_of_file reads them
     except GGUFFileError as err:  # a cut header raised IndexError here, past the (ValueError, OSError) it caught
         raise GGUFImportError(str(err)) from err
+    if not reader.tensors:
+        raise GGUFImportError(f"{path} holds no tensors")
     counts: Counter = Counter()
     for tensor in reader.tensors:
-        counts[tensor.tensor_type.name] += int(tensor.n_elements)
-    if not counts:
-        raise GGUFImportError(f"{path} holds no tensors")
+        if tensor.name not in ("token_embd.weight", "output.weight") and len(tensor.shape) >= 2:
+            counts[tensor.tensor_type.name] += int(tensor.n_elements)
+    if not counts:  # the embedding and head alone
+        counts.update({t.tensor_type.name: int(t.n_elements) for t in reader.tensors})
     return f"mostly {counts.most_common(1)[0][0]}"
 
 
-def resolve_gguf(path: Path) -> Path:
-    """The Hugging Face directory for a user's GGUF file, cached by path, size and mtime,
-    with a one-line warning when the file is quantized."""
+def resolve_gguf(path: Path, quantizing: bool = False) -> Path:
+    """The Hugging Face directory for a user's GGUF file, cached by path, size and mtime;
+    ``quantizing`` (the file is the model to quantize), with a one-line warning when its
+    weights are quantized already."""
     path = path.expanduser().resolve()
     kind = _file_kind(path)
-    if kind not in ("mostly F32", "mostly F16", "mostly BF16"):
+    if quantizing and kind not in ("mostly F32", "mostly F16", "mostly BF16"):
         say(console, WARNING, COMPOUND_WARNING.format(path=path.name, kind=kind))
     return model_dir_of_file(path)
 

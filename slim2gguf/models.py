@@ -20,8 +20,9 @@ class ModelError(ValueError):
     """A model that cannot be found, loaded or quantized."""
 
 
-def resolve_model(name: str | os.PathLike) -> Path:
-    """A local Hugging Face directory for ``name`` (named model, GGUF file, directory or hub id)."""
+def resolve_model(name: str | os.PathLike, quantizing: bool = False) -> Path:
+    """A local Hugging Face directory for ``name`` (named model, GGUF file, directory or hub id);
+    ``quantizing``: a quantized GGUF file is warned of (quantizing it again compounds the errors)."""
     text = str(name)
     named = named_models.find(text)
     if named is not None:
@@ -34,7 +35,7 @@ def resolve_model(name: str | os.PathLike) -> Path:
         if not path.is_file():
             raise ModelError(f"no GGUF file at {path}")
         try:
-            return resolve_gguf(path)
+            return resolve_gguf(path, quantizing)
         except GGUFImportError as err:
             raise ModelError(str(err)) from err
     if path.exists():

@@ -426,7 +426,7 @@ def quantize_model(
     console = console or Console(stderr=True, markup=False)
     started = time.perf_counter()
     dev = pick_device(device)
-    path = resolve_model(model_name)
+    path = resolve_model(model_name, quantizing=True)
     arch = architecture_of(path)
     stock = allocation is not None and allocation.stock_types
     if allocation is not None and quant.method != "slim":

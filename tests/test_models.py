@@ -104,8 +104,9 @@ def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, ca
     gguf_path.symlink_to(named_models.gguf_file(named_models.DEMO))
     demo = named_models.demo_model_dir()
     monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
-    made = resolve_model(str(gguf_path))
+    made = resolve_model(str(gguf_path), quantizing=True)
     assert "already quantized (mostly Q4_1); quantizing it again compounds both errors" in capsys.readouterr().err
+    assert resolve_model(str(gguf_path)) == made and capsys.readouterr().err == ""  # eval, validate: nothing is quantized again
     def config(folder: Path) -> dict:  # the stamp says which transformers wrote it (the cached demo may be older)
         return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "transformers_version"}
 
@@ -148,3 +149,23 @@ def test_bad_gguf_models_fail_in_one_line(tmp_path):
         junk.write_bytes(whole[:size])
         with pytest.raises(ModelError, match=rf"junk\.gguf (\({size} bytes\) is not a valid GGUF file or )?is truncated"):
             resolve_model(str(junk))
+
+
+def test_the_compound_warning_names_the_linears_type(tmp_path):
+    """A small model's Q8_0 embedding outweighs its Q4_K linears: the warning said "mostly Q8_0"."""
+    import gguf
+    import numpy as np
+
+    from slim2gguf.from_gguf import _file_kind
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama")
+    q8, q4k = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_K
+    writer.add_tensor("token_embd.weight", np.zeros((4096, 34 * 256 // 32), np.uint8), raw_dtype=q8)  # 4096 x 256
+    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((256, 144), np.uint8), raw_dtype=q4k)  # 256 x 256
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert _file_kind(path) == "mostly Q4_K"

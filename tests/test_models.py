@@ -169,3 +169,35 @@ def test_the_compound_warning_names_the_linears_type(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     assert _file_kind(path) == "mostly Q4_K"
+
+
+def test_a_gguf_with_an_empty_token_list_is_named_so(tmp_path, monkeypatch):
+    """transformers' KeyError came through as "cannot import …: 'tokens'"."""
+    import gguf
+    from gguf import GGUFValueType
+
+    from slim2gguf import format as fmt
+
+    fmt.register_gguf_types()
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    reader = gguf.GGUFReader(Path(__file__).parent / "data" / "fuzz-seeds" / "llama-slim.gguf")
+    path = tmp_path / "no-tokens.gguf"
+    writer = gguf.GGUFWriter(path, arch=reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+            writer.add_array(name, [])
+        elif field.types[0] == GGUFValueType.ARRAY:
+            writer.add_key_value(name, field.contents(), GGUFValueType.ARRAY, sub_type=field.types[1])
+        else:
+            writer.add_key_value(name, field.contents(), field.types[0])
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError) as failed:
+        resolve_model(path)
+    assert str(failed.value) == f"cannot import {path}: transformers' GGUF reader needs 'tokens' from it, which is missing or empty"

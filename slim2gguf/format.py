@@ -321,6 +321,12 @@ class GGUFDequantizer:
         one matrix at a time: a 3-D tensor's experts may each have their own width pattern."""
         data = np.asarray(data, dtype=np.uint8)
         n_cols = data.shape[-1] // self.stype.block_bytes * self.stype.group_size
+        if data.size == 0:  # no rows: nothing to decode (as gguf-py's own types answer)
+            return np.zeros((*data.shape[:-1], n_cols), dtype=np.float32)
         matrices = data.reshape(-1, *data.shape[-2:]) if data.ndim > 1 else data.reshape(1, 1, -1)
         weights = np.stack([dequantize(matrix, self.stype, n_cols) for matrix in matrices])
         return weights.reshape(*data.shape[:-1], n_cols)
+
+    def quantize(self, data: np.ndarray) -> np.ndarray:
+        """gguf-py's other half: SliM codes come from the calibrated pipeline, not from gguf-py."""
+        raise NotImplementedError(f"Quantization for {self.stype.name} is not in gguf-py: slim2gguf convert writes SliM types")

@@ -114,6 +114,22 @@ def test_gguf_registration_keeps_standard_types():
     assert GGMLQuantizationType(8) == GGMLQuantizationType.Q8_0
 
 
+def test_gguf_py_quants_on_slim_types_as_on_its_own():
+    """No rows dequantize to no rows (numpy's reshape error before), and quantizing to a SliM
+    type is gguf-py's NotImplementedError (an AttributeError from inside gguf before)."""
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType
+
+    fmt.register_gguf_types()
+    stype = fmt.slim_type(3, 128)
+    qtype = GGMLQuantizationType(stype.type_id)
+    empty = quants.dequantize(np.zeros((0, 2 * stype.block_bytes), np.uint8), qtype)
+    assert empty.shape == (0, 256) and empty.dtype == np.float32
+    assert quants.dequantize(np.zeros((0, 34), np.uint8), GGMLQuantizationType.Q8_0).shape == (0, 32)
+    with pytest.raises(NotImplementedError, match=f"Quantization for {stype.name} is not in gguf-py"):
+        quants.quantize(np.zeros((8, 128), np.float32), qtype)
+
+
 def test_gguf_py_reads_experts_with_their_own_width_patterns(tmp_path):
     """A 3-D tensor's experts may each have their own width pattern (FORMAT.md); gguf-py's
     reader walked every row by the first row's pattern ("a group's scale or offset is not

@@ -250,8 +250,11 @@ def unpack(data: np.ndarray, stype: SlimType, n_cols: int) -> Unpacked:
     offsets = group_offsets(widths, g)
     d, m, code = decode_header(data[:, offsets[:, None] + np.arange(HEADER_BYTES)])
     expected = np.searchsorted(stype.widths, widths)
-    if np.any(code != expected[None, :]):  # first: other rows' headers were read at row 0's offsets
-        raise FormatError("rows of one tensor must share one width pattern")
+    differ = np.argwhere(code != expected[None, :])
+    if differ.size:  # first: other rows' headers were read at row 0's offsets
+        row, group = differ[0].tolist()
+        said = f"width code {code[row, group]}" + (", which no type has" if code[row, group] > 2 else "")
+        raise FormatError(f"rows of one tensor must share one width pattern: row {row}'s group {group} has {said}, row 0's has {expected[group]}")
     if not (np.isfinite(d).all() and np.isfinite(m).all()):
         raise FormatError("a group's scale or offset is not finite")
     codes = np.empty((rows, n_cols // g, g // CHUNK, CHUNK), dtype=np.uint8)

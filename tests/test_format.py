@@ -95,8 +95,10 @@ def test_rejects_unbalanced_widths_and_bad_codes():
     zeros = np.zeros((1, 4 * 32), dtype=np.uint8)
     row_a = fmt.pack(zeros, d[:1], m[:1], np.array([1, 3, 2, 2]), stype)
     row_b = fmt.pack(zeros, d[:1], m[:1], np.array([3, 1, 2, 2]), stype)
-    with pytest.raises(fmt.FormatError, match="share one width pattern"):
+    with pytest.raises(fmt.FormatError, match="share one width pattern: row 1's group 0 has width code 2, row 0's has 0$"):
         fmt.unpack(np.concatenate([row_a, row_b]), stype, 4 * 32)
+    with pytest.raises(fmt.FormatError, match="share one width pattern: row 1's group 0 has width code 3, which no type has, row 0's has 0$"):
+        fmt.unpack(np.concatenate([row_a, bad[:1]]), stype, 4 * 32)  # a bad code in another row than the first: its row named
     with pytest.raises(fmt.FormatError, match="take"):
         fmt.unpack(packed[:, :-1], stype, 4 * 32)
     infinite = packed.copy()

@@ -4,14 +4,19 @@ Stock llama.cpp cannot load SliM types, so runs go through the patched build
 (``llamacpp.binary`` builds it on first use), which also runs ``--format native``
 files; a user's own unpatched build ($SLIM2GGUF_LLAMA_CPP_BIN) is taken for a file
 that holds stock types only. A failing tool's own log is the usual diagnosis, so errors
-carry the tail of its stderr; a file gguf-py cannot read is named as such instead (a
-cut-short file made llama-completion exit 1 without a word).
+carry the tail of its stderr; a file gguf-py cannot read is named as such instead.
+
+llama.cpp logs from a thread of its own and does not wait for it at exit (its logger is
+leaked on purpose), so a tool that fails at once often loses the last lines of its log,
+the ones that say why, or all of it: here about half of the runs on a file it refuses.
+A quick failure is therefore run again, a few times, and the longest log kept.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +24,8 @@ from .inspect_gguf import GGUFFileError, open_gguf
 from .llamacpp import binary
 
 LOG_TAIL_LINES = 25
+QUICK_FAILURE_S = 2.0  # a failure this fast (a file refused while loading) is run again for its log
+LOG_TRIES = 10  # runs of a quick failure at most: 1 in 6 to 1 in 2 lost the reason here (by load), so 10 all lose it < 1 in 1000
 GGUF_MAGIC = b"GGUF"  # every GGUF file's first bytes, whatever its byte order
 END_OF_TEXT = " [end of text]\n"  # what llama-completion prints when the model ends the text
 
@@ -53,12 +60,13 @@ def run_tool(
     waiting for input."""
     stock_ok = (lambda: not holds_slim_types(gguf_path)) if gguf_path is not None else None
     cmd = [str(binary(name, stock_ok=stock_ok)), *(str(a) for a in args)]
-    try:
-        result = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
-        )
-    except OSError as err:  # a tool of the user's build that cannot run (no execute bit, another CPU's binary)
-        raise LlamaToolError(f"{cmd[0]} cannot run: {err.strerror or err}") from None
+    result, took = _run(cmd)
+    for _ in range(LOG_TRIES - 1):
+        if result.returncode == 0 or took > QUICK_FAILURE_S:
+            break
+        again, took = _run(cmd)
+        if again.returncode == result.returncode and len(again.stderr) > len(result.stderr):
+            result = again
     if result.returncode != 0:
         failed = f"{name} failed (exit code {result.returncode})"
         if gguf_path is not None:
@@ -68,6 +76,18 @@ def run_tool(
                 raise LlamaToolError(f"{failed}: {err}") from None
         raise LlamaToolError(f"{failed}:\n{log_tail(result.stderr) or 'it printed nothing'}")
     return result
+
+
+def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    """One run of a tool, and the seconds it took."""
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
+        )
+    except OSError as err:  # a tool of the user's build that cannot run (no execute bit, another CPU's binary)
+        raise LlamaToolError(f"{cmd[0]} cannot run: {err.strerror or err}") from None
+    return result, time.monotonic() - started
 
 
 def check_gguf_path(gguf_path: str | os.PathLike) -> Path:

@@ -406,3 +406,22 @@ def test_a_silent_tool_failure_on_a_cut_file_names_the_file(monkeypatch, tmp_pat
         run_completion(cut, "Hi")
     with pytest.raises(LlamaToolError, match=r"^llama-completion failed \(exit code 1\):\nit printed nothing$"):
         run_completion(small_slim_gguf, "Hi")  # a readable file: the tool's (empty) log
+
+
+def test_a_quick_failure_is_run_again_for_its_log(monkeypatch, tmp_path, small_slim_gguf):
+    """llama.cpp does not wait for its logging thread at exit, so a tool that fails at once
+    often loses the lines that say why (about half the runs of llama-completion on a file it
+    refuses): a quick failure runs again and the longest log is kept; a slow one runs once."""
+    runs = tmp_path / "runs"
+    stub = tmp_path / "llama-completion"  # its log reaches stderr on the third run only
+    stub.write_text(f"#!/bin/sh\necho x >> {runs}\n[ $(wc -l < {runs}) -ge 3 ] && echo 'key not found in model' >&2\nexit 1\n")
+    stub.chmod(0o755)
+    monkeypatch.setattr(run, "binary", lambda name, stock_ok=None: tmp_path / name)
+    with pytest.raises(LlamaToolError, match=r"^llama-completion failed \(exit code 1\):\nkey not found in model$"):
+        run_completion(small_slim_gguf, "Hi")
+    assert len(runs.read_text().split()) == run.LOG_TRIES
+    runs.unlink()
+    monkeypatch.setattr(run, "QUICK_FAILURE_S", 0.0)  # every failure counts as slow
+    with pytest.raises(LlamaToolError, match=r"it printed nothing$"):
+        run_completion(small_slim_gguf, "Hi")
+    assert len(runs.read_text().split()) == 1

@@ -47,6 +47,14 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
     weights go one decoder block per shard, so memory holds one block, not the model."""
     if (target / "config.json").is_file():
         return target
+    from .inspect_gguf import GGUFFileError, open_gguf
+
+    try:
+        swapped = open_gguf(gguf_path).byte_order == "S"
+    except GGUFFileError as err:
+        raise GGUFImportError(str(err)) from err
+    if swapped:  # transformers' reader took the byte-swapped version for an unknown one
+        raise GGUFImportError(f"cannot import {gguf_path}: it is a big-endian GGUF, and transformers' GGUF reader reads little-endian ones only")
     import torch
     from accelerate import init_empty_weights
     from safetensors import SafetensorError

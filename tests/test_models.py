@@ -201,3 +201,21 @@ def test_a_gguf_with_an_empty_token_list_is_named_so(tmp_path, monkeypatch):
     with pytest.raises(ModelError) as failed:
         resolve_model(path)
     assert str(failed.value) == f"cannot import {path}: transformers' GGUF reader needs 'tokens' from it, which is missing or empty"
+
+
+def test_a_big_endian_gguf_is_named_so(tmp_path, monkeypatch):
+    """transformers' reader read the byte-swapped version: "is GGUF v50331648; this reader handles v2 and v3"."""
+    import gguf
+    import numpy as np
+
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "big.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("blk.0.attn_q.weight", np.ones((2, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError) as failed:
+        resolve_model(path)
+    assert str(failed.value) == f"cannot import {path}: it is a big-endian GGUF, and transformers' GGUF reader reads little-endian ones only"

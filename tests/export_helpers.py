@@ -178,8 +178,13 @@ def write_small_gguf(path: Path) -> Path:
     writer = gguf.GGUFWriter(path, arch="llama")
     writer.add_tensor("blk.0.ffn_up.weight", qt.pack(), raw_dtype=gguf.GGMLQuantizationType(qt.stype.type_id))
     writer.add_tensor("output_norm.weight", torch.ones(128).numpy())
+    finish_gguf(writer)
+    return path
+
+
+def finish_gguf(writer) -> None:
+    """Write a gguf-py GGUFWriter's header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from export_helpers import finish_gguf
 from typer.testing import CliRunner
 from write_limits import files_limited_to
 
@@ -164,10 +165,7 @@ def test_the_compound_warning_names_the_linears_type(tmp_path):
     writer.add_tensor("token_embd.weight", np.zeros((4096, 34 * 256 // 32), np.uint8), raw_dtype=q8)  # 4096 x 256
     writer.add_tensor("blk.0.ffn_down.weight", np.zeros((256, 144), np.uint8), raw_dtype=q4k)  # 256 x 256
     writer.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     assert _file_kind(path) == "mostly Q4_K"
 
 
@@ -194,10 +192,7 @@ def test_a_gguf_with_an_empty_token_list_is_named_so(tmp_path, monkeypatch):
             writer.add_key_value(name, field.contents(), field.types[0])
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     with pytest.raises(ModelError) as failed:
         resolve_model(path)
     assert str(failed.value) == f"cannot import {path}: transformers' GGUF reader needs 'tokens' from it, which is missing or empty"
@@ -212,10 +207,7 @@ def test_a_big_endian_gguf_is_named_so(tmp_path, monkeypatch):
     path = tmp_path / "big.gguf"
     writer = gguf.GGUFWriter(path, arch="llama", endianess=gguf.GGUFEndian.BIG)
     writer.add_tensor("blk.0.attn_q.weight", np.ones((2, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     with pytest.raises(ModelError) as failed:
         resolve_model(path)
     assert str(failed.value) == f"cannot import {path}: it is a big-endian GGUF, and transformers' GGUF reader reads little-endian ones only"

@@ -196,15 +196,13 @@ def test_a_file_llama_cpp_refuses_at_once_keeps_its_reason(tmp_path):
     once on this file lost the line saying why in 1 run in 6 to 1 in 2 here ("it printed
     nothing", or a log without its end); run_tool runs a quick failure again for its log."""
     import gguf
+    from export_helpers import finish_gguf
 
     from slim2gguf.run import LlamaToolError, run_completion
 
     path = tmp_path / "no-hyperparameters.gguf"  # gguf-py reads it; llama.cpp refuses it while loading
     writer = gguf.GGUFWriter(path, arch="llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     for _ in range(3):
         with pytest.raises(LlamaToolError, match="key not found in model: llama.context_length"):
             run_completion(path, "Hi", n_predict=4)

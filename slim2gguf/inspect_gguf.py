@@ -144,6 +144,12 @@ def block_cells(rows: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
     return cells
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\x1b``): a file's names
+    and metadata must not move the terminal's cursor or change its colours."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def print_inspect(path: str | os.PathLike, console: Console | None = None) -> None:
     """A table of the file's tensors, the keys that say what it is, and totals."""
     console = console or Console(markup=False)  # names and metadata may hold [...]
@@ -152,7 +158,7 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
         if key in SHOWN_KEYS or key.startswith(SLIM_KEY_PREFIX):
             value = field_value(reader, key)
             stype = fmt.type_from_id(value) if key == "general.file_type" and isinstance(value, int) else None
-            console.print(f"{key} = {value}" + (f" ({stype.name})" if stype else ""))
+            console.print(printable(f"{key} = {value}") + (f" ({stype.name})" if stype else ""))
     rows = inspect_rows(reader)
     table = Table(title=str(path))
     for column in ("tensor", "type", "shape", "bpw", "widths"):
@@ -164,7 +170,7 @@ def print_inspect(path: str | os.PathLike, console: Console | None = None) -> No
             total = sum(widths.values())
             share = " ".join(f"{w}b:{100 * n / total:.0f}%" for w, n in widths.items())
         bpw = "" if row["bpw"] is None else f"{row['bpw']:.3f}"
-        table.add_row(row["name"], row["type"], " x ".join(map(str, row["shape"])), bpw, share)
+        table.add_row(printable(row["name"]), row["type"], " x ".join(map(str, row["shape"])), bpw, share)
     console.print(table)
     console.print(_totals("tensors", rows))
     slim = [r for r in rows if r["widths"] is not None]

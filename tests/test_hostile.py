@@ -99,6 +99,14 @@ def test_inspect_with_a_string_file_type(tmp_path):
     assert result.exit_code == 0 and "general.file_type = SLIM3_G64" in result.output
 
 
+def test_inspect_writes_a_files_control_characters_as_escapes(tmp_path):
+    """A name holding a terminal escape went to the terminal as it was (colours changed, or worse)."""
+    path = write_gguf(tmp_path / "a.gguf", {"general.name": "boom\x1b[31m red\x07"})
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0 and "general.name = boom\\x1b[31m red\\x07\n" in result.output, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+
+
 def test_inspect_with_a_string_key_that_is_not_utf8(tmp_path):
     raw = bytearray(write_gguf(tmp_path / "u.gguf").read_bytes())
     at = raw.index(b"llama")

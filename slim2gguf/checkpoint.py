@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_bytes_atomic
-from .errors import check_readable, one_line_os
+from .errors import check_readable, reason
 from .qtensor import StoredTensor, stored_tensor
 from .storage import NATIVE_TYPES
 
@@ -86,14 +85,6 @@ def replaceable(target: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME and _unrecorded(target, manifest_ok=True)
-
-
-def _why(err: OSError | SafetensorError) -> str:
-    """The file system's reason, from an OSError or from safetensors' report of one."""
-    if isinstance(err, OSError):
-        return err.strerror or str(err)
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))
-    return found[1] if found else str(err)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -281,7 +272,7 @@ class CheckpointWriter:
                 kept = "its --bpw budget is kept: rerun the same command to resume"
             else:
                 kept = "nothing was kept"
-            raise CheckpointError(f"cannot write {what} in {self.work}: {_why(err)}; {kept}") from err
+            raise CheckpointError(f"cannot write {what} in {self.work}: {reason(err)}; {kept}") from err
 
     def set_budget(self, decision: dict[str, Any]) -> None:
         """Saved before the first block, so a resumed run quantizes by the same decision."""
@@ -346,7 +337,7 @@ def _iter_tensors(directory: Path, manifest: dict[str, Any]) -> Iterator[tuple[s
             check_readable(path)
             data = load_file(str(path))
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path} is missing or corrupt: {one_line_os(err)}") from err
+            raise CheckpointError(f"{path} is missing or corrupt: {reason(err)}") from err
         for name in by_block[index]:
             meta = manifest["tensors"][name]
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 def one_line(err: BaseException) -> str:
@@ -11,9 +12,14 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def one_line_os(err: BaseException) -> str:
-    """An OSError's reason alone ("Permission denied"; the caller names the path), else ``one_line``."""
-    return err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+def reason(err: BaseException) -> str:
+    """Why a file could not be read or written, without its path (the caller names it): an
+    OSError's own words ("Permission denied"), the system's words that safetensors wraps in
+    "I/O error: … (os error N)", else ``one_line``."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))
+    return found[1] if found else one_line(err)
 
 
 def check_readable(path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .architectures import FILE_RENAMES, MULTIMODAL_ARCHITECTURES, SUPPORTED_ARCHITECTURES
-from .errors import check_readable, one_line_os
+from .errors import check_readable, reason
 from .moe import unfuse
 
 PLAIN_PREFIX = "model."
@@ -72,7 +72,7 @@ def open_shard(shard: Path) -> Iterator[Any]:
         with safe_open(str(shard), "pt") as f:
             yield f
     except (SafetensorError, OSError) as err:
-        raise TextModelError(f"cannot read {shard}: {one_line_os(err)}") from None
+        raise TextModelError(f"cannot read {shard}: {reason(err)}") from None
 
 
 def shard_of(model_dir: Path) -> dict[str, Path]:

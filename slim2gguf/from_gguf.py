@@ -75,8 +75,8 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
             config.save_pretrained(tmp)
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        except KeyError as err:  # a field transformers' reader needs (an empty token list reads as none)
-            raise GGUFImportError(f"cannot import {gguf_path}: transformers' GGUF reader needs {err.args[0]!r} from it, which is missing or empty") from err
+        except KeyError as err:  # a field transformers' reader (or ours) needs; an empty token list reads as none
+            raise GGUFImportError(f"cannot import {gguf_path}: reading it as a model needs {err.args[0]!r}, which it lacks or leaves empty") from err
         except (ValueError, NotImplementedError, OSError, RuntimeError, SafetensorError) as err:  # a full disk too
             raise GGUFImportError(f"cannot import {gguf_path}: {_first_line(err)}") from err
     return target

@@ -195,7 +195,7 @@ def test_a_gguf_with_an_empty_token_list_is_named_so(tmp_path, monkeypatch):
     finish_gguf(writer)
     with pytest.raises(ModelError) as failed:
         resolve_model(path)
-    assert str(failed.value) == f"cannot import {path}: transformers' GGUF reader needs 'tokens' from it, which is missing or empty"
+    assert str(failed.value) == f"cannot import {path}: reading it as a model needs 'tokens', which it lacks or leaves empty"
 
 
 def test_a_big_endian_gguf_is_named_so(tmp_path, monkeypatch):

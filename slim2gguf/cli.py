@@ -31,16 +31,13 @@ class OneLineErrors(TyperGroup):
         ctx.meta[HELP_ASKED] = "--help" in args  # the callback runs before a command reads its --help
         return super().parse_args(ctx, args)
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, *args: object, standalone_mode: bool = True, **kwargs: object) -> object:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except CLICK_ERROR as err:
-            if type(err).__name__ == "NoArgsIsHelpError":  # no arguments: the help (Typer printed it)
-                if err.format_message():
-                    typer.echo(err.format_message(), err=True)
-            else:
+            if type(err).__name__ != "NoArgsIsHelpError":  # no arguments: Typer printed the help
                 ctx = getattr(err, "ctx", None)
                 hint = f" (see '{ctx.command_path} --help')" if isinstance(err, USAGE_ERROR) and ctx is not None else ""
                 say(console, ERROR, one_line(Exception(err.format_message())) + hint)
@@ -292,20 +289,18 @@ def eval_cmd(
     from .checkpoint import Checkpoint, CheckpointError
     from .devices import pick_device
     from .models import ModelError, load_model, load_tokenizer, resolve_model, set_linear_weights
-    from .perplexity import BACKENDS, check_windows, perplexity, read_eval_text
+    from .perplexity import check_windows, perplexity, read_eval_text, use_backend
 
     try:
         check_windows(ctx, chunks, method)
-        if backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        use_backend(backend)
         dev = pick_device(device)
-        if backend == "triton":  # before the model loads, which imports Triton (triton_linear)
-            from .triton_linear import swap_linears
         eval_text = read_eval_text(text)
         path = resolve_model(model)
         net = load_model(path)
         if checkpoint is not None and backend == "triton":
             from . import format as fmt
+            from .triton_linear import swap_linears
 
             tensors = dict(Checkpoint(checkpoint).tensors())
             if any(not isinstance(qt.stype, fmt.SlimType) for qt in tensors.values()):

@@ -36,6 +36,16 @@ def check_windows(ctx: int, chunks: int | None, method: str = "llama") -> None:
         raise ValueError(f"--chunks must be ≥ 1, got {chunks}")
 
 
+def use_backend(backend: str) -> None:
+    """A ValueError for an unknown backend; for ``triton``, its kernels set up before anything
+    imports Triton (loading a model or reading a GGUF does): on a CPU, importing triton_linear
+    chooses Triton's interpreter, which must be chosen before Triton is first imported."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        from . import triton_linear  # noqa: F401
+
+
 @dataclass
 class PerplexityResult:
     ppl: float

@@ -34,7 +34,7 @@ from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
 from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
-from .perplexity import BACKENDS, PerplexityResult, check_windows, perplexity, read_eval_text
+from .perplexity import PerplexityResult, check_windows, perplexity, read_eval_text, use_backend
 from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
 
 TOO_FEW_TOKENS = re.compile(r"you need at least (?P<need>\d+) tokens.*\n.*tokenizes to only (?P<tokens>\d+) tokens")
@@ -149,8 +149,7 @@ def torch_perplexity(
     token embedding and LM head are the file's too (e.g. dequantized q8_0). With
     ``against_float``, the untouched float model runs on the same windows and the
     result carries its perplexity and the KL divergence from it."""
-    if backend == "triton":  # before the model loads, which imports Triton (triton_linear)
-        from .triton_linear import swap_linears
+    use_backend(backend)
     model_dir = resolve_model(model)
     reference = load_model(model_dir) if against_float else None
     hf_model = load_model(model_dir)
@@ -158,6 +157,8 @@ def torch_perplexity(
     if backend == "torch":
         set_linear_weights(hf_model, slim_weights_from_gguf(gguf_path, model_dir))
     else:
+        from .triton_linear import swap_linears
+
         packed = packed_from_gguf(gguf_path, model_dir)
         if any(not isinstance(stype, fmt.SlimType) for _, stype in packed.values()):
             raise ValidationError("--backend triton runs SliM types only; this file holds stock types: use --backend torch")
@@ -212,11 +213,8 @@ def validate(
     2 % for 2-bit files and 1 % otherwise; ``threads`` goes to llama-perplexity,
     ``device`` to PyTorch (default: CUDA when present).
     """
-    if backend not in BACKENDS:
-        raise ValidationError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "triton":  # before reading the file alone imports Triton (triton_linear)
-        from . import triton_linear  # noqa: F401
     try:
+        use_backend(backend)
         check_windows(ctx, chunks)
         device = str(pick_device(device or "auto"))  # an unknown or absent device was a torch traceback
     except ValueError as err:

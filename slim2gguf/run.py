@@ -8,7 +8,7 @@ carry the tail of its stderr; a file gguf-py cannot read is named as such instea
 
 llama.cpp logs from a thread of its own and does not wait for it at exit (its logger is
 leaked on purpose), so a tool that fails at once often loses the last lines of its log,
-the ones that say why, or all of it: here about half of the runs on a file it refuses.
+the ones that say why, or all of it: here 1 run in 6 to 1 in 2 on a file it refuses.
 A quick failure is therefore run again, a few times, and the longest log kept.
 """
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import one_line
+from .errors import one_line, reason
 
 BUILTIN = ("self", "wikitext2", "c4")
 MAX_CALIBRATION_TOKENS = 2**31 - 1  # their float32 hidden states alone: 13 TB at a 1.5B model's width (1,536)
@@ -50,7 +50,7 @@ def read_text(source: str) -> str:
         else:
             return path.read_text(encoding="utf-8", errors="replace")
     except OSError as err:  # unreadable (permissions, an I/O error)
-        raise CalibrationError(f"cannot read {path}: {err.strerror or err}") from None
+        raise CalibrationError(f"cannot read {path}: {reason(err)}") from None
     texts = [row.get("text") if isinstance(row, dict) else None for row in rows]
     if not texts or not all(isinstance(t, str) for t in texts):
         raise CalibrationError(f"{path} must hold records with a 'text' string each")

@@ -209,7 +209,7 @@ class CheckpointWriter:
             self.work.mkdir(parents=True, exist_ok=True)
             handle = open(self.work / LOCK, "w")
         except OSError as err:
-            raise CheckpointError(f"cannot write in {self.work}: {err.strerror or err}") from err
+            raise CheckpointError(f"cannot write in {self.work}: {reason(err)}") from err
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -217,7 +217,7 @@ class CheckpointWriter:
             raise CheckpointError(f"another slim2gguf run is writing {self.work}: let it finish, or write to another place") from None
         except OSError as err:  # a file system without locks (NFS without its lock daemon: ENOLCK)
             warnings.warn(
-                f"cannot lock {self.work} ({err.strerror or err}): going on unlocked; do not start a second run of this output",
+                f"cannot lock {self.work} ({reason(err)}): going on unlocked; do not start a second run of this output",
                 CheckpointWarning,
                 stacklevel=2,
             )

@@ -14,7 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from . import llamacpp
-from .errors import one_line
+from .errors import one_line, reason
 from .messages import ERROR, INTERRUPTED, WARNING, say
 
 # click's error classes, from wherever this Typer takes click (a copy of its own in recent Typers)
@@ -85,7 +85,7 @@ def _check_cache_env() -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        _fail(f"SLIM2GGUF_CACHE={cache} cannot be made: {err.strerror or err}")
+        _fail(f"SLIM2GGUF_CACHE={cache} cannot be made: {reason(err)}")
     if not os.access(path, os.W_OK | os.X_OK):
         _fail(f"SLIM2GGUF_CACHE={cache} is not writable: point it at a folder slim2gguf can write")
 

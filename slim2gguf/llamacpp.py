@@ -30,6 +30,7 @@ from typing import Any
 import typer
 
 from slim2gguf.atomic import write_bytes_atomic
+from slim2gguf.errors import reason
 from slim2gguf.paths import cache_dir
 
 PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -225,7 +226,7 @@ def ensure_source() -> Path:
             if not _is_llama_tree(target):  # a concurrent run may have won the race
                 raise
     except OSError as err:  # the cache's file system: full, read-only
-        raise LlamaCppError(f"cannot write llama.cpp's source in {target.parent}: {err.strerror or err}") from err
+        raise LlamaCppError(f"cannot write llama.cpp's source in {target.parent}: {reason(err)}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -348,7 +349,7 @@ def _os_reason(err: OSError) -> str:
         first = str(err.args[0][0][-1])
         found = re.match(r"\[Errno \d+\] ([^:]+)", first)
         return found[1] if found else first
-    return err.strerror or str(err)
+    return reason(err)
 
 
 def _prepare_tree(src: Path, patched: bool = True) -> None:
@@ -519,7 +520,7 @@ def checked_user_build(directory: str) -> Path:
             result = subprocess.run([dump, probe, "validate", _PROBE_TENSOR], capture_output=True, text=True)
     except OSError as err:  # a dump tool that cannot run, or no temporary folder to write the probe in
         what = f"{dump} cannot run" if err.filename in (str(dump), dump) else f"no probe file can be written in {tempfile.gettempdir()} (set TMPDIR)"
-        raise LlamaCppError(f"{what}: {err.strerror or err}") from None
+        raise LlamaCppError(f"{what}: {reason(err)}") from None
     if result.returncode != 0:
         said = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise LlamaCppError(f"{dump} cannot read a SliM tensor ({said}): rebuild it with this slim2gguf's patches")

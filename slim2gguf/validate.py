@@ -30,6 +30,7 @@ from rich.text import Text
 from . import format as fmt
 from .calib import CalibrationError
 from .devices import pick_device
+from .errors import reason
 from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
@@ -185,7 +186,7 @@ def _text_file(text_path: str | Path, text: str) -> Iterator[Path]:
             text_file.write_bytes(text.encode("utf-8"))
         except OSError as err:
             raise ValidationError(
-                f"cannot write WikiText-2's test text for llama-perplexity in {folder}: {err.strerror or err}; "
+                f"cannot write WikiText-2's test text for llama-perplexity in {folder}: {reason(err)}; "
                 "set TMPDIR to a folder with a few MB free"
             ) from None
         yield text_file

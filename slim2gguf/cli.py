@@ -415,7 +415,7 @@ def _check_checkpoint_dir(ckpt: Path) -> None:
     try:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        _fail(f"cannot write {ckpt}: {err.strerror}")
+        _fail(f"cannot write {ckpt}: {reason(err)}")
     _check_parent_writable(ckpt)
 
 
@@ -427,7 +427,7 @@ def _check_parent_writable(out: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        _fail(f"cannot write {out}: {err.strerror}")
+        _fail(f"cannot write {out}: {reason(err)}")
 
 
 def _export(ckpt: Path, out: Path, embed_type: str | None, output_type: str | None, quantized_now: bool = False):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +193,20 @@ def test_unwritable_output(tiny_model, tmp_path):
     assert code == 2 and "does not exist" in out
     code, out = invoke("convert", tiny_model, "-o", "/proc/slim2gguf-test.gguf")  # not writable, even by root
     assert code == 2 and "cannot write /proc/slim2gguf-test.gguf" in out
+
+
+def test_an_unwritable_place_without_a_system_reason_names_the_error(tiny_model, tmp_path, monkeypatch):
+    """An OSError with no strerror (a file system's own refusal) is named by its message, not 'None'."""
+
+    def refuse(self, *args, **kwargs):
+        raise OSError("the file system refused it")
+
+    monkeypatch.setattr(Path, "touch", refuse)
+    code, out = invoke("convert", tiny_model, "-o", tmp_path / "x.gguf")
+    assert code == 2 and f"cannot write {tmp_path / 'x.gguf'}: the file system refused it" in " ".join(out.split()), out
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    code, out = invoke("quantize", tiny_model, "-o", tmp_path / "new" / "ck")
+    assert code == 2 and f"cannot write {tmp_path / 'new' / 'ck'}: the file system refused it" in " ".join(out.split()), out
 
 
 def test_output_is_a_directory(tiny_model, tmp_path):

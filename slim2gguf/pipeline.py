@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import json
 import os
 import platform
 import resource
@@ -28,7 +30,7 @@ from torch import nn
 from . import __version__, moe, score_cache, sensitivity
 from .architectures import in_classes
 from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
-from .calib import calibration_windows, check_window_counts, read_text
+from .calib import BUILTIN, calibration_windows, check_window_counts, read_text
 from .checkpoint import CheckpointWriter, finished_with, is_decision
 from .devices import pick_device
 from .methods import NATIVE_BY_BUDGET, QuantSettings, check_allocation, quantize_linear
@@ -93,6 +95,22 @@ class Allocation:
     def stock_types(self) -> bool:
         """Whether this is a --format native --bpw decision (every choice a stock type)."""
         return self.budget is not None and not self.widths and all(c in NATIVE_TYPES for c in self.budget["choices"].values())
+
+    def fingerprint(self) -> str:
+        """A digest of every choice, kept in the checkpoint's settings: a rerun with another
+        allocation file (or the same file rewritten) must not reuse this one's checkpoint."""
+        return _digest(json.dumps(asdict(self), sort_keys=True))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_files_fingerprint(path: Path) -> str:
+    """A digest of the size and modification time of the model folder's files: weights
+    replaced in place make a checkpoint of the old ones stale."""
+    entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    return _digest(repr(entries))
 
 
 def quantized_linears(model: nn.Module, index: int, quant: QuantSettings) -> dict[str, nn.Linear]:
@@ -358,8 +376,6 @@ def _sensitivity_scores(
 def load_allocation(path: str | os.PathLike) -> Allocation:
     """Widths per tensor from a checkpoint manifest (with its group sizes and --bpw
     decision), a stock-type --bpw run's decision, or a plain {name: [widths]} JSON."""
-    import json
-
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -450,13 +466,18 @@ def quantize_model(
             raise ValueError("--allocation already fixes every tensor's widths; drop --bpw")
         shapes = model_shapes(path, quant.tensors, native=quant.native is not None)
         check_budget(quant.bpw, shapes)
+    calibrated = quant.method != "rtn"
+    from_file = calibrated and calib.source not in BUILTIN
+    text = read_text(calib.source) if from_file else None  # bad files stop here, first
     settings = {
         "model": str(model_name),
         "model_path": str(path.resolve()),  # export reads it from anywhere, not only where quantize ran
+        "model_files": model_files_fingerprint(path),
         "architecture": arch,
         **quant.to_dict(),
         "calibration": asdict(calib),
-        "allocation_given": allocation is not None,
+        "calibration_text": _digest(text) if text is not None else None,  # the file's words, not only its name
+        "allocation": allocation.fingerprint() if allocation is not None else None,
     }
     done = finished_with(out_dir, settings)
     if done is not None:
@@ -465,8 +486,8 @@ def quantize_model(
         widths = Counter(w for qt in finished for w in qt.group_widths())
         return QuantizeReport(done.directory, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                               None, widths, _types(finished), done.manifest["num_blocks"], Decision.from_dict(done.budget) if done.budget else None)  # fmt: skip
-    calibrated = quant.method != "rtn"
-    text = read_text(calib.source) if calibrated and calib.source != "self" else None  # bad files stop here, first
+    if calibrated and not from_file and calib.source != "self":
+        text = read_text(calib.source)  # a hub dataset: fetched only when quantizing
     model, loader = _open_model(path, whole=calibrated and calib.source == "self")
     tokenizer = load_tokenizer(path)
     layers = decoder_layers(model)

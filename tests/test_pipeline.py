@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from permissions import run_bound_by_permissions
+from rich.console import Console
 from write_limits import files_limited_to
 
 from slim2gguf import checkpoint as ckpt_mod
@@ -246,6 +247,41 @@ def test_allocation_round_trip(slim_ckpt, tiny_model, tiny_text, tmp_path):
     bad = Allocation(widths, alloc.group_sizes)
     with pytest.raises(ValueError, match="average"):
         quantize_model(str(tiny_model), tmp_path / "bad", SLIM, calib(tiny_text), allocation=bad)
+
+
+def _reused(model: Path, out: Path, quant: QuantSettings, settings: CalibSettings, allocation: Allocation | None = None) -> bool:
+    console = Console(record=True, width=400)
+    quantize_model(str(model), out, quant, settings, allocation=allocation, console=console)
+    return "reused, nothing quantized again" in console.export_text()
+
+
+def test_a_finished_checkpoint_is_reused_only_for_the_same_inputs(slim_ckpt, tiny_model, tiny_text, tmp_path):
+    """The checkpoint of a run is reused by a rerun with the same settings, but not once the
+    calibration file's words, the allocation's widths or the model's files changed: they
+    kept the old run's output, as only their names were compared."""
+    text = tmp_path / "calib.txt"
+    shutil.copy(tiny_text, text)
+    out, gptq = tmp_path / "ck", QuantSettings("gptq", 3, 32)
+    assert not _reused(tiny_model, out, gptq, calib(text))
+    assert _reused(tiny_model, out, gptq, calib(text))
+    text.write_text(" ".join(reversed(tiny_text.read_text().split())))
+    assert not _reused(tiny_model, out, gptq, calib(text))
+
+    alloc = load_allocation(slim_ckpt / "manifest.json")
+    assert not _reused(tiny_model, out, SLIM, calib(text), alloc)
+    assert _reused(tiny_model, out, SLIM, calib(text), alloc)
+    widths = dict(alloc.widths)
+    name = next(iter(widths))
+    widths[name] = [3, 1] * (len(widths[name]) // 2)
+    assert not _reused(tiny_model, out, SLIM, calib(text), Allocation(widths, alloc.group_sizes))
+    assert Checkpoint(out).allocation()[name] == widths[name]
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    assert not _reused(model, out, gptq, calib(text))
+    config = model / "config.json"
+    config.write_text(config.read_text() + "\n")
+    assert not _reused(model, out, gptq, calib(text))
 
 
 def test_eval_uses_stored_values(slim_ckpt, tiny_model, tiny_text):

@@ -33,6 +33,7 @@ from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
 from .calib import BUILTIN, calibration_windows, check_window_counts, read_text
 from .checkpoint import CheckpointWriter, finished_with, is_decision
 from .devices import pick_device
+from .format import GROUP_SIZES
 from .methods import NATIVE_BY_BUDGET, QuantSettings, check_allocation, quantize_linear
 from .models import (
     ModelError,
@@ -266,19 +267,27 @@ def _open_model(path: Path, whole: bool) -> tuple[nn.Module, BlockLoader | None]
     return loader.skeleton, loader
 
 
+def allocated(name: str, in_features: int, quant: QuantSettings, allocation: Allocation) -> QuantSettings:
+    """The settings ``allocation`` gives one linear: the group size it records (else
+    ``quant``'s) and the bits its widths average, checked against the weight's groups."""
+    widths = allocation.widths.get(name)
+    if widths is None:
+        raise ValueError(f"--allocation has no widths for {name}")
+    group = allocation.group_sizes.get(name, quant.group_size)
+    if in_features % group:
+        raise ValueError(f"--allocation gives {name} group size {group}, which does not divide {in_features}")
+    made_at = in_features // len(widths) if in_features % len(widths) == 0 else None
+    if name not in allocation.group_sizes and made_at != group and made_at in GROUP_SIZES:
+        raise ValueError(f"--allocation gives {name} {len(widths)} groups, {in_features // group} at group size {group}: add --group-size {made_at}")
+    return replace(quant, bits=check_allocation(widths, in_features // group, name), group_size=group)
+
+
 def tensor_settings(
     name: str, lin: nn.Linear, quant: QuantSettings, allocation: Allocation | None, decision: Decision | None
 ) -> tuple[QuantSettings, list[int] | None]:
     """The settings one linear is quantized with, and the widths it reuses (if any)."""
     if allocation is not None:
-        widths = allocation.widths.get(name)
-        if widths is None:
-            raise ValueError(f"--allocation has no widths for {name}")
-        group = allocation.group_sizes.get(name, quant.group_size)
-        if lin.in_features % group:
-            raise ValueError(f"--allocation gives {name} group size {group}, which does not divide {lin.in_features}")
-        bits = check_allocation(widths, lin.in_features // group, name)
-        return replace(quant, bits=bits, group_size=group), widths
+        return allocated(name, lin.in_features, quant, allocation), allocation.widths[name]
     if decision is not None:
         if name not in decision.choices:
             raise ValueError(f"the checkpoint's --bpw decision has no setting for {name}")
@@ -458,6 +467,10 @@ def quantize_model(
         missing = sorted(n for n in block_linear_shapes(path) if in_classes(n, quant.tensors) and n not in chosen)
         if missing:
             raise ValueError(f"--allocation has no {'stock type' if stock else 'widths'} for {missing[0]} ({len(missing)} linears missing)")
+        if not stock:  # every tensor's widths against its groups, before the first block's work
+            for name, (_, cols) in block_linear_shapes(path).items():
+                if in_classes(name, quant.tensors):
+                    allocated(name, cols, quant, allocation)
     if allocation is None and quant.bpw is None:
         check_shapes(block_linear_shapes(path), quant)
     shapes = None

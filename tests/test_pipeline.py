@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,22 @@ def test_a_finished_checkpoint_is_reused_only_for_the_same_inputs(slim_ckpt, tin
     config = model / "config.json"
     config.write_text(config.read_text() + "\n")
     assert not _reused(model, out, gptq, calib(text))
+
+
+def test_an_allocation_is_checked_whole_before_the_first_block(slim_ckpt, tiny_model, tiny_text, tmp_path):
+    """A wrong group count in the last block was found after the first block's work, and left
+    a .partial; a plain {name: [widths]} made at another group size names the one to give."""
+    alloc = load_allocation(slim_ckpt / "manifest.json")
+    widths = dict(alloc.widths)
+    last = sorted(widths)[-1]
+    widths[last] = widths[last][:-2]
+    out = tmp_path / "ck"
+    with pytest.raises(ValueError, match=f"allocation for {re.escape(last)} has {len(widths[last])} groups"):
+        quantize_model(str(tiny_model), out, SLIM, calib(tiny_text), allocation=Allocation(widths, alloc.group_sizes))
+    assert not out.exists() and not ckpt_mod.partial_dir(out).exists()
+    plain = Allocation(dict(alloc.widths))  # no group sizes: the run's (128) applies
+    with pytest.raises(ValueError, match="groups, 1 at group size 128: add --group-size 32"):
+        quantize_model(str(tiny_model), out, replace(SLIM, group_size=128), calib(tiny_text), allocation=plain)
 
 
 def test_eval_uses_stored_values(slim_ckpt, tiny_model, tiny_text):

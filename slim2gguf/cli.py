@@ -160,12 +160,17 @@ def _settings(method: str, bits: int | None, group_size: int | None, damp: float
         _fail("give --bits (every tensor the same width) or --bpw (a whole-file budget), not both")
     if bits is not None and reuse:  # it was ignored, and recorded in the manifest as if it held
         _fail("--allocation fixes every tensor's widths, and so its bits: drop --bits")
+    if bpw is not None and group_size is not None:  # ignored too: the budget picks both per tensor
+        _fail("--bpw chooses every tensor's width and group size: drop --group-size")
     native = _native(format_, type_, bits, bpw, reuse)
     slim_only = {"group_size": group_size, "sqc_lambda": sqc_lambda, "fit": fit, "sqc": sqc, "sba": sba, "sba_tokens": sba_tokens}
     given = {name: value for name, value in slim_only.items() if value is not None}  # the rest: QuantSettings' defaults
     if native is not None and given:  # each was accepted and ignored
         flags = [SLIM_FLAGS[name] for name in given]
         _fail(f"{', '.join(flags)} tune{'s' if len(flags) == 1 else ''} SliM types (per-group widths, scales and offsets); stock types have their own: drop {'it' if len(flags) == 1 else 'them'} with --format native")
+    slim_method_only = [SLIM_FLAGS[name] for name in given if name != "group_size"]
+    if method in ("gptq", "rtn") and slim_method_only:  # accepted and ignored: gptq and rtn neither allocate nor calibrate
+        _fail(f"{', '.join(slim_method_only)} appl{'ies' if len(slim_method_only) == 1 else 'y'} to --method slim only: drop {'it' if len(slim_method_only) == 1 else 'them'} with --method {method}")
     try:
         classes = parse_tensor_classes(tensors) if tensors is not None else None
         return QuantSettings(method, 3 if bits is None else bits, damp=damp, tensors=classes, bpw=bpw, sensitivity=sensitivity, refit=refit, native=native, act_order=act_order, **given)
@@ -239,6 +244,9 @@ def _quantize(model, out, bits, method, group_size, calib, nsamples, seqlen, see
     _check_checkpoint_dir(out)
     try:
         alloc = load_allocation(allocation) if allocation else None
+        recorded = sorted(set(alloc.group_sizes.values())) if alloc is not None else []
+        if group_size is not None and recorded and recorded != [group_size]:  # the manifest's sizes were used, this one ignored
+            _fail(f"--allocation {allocation} records each tensor's group size ({', '.join(map(str, recorded))}): drop --group-size")
         return quantize_model(model, out, quant, CalibSettings(calib, nsamples, seqlen, seed), device, alloc, console)
     except KeyboardInterrupt:
         work = partial_dir(Path(out))

@@ -183,6 +183,25 @@ def test_slim2gguf_warnings_print_in_one_line():
     assert shown.splitlines()[0] == "warning: cannot lock [/x]" and "DeprecationWarning: theirs" in shown.splitlines()[1], shown
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "rtn", "--sba"], "--sba/--no-sba applies to --method slim only: drop it with --method rtn"),
+        (["--method", "gptq", "--fit", "sqc", "--no-sqc"], "--fit, --sqc/--no-sqc apply to --method slim only: drop them with --method gptq"),
+        (["--method", "gptq", "--sqc-lambda", "2", "--sba-tokens", "64"], "--sqc-lambda, --sba-tokens apply to --method slim only"),
+        (["--bpw", "5", "--group-size", "32"], "--bpw chooses every tensor's width and group size: drop --group-size"),
+        (["--allocation", "{alloc}", "--group-size", "64"], "records each tensor's group size (32): drop --group-size"),
+    ],
+)
+def test_options_a_run_would_ignore_are_refused(tiny_model, tmp_path, args, message):
+    """Each was accepted and ignored: the file was the one made without it."""
+    alloc = tmp_path / "manifest.json"
+    alloc.write_text(json.dumps({"tensors": {"model.layers.0.mlp.down_proj": {"widths": [3, 3], "group_size": 32}}}))
+    code, out = invoke("quantize", tiny_model, "-o", tmp_path / "ck", *[a.format(alloc=alloc) for a in args])
+    assert code == 2 and message in " ".join(out.split()), out
+    assert not (tmp_path / "ck").exists()
+
+
 def test_missing_model(tmp_path):
     code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
     assert code == 2 and "no model directory" in out

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from torch import nn
 
 from . import __version__, moe, score_cache, sensitivity
-from .architectures import in_classes
+from .architectures import in_classes, tensor_class
 from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
 from .calib import BUILTIN, calibration_windows, check_window_counts, read_text
 from .checkpoint import CheckpointWriter, finished_with, is_decision
@@ -112,6 +112,15 @@ def model_files_fingerprint(path: Path) -> str:
     replaced in place make a checkpoint of the old ones stale."""
     entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
     return _digest(repr(entries))
+
+
+def check_selection(shapes: dict[str, tuple[int, int]], classes: tuple[str, ...]) -> None:
+    """Every class ``--tensors`` names is one of the model's: a class it lacks quantized
+    nothing of it (none at all, a file with no quantized tensor, refused only at export)."""
+    present = sorted({c for c in map(tensor_class, shapes) if c is not None})
+    lacking = [c for c in classes if c not in present]
+    if lacking:
+        raise ValueError(f"--tensors {','.join(lacking)}: this model has no such linears; its classes are {', '.join(present)}")
 
 
 def quantized_linears(model: nn.Module, index: int, quant: QuantSettings) -> dict[str, nn.Linear]:
@@ -462,6 +471,8 @@ def quantize_model(
         raise ValueError("--allocation gives SliM widths: drop --format native")
     if quant.native == NATIVE_BY_BUDGET and quant.bpw is None and not stock:
         raise ValueError("stock types chosen per tensor need --bpw, or the --allocation of a --format native --bpw run")
+    if quant.tensors is not None:
+        check_selection(block_linear_shapes(path), quant.tensors)
     if allocation is not None:
         chosen = allocation.budget["choices"] if stock else allocation.widths
         missing = sorted(n for n in block_linear_shapes(path) if in_classes(n, quant.tensors) and n not in chosen)

@@ -301,6 +301,16 @@ def test_an_allocation_is_checked_whole_before_the_first_block(slim_ckpt, tiny_m
         quantize_model(str(tiny_model), out, replace(SLIM, group_size=128), calib(tiny_text), allocation=plain)
 
 
+@pytest.mark.parametrize("classes", [("attn_qkv",), ("attn_qkv", "ffn_down")])
+def test_tensors_naming_a_class_the_model_lacks_is_refused(tiny_model, tiny_text, tmp_path, classes):
+    """A class the model lacks quantized nothing of it: alone, a run with no quantized tensor
+    that then said to rerun to export it, and left a checkpoint."""
+    out = tmp_path / "ck"
+    with pytest.raises(ValueError, match="--tensors attn_qkv: this model has no such linears; its classes are attn_k, attn_output"):
+        quantize_model(str(tiny_model), out, QuantSettings("gptq", 3, 32, tensors=classes), calib(tiny_text))
+    assert not out.exists() and not ckpt_mod.partial_dir(out).exists()
+
+
 def test_eval_uses_stored_values(slim_ckpt, tiny_model, tiny_text):
     model = load_model(tiny_model)
     tok = load_tokenizer(tiny_model)

@@ -48,9 +48,11 @@ def read_text(source: str) -> str:
         elif suffix == ".parquet":
             rows = _parquet_rows(path)
         else:
-            return path.read_text(encoding="utf-8", errors="replace")
+            return path.read_text(encoding="utf-8-sig")
     except OSError as err:  # unreadable (permissions, an I/O error)
         raise CalibrationError(f"cannot read {path}: {reason(err)}") from None
+    except UnicodeDecodeError as err:  # a binary, compressed or other-encoding file read as text
+        raise CalibrationError(f"{path} is not UTF-8 text (byte {err.start} is not): give UTF-8 text, .jsonl or .parquet") from None
     texts = [row.get("text") if isinstance(row, dict) else None for row in rows]
     if not texts or not all(isinstance(t, str) for t in texts):
         raise CalibrationError(f"{path} must hold records with a 'text' string each")
@@ -61,13 +63,35 @@ def _json_rows(path: Path) -> list:
     """Records of a JSON Lines file, or of a .json file holding one list of records."""
     import json
 
+    kind = "JSON Lines" if path.suffix.lower() == ".jsonl" else "JSON"
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CalibrationError(f"{path} is not UTF-8 text (byte {err.start} is not), as {kind} must be") from None
+    number = 0
+    try:
         if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
             return json.loads(content)
-        return [json.loads(line) for line in content.splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CalibrationError(f"{path} is not valid JSON{' Lines' if path.suffix == '.jsonl' else ''}: {err}") from None
+        rows = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                rows.append(json.loads(line))
+        return rows
+    except (ValueError, RecursionError) as err:
+        raise CalibrationError(f"{path} is not valid {kind}: {'line ' + str(number) + ': ' if number else ''}{json_problem(err, bool(number))}") from None
+
+
+def json_problem(err: ValueError | RecursionError, own_line: bool = False) -> str:
+    """What ``json.loads`` found wrong, in the reader's words: its position (``own_line``: the
+    text was one line of a file, so only the column counts), an integer past Python's digit
+    limit, or nesting past its recursion limit."""
+    import json
+
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at column {err.colno}" if own_line else str(err)
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read"
+    return "a number has more digits than Python reads (4300)" if "digits" in str(err) else one_line(err)
 
 
 def _parquet_rows(path: Path) -> list[dict]:

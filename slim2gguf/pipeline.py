@@ -30,9 +30,10 @@ from torch import nn
 from . import __version__, moe, score_cache, sensitivity
 from .architectures import in_classes, tensor_class
 from .budget import Decision, ModelShapes, check_budget, model_shapes, solve
-from .calib import BUILTIN, calibration_windows, check_window_counts, read_text
+from .calib import BUILTIN, calibration_windows, check_window_counts, json_problem, read_text
 from .checkpoint import CheckpointWriter, finished_with, is_decision
 from .devices import pick_device
+from .errors import reason
 from .format import GROUP_SIZES
 from .methods import NATIVE_BY_BUDGET, QuantSettings, check_allocation, quantize_linear
 from .models import (
@@ -395,9 +396,13 @@ def load_allocation(path: str | os.PathLike) -> Allocation:
     """Widths per tensor from a checkpoint manifest (with its group sizes and --bpw
     decision), a stock-type --bpw run's decision, or a plain {name: [widths]} JSON."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--allocation {path} cannot be read as JSON: {err}") from None
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except OSError as err:
+        raise ValueError(f"--allocation {path} cannot be read: {reason(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--allocation {path} is not UTF-8 text (byte {err.start} is not), as JSON must be") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, a number past the digit limit, deep nesting
+        raise ValueError(f"--allocation {path} cannot be read as JSON: {json_problem(err)}") from None
 
     def widths_ok(value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(type(w) is int and 1 <= w <= 5 for w in value)

@@ -4,6 +4,7 @@ JSON or calibration file. Targeted cases first, then property-based mutations.""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from slim2gguf import format as fmt
+from slim2gguf.calib import read_text
 from slim2gguf.cli import app
 
 RUNNER = CliRunner()
@@ -242,6 +244,39 @@ def test_quantize_refuses_bad_calibration_files(tiny_model, tmp_path, name, cont
     calib.write_bytes(content)
     result = run_cli("quantize", tiny_model, "-o", tmp_path / "o", "--calib", calib, "--nsamples", "2", "--seqlen", "32")
     assert_refused(result)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [("c.txt", gzip.compress(b"text " * 5000), "is not UTF-8 text (byte 1 is not)"),  # read as text, bad bytes replaced
+     ("c.md", "caf\xe9 ".encode("latin-1") * 5000, "is not UTF-8 text (byte 3 is not)"),
+     ("c.jsonl", b'{"text": "a"}\n\n{"text": "b",}\n', "is not valid JSON Lines: line 3: Expecting property name enclosed in double quotes at column 14"),
+     ("c.jsonl", b'{"text": "a", "n": ' + b"1" * 5000 + b"}\n", "line 1: a number has more digits than Python reads (4300)"),
+     ("c.json", b"[" * 100_000 + b"]" * 100_000, "is not valid JSON: nested too deeply to read")],
+)  # fmt: skip
+def test_calibration_files_that_are_no_utf8_text_or_json_are_named(tiny_model, tmp_path, name, content, said):
+    """Binary and other-encoding files were read as text with their bad bytes replaced; JSON
+    Lines errors gave each line's own position ("line 1") or Python's advice to programmers."""
+    calib = tmp_path / name
+    calib.write_bytes(content)
+    result = run_cli("quantize", tiny_model, "-o", tmp_path / "o", "--calib", calib, "--nsamples", "2", "--seqlen", "32")
+    assert_refused(result, said)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "with a byte order mark"}\n')
+    assert read_text(str(bom)) == "with a byte order mark"
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [(b'{"a": ' + b"1" * 5000 + b"}", "cannot be read as JSON: a number has more digits than Python reads (4300)"),
+     (b"[" * 100_000 + b"]" * 100_000, "cannot be read as JSON: nested too deeply to read"),
+     ("{\"caf\xe9\": [3]}".encode("latin-1"), "is not UTF-8 text (byte 5 is not), as JSON must be")],
+)  # fmt: skip
+def test_allocation_files_that_are_no_json_are_named(tiny_model, tiny_text, tmp_path, content, said):
+    bad = tmp_path / "alloc.json"
+    bad.write_bytes(content)
+    result = run_cli("quantize", tiny_model, "-o", tmp_path / "o", "--calib", tiny_text, "--allocation", bad)
+    assert_refused(result, said)
 
 
 def test_a_hub_dataset_out_of_reach_is_one_line(tiny_model, tiny_text, tmp_path):

@@ -56,6 +56,16 @@ def resolve_model(name: str | os.PathLike, quantizing: bool = False) -> Path:
     )
 
 
+def context_length(path: Path) -> int | None:
+    """The longest sequence the model was made for (its text model's
+    ``max_position_embeddings``), None where its config does not say."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(path).get_text_config()
+    value = getattr(text, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def architecture_of(path: Path) -> str:
     from transformers import AutoConfig
 

@@ -311,6 +311,15 @@ def test_tensors_naming_a_class_the_model_lacks_is_refused(tiny_model, tiny_text
     assert not out.exists() and not ckpt_mod.partial_dir(out).exists()
 
 
+def test_calibration_windows_longer_than_the_models_context_are_refused(tiny_model, tiny_text, tmp_path):
+    """They were accepted: positions past the context calibrate on states the model never makes."""
+    out = tmp_path / "ck"
+    with pytest.raises(ValueError, match=r"--seqlen 513 is longer than the model's context \(512 tokens\): give --seqlen 512 or less"):
+        quantize_model(str(tiny_model), out, QuantSettings("gptq", 3, 32), CalibSettings(str(tiny_text), nsamples=2, seqlen=513, seed=0))
+    assert not out.exists()
+    quantize_model(str(tiny_model), out, QuantSettings("rtn", 3, 32), CalibSettings(str(tiny_text), nsamples=2, seqlen=513, seed=0))
+
+
 def test_eval_uses_stored_values(slim_ckpt, tiny_model, tiny_text):
     model = load_model(tiny_model)
     tok = load_tokenizer(tiny_model)

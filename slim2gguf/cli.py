@@ -221,7 +221,7 @@ GROUP = typer.Option(None, "--group-size", help="SliM columns per group: 128, 64
 CALIB = typer.Option("self", "--calib", help="self (sampled from the model, no download), wikitext2, c4, or a .txt/.jsonl/.parquet file.")
 NSAMPLES = typer.Option(128, "--nsamples", help="Calibration windows.")
 SEQLEN = typer.Option(512, "--seqlen", help="Tokens per calibration window.")
-SEED = typer.Option(0, "--seed", help="Seed for calibration sampling; equal seeds give identical outputs.")
+SEED = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for calibration sampling; equal seeds give identical outputs.")  # a larger seed gave its low 32 bits' output (5 and 2**32 + 5: the same checkpoint)
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
 DAMP = typer.Option(0.3, "--damp", help="Hessian damping, fraction of mean diag(H).")
 LAMBDA = typer.Option(None, "--sqc-lambda", help="SQC weight on salient elements (default chosen by measurement, see docs/BENCHMARKS.md).")

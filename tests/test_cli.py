@@ -202,6 +202,13 @@ def test_options_a_run_would_ignore_are_refused(tiny_model, tmp_path, args, mess
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
+def test_seeds_outside_32_bits_are_refused(tiny_model, tmp_path, seed):
+    """Seeds past 32 bits gave the output of their low 32 bits (or torch's 'Overflow when unpacking long long')."""
+    code, out = invoke("quantize", tiny_model, "-o", tmp_path / "ck", "--seed", seed)
+    assert code == 2 and "Invalid value for '--seed'" in out and len(out.strip().splitlines()) == 1, out
+
+
 def test_missing_model(tmp_path):
     code, out = invoke("quantize", tmp_path / "nothing", "-o", tmp_path / "ck")
     assert code == 2 and "no model directory" in out

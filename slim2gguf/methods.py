@@ -21,6 +21,7 @@ from .threads import few_threads
 
 METHODS = ("slim", "gptq", "rtn")
 NATIVE_BY_BUDGET = "auto"  # QuantSettings.native when --bpw chooses each linear's stock type
+MAX_DAMP = 1e6  # GPTQ's corrections are then a millionth of the undamped ones; far past it the damped diagonal overflows float32
 FITS = ("wls", "sqc")  # quantizer calibration objectives; wls measured best: docs/BENCHMARKS.md
 DEFAULT_SQC_LAMBDA = 1.0  # measured best of {1, 4, 16} on the demo model: docs/BENCHMARKS.md
 
@@ -49,8 +50,8 @@ class QuantSettings:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         fmt.slim_type(self.bits, self.group_size)
-        if not (math.isfinite(self.damp) and self.damp > 0):
-            raise ValueError(f"--damp must be positive, got {self.damp:g}")
+        if not (math.isfinite(self.damp) and 0 < self.damp <= MAX_DAMP):
+            raise ValueError(f"--damp must be positive, at most {MAX_DAMP:g}, got {self.damp:g}")
         if not (math.isfinite(self.sqc_lambda) and self.sqc_lambda >= 0):
             raise ValueError(f"--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got {self.sqc_lambda:g}")
         if self.sba_tokens < 1:

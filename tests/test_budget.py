@@ -205,7 +205,8 @@ def test_cli_refuses_bad_budgets_and_counts_before_loading_weights(tiny_model, t
         (["--nsamples", str(10**20)], "--nsamples × --seqlen is 51,200,000,000,000,000,000,000 tokens; calibration holds at most 2,147,483,647"),
         (["--sqc-lambda", "-1"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got -1"),
         (["--sba-tokens", "0"], "--sba-tokens must be ≥ 1, got 0"),
-        (["--damp", "nan"], "--damp must be positive, got nan"),
+        (["--damp", "nan"], "--damp must be positive, at most 1e+06, got nan"),
+        (["--damp", "1e39"], "--damp must be positive, at most 1e+06, got 1e+39"),  # said to raise --damp, which overflowed
         (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
         (["--sqc-lambda", "nan"], "--sqc-lambda weighs the salient elements' error: it must be ≥ 0, got nan"),

@@ -485,7 +485,11 @@ def quantize_model(
         if missing:
             raise ValueError(f"--allocation has no {'stock type' if stock else 'widths'} for {missing[0]} ({len(missing)} linears missing)")
         if not stock:  # every tensor's widths against its groups, before the first block's work
-            for name, (_, cols) in block_linear_shapes(path).items():
+            shapes_of = block_linear_shapes(path)
+            foreign = sorted(set(allocation.widths) - set(shapes_of))
+            if foreign:  # another model's allocation, its other tensors left out without a word
+                raise ValueError(f"--allocation gives widths to {foreign[0]}, which this model lacks ({len(foreign)} of its {len(allocation.widths)} names): was it made for another model?")
+            for name, (_, cols) in shapes_of.items():
                 if in_classes(name, quant.tensors):
                     allocated(name, cols, quant, allocation)
     if allocation is None and quant.bpw is None:

@@ -287,7 +287,8 @@ def test_a_finished_checkpoint_is_reused_only_for_the_same_inputs(slim_ckpt, tin
 
 def test_an_allocation_is_checked_whole_before_the_first_block(slim_ckpt, tiny_model, tiny_text, tmp_path):
     """A wrong group count in the last block was found after the first block's work, and left
-    a .partial; a plain {name: [widths]} made at another group size names the one to give."""
+    a .partial; names the model lacks were ignored; a plain {name: [widths]} made at another
+    group size names the one to give."""
     alloc = load_allocation(slim_ckpt / "manifest.json")
     widths = dict(alloc.widths)
     last = sorted(widths)[-1]
@@ -296,6 +297,9 @@ def test_an_allocation_is_checked_whole_before_the_first_block(slim_ckpt, tiny_m
     with pytest.raises(ValueError, match=f"allocation for {re.escape(last)} has {len(widths[last])} groups"):
         quantize_model(str(tiny_model), out, SLIM, calib(tiny_text), allocation=Allocation(widths, alloc.group_sizes))
     assert not out.exists() and not ckpt_mod.partial_dir(out).exists()
+    foreign = Allocation({**alloc.widths, "model.layers.9.mlp.down_proj": [3, 3]}, alloc.group_sizes)
+    with pytest.raises(ValueError, match=r"widths to model.layers.9.mlp.down_proj, which this model lacks \(1 of its \d+ names\): was it made for another model\?"):
+        quantize_model(str(tiny_model), out, SLIM, calib(tiny_text), allocation=foreign)
     plain = Allocation(dict(alloc.widths))  # no group sizes: the run's (128) applies
     with pytest.raises(ValueError, match="groups, 1 at group size 128: add --group-size 32"):
         quantize_model(str(tiny_model), out, replace(SLIM, group_size=128), calib(tiny_text), allocation=plain)

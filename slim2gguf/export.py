@@ -26,6 +26,7 @@ from .atomic import atomic_path
 from .budget import STANDARD_BPW, STORAGE_EMBED_TYPES
 from .checkpoint import Checkpoint
 from .llamacpp import ensure_source
+from .paths import model_fingerprint
 
 STANDARD_TYPES = tuple(STANDARD_BPW) + STORAGE_EMBED_TYPES  # gguf-py writes the first, slim2gguf.storage the K-quants
 KV_PREFIX = "slim2gguf."
@@ -151,6 +152,9 @@ def export_gguf(
     model_dir = Path(settings["model_path"])
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"the checkpoint's float model {model_dir} is gone (no config.json there)")
+    recorded = settings.get("model_files")  # absent from older checkpoints
+    if recorded is not None and recorded != model_fingerprint(model_dir):  # its embedding, norms and tokenizer would join linears of the old weights
+        raise ExportError(f"the checkpoint's float model {model_dir} changed since it was quantized (its files' sizes or times): quantize again")
     src = ensure_source()
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:

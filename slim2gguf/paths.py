@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 PACKAGE = Path(__file__).parent
 
@@ -23,3 +25,16 @@ def source_digest() -> str:
     for path in sorted(PACKAGE.rglob("*.py")):
         h.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def model_files(model_dir: Path) -> list[list[Any]]:
+    """Name, size and modification time of each file of a model folder: what tells a result
+    cached from its weights, config and tokenizer that they are still the ones it was made
+    from (a rewrite that keeps all three is not seen; hashing gigabytes of weights would be)."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file())
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A short digest of ``model_files``, kept in a checkpoint's settings."""
+    return hashlib.sha256(json.dumps(model_files(model_dir)).encode()).hexdigest()[:16]

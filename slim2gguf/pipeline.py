@@ -48,6 +48,7 @@ from .models import (
     load_tokenizer,
     resolve_model,
 )
+from .paths import model_fingerprint
 from .progress import Progress
 from .qtensor import StoredTensor
 from .storage import NATIVE_TYPES, type_for
@@ -107,13 +108,6 @@ class Allocation:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_files_fingerprint(path: Path) -> str:
-    """A digest of the size and modification time of the model folder's files: weights
-    replaced in place make a checkpoint of the old ones stale."""
-    entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
-    return _digest(repr(entries))
 
 
 def check_selection(shapes: dict[str, tuple[int, int]], classes: tuple[str, ...]) -> None:
@@ -509,7 +503,7 @@ def quantize_model(
     settings = {
         "model": str(model_name),
         "model_path": str(path.resolve()),  # export reads it from anywhere, not only where quantize ran
-        "model_files": model_files_fingerprint(path),
+        "model_files": model_fingerprint(path),  # weights replaced in place make a checkpoint of the old ones stale
         "architecture": arch,
         **quant.to_dict(),
         "calibration": asdict(calib),

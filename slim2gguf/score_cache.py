@@ -21,15 +21,7 @@ import torch
 from . import sensitivity
 from .atomic import write_bytes_atomic
 from .budget import ModelShapes
-from .paths import cache_dir, source_digest
-
-_MODEL_FILES = ("*.safetensors", "*.bin", "*.json")
-
-
-def _model_identity(model_dir: Path) -> list[list[Any]]:
-    """Name, size and modification time of the model's weight and config files."""
-    files = sorted({p for pattern in _MODEL_FILES for p in model_dir.glob(pattern)})
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+from .paths import cache_dir, model_files, source_digest
 
 
 def score_key(model_dir: Path, windows: torch.Tensor, method: str, shapes: ModelShapes, device: torch.device) -> dict[str, Any]:
@@ -38,7 +30,8 @@ def score_key(model_dir: Path, windows: torch.Tensor, method: str, shapes: Model
     changes them at run time gets another key."""
     tokens = sensitivity.estimator_windows(windows).to(torch.int64).contiguous().cpu().numpy()
     return {
-        "model": _model_identity(model_dir),
+        "model": str(Path(model_dir).resolve()),  # two copies of a model whose files keep their sizes and times
+        "model_files": model_files(model_dir),
         "windows": [list(tokens.shape), hashlib.sha256(tokens.tobytes()).hexdigest()],
         "method": method,
         "sample_rows": sensitivity.SAMPLE_ROWS,

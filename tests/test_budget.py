@@ -3,6 +3,7 @@ per-tensor decision through quantize, resume, reuse and export."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -259,6 +260,8 @@ def test_scores_are_saved_whole_and_read_back_only_on_their_key(tiny_model, tmp_
     shapes = model_shapes(tiny_model, ("ffn_down",))
     windows = torch.arange(64).view(2, 32)
     key = score_cache.score_key(tiny_model, windows, "fisher", shapes, torch.device("cpu"))
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_model, twin)  # copy2: each file keeps its size and modification time
     scores = {name: {label: float(i) for i, (label, _) in enumerate(choices)} for name, choices in shapes.candidates().items()}
     assert score_cache.load_scores(key) is None
     score_cache.save_scores(key, scores)
@@ -267,6 +270,7 @@ def test_scores_are_saved_whole_and_read_back_only_on_their_key(tiny_model, tmp_
         score_cache.score_key(tiny_model, windows, "hessian", shapes, torch.device("cpu")),
         score_cache.score_key(tiny_model, windows.flip(0), "fisher", shapes, torch.device("cpu")),
         score_cache.score_key(tiny_model, windows, "fisher", model_shapes(tiny_model, None), torch.device("cpu")),
+        score_cache.score_key(twin, windows, "fisher", shapes, torch.device("cpu")),  # another folder, its files alike in name, size and time: its weights may differ
     ):
         assert score_cache.load_scores(other) is None
     (saved,) = tmp_path.glob("*.json")

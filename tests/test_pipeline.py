@@ -324,6 +324,22 @@ def test_calibration_windows_longer_than_the_models_context_are_refused(tiny_mod
     quantize_model(str(tiny_model), out, QuantSettings("rtn", 3, 32), CalibSettings(str(tiny_text), nsamples=2, seqlen=513, seed=0))
 
 
+def test_export_refuses_a_checkpoint_whose_model_changed(tiny_model, tiny_text, tmp_path):
+    """Export read the embedding, norms and tokenizer from the model folder as it is now, beside
+    linears quantized from its old weights."""
+    from slim2gguf.export import ExportError, export_gguf
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "ck"
+    quantize_model(str(model), out, QuantSettings("rtn", 3, 32), calib(tiny_text))
+    config = model / "config.json"
+    config.write_text(config.read_text() + "\n")
+    with pytest.raises(ExportError, match="changed since it was quantized \\(its files' sizes or times\\): quantize again"):
+        export_gguf(out, tmp_path / "o.gguf", progress=False)
+    assert not (tmp_path / "o.gguf").exists()
+
+
 def test_eval_uses_stored_values(slim_ckpt, tiny_model, tiny_text):
     model = load_model(tiny_model)
     tok = load_tokenizer(tiny_model)

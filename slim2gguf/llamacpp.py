@@ -243,18 +243,35 @@ def patch_files() -> list[Path]:
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
+BUILD_ENV = ("CC", "CXX", "CFLAGS", "CXXFLAGS", "LDFLAGS")  # what cmake takes from the environment when it configures
+
+
+def _compiler(variable: str, names: tuple[str, ...]) -> str | None:
+    return os.environ.get(variable) or next((c for c in names if shutil.which(c)), None)
+
+
 @functools.lru_cache(maxsize=1)
+def native_defines() -> str:
+    """The C compiler's predefined macros under ``-march=native``: the CPU features (and the
+    compiler's version) a native build targets; "" where no compiler answers (the build then
+    says so, `_check_toolchain`)."""
+    cc = _compiler("CC", ("cc", "gcc", "clang"))
+    if cc is None:
+        return ""
+    try:
+        defines = subprocess.run([cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True, text=True)
+    except OSError:  # CC names no program
+        return ""
+    return defines.stdout if defines.returncode == 0 else ""
+
+
 def native_targets_amx() -> bool:
     """Whether ``-march=native`` makes the compiler target AMX (Intel Sapphire Rapids and
     later). llama.cpp's AMX matmuls (Q4_0, Q8_0, K-quants, IQ4_XS) at the pinned commit die
     with SIGILL at a tile instruction in `tinygemm_kernel_amx` on such a virtual machine
     (a standalone AMX program runs there), so the native build leaves AMX out; SliM kernels
     never use it."""
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if cc is None:
-        return False
-    defines = subprocess.run([cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True, text=True)
-    return defines.returncode == 0 and "__AMX_TILE__" in defines.stdout
+    return "__AMX_TILE__" in native_defines()
 
 
 def cmake_options(cpu: str = "native") -> list[str]:
@@ -276,10 +293,17 @@ def _hash_patches(h: Any) -> Any:
 
 def build_key(cpu: str = "native", patched: bool = True) -> str:
     """Names the build folder: the pinned commit, every patch's bytes (none for the
-    unpatched build) and the build options."""
+    unpatched build), the build options, the compiler and flags the environment sets, and
+    for the native build the CPU features it targets: a cache shared between machines (or
+    used with other flags) gets a build of its own, not one that dies with SIGILL."""
     h = hashlib.sha256(PINNED_COMMIT.encode())
     h = _hash_patches(h) if patched else h
     h.update(json.dumps(cmake_options(cpu)).encode())
+    env = {name: os.environ[name] for name in BUILD_ENV if os.environ.get(name)}
+    if env:
+        h.update(json.dumps(env, sort_keys=True).encode())
+    if cpu == "native":
+        h.update("".join(sorted(native_defines().splitlines(keepends=True))).encode())
     return h.hexdigest()[:16] if patched else f"stock-{h.hexdigest()[:10]}"
 
 
@@ -290,12 +314,15 @@ def build_dir(cpu: str = "native", patched: bool = True) -> Path:
 def _check_toolchain() -> None:
     if shutil.which("cmake") is None:
         raise LlamaCppError("cmake is not installed: install it (e.g. `apt install cmake` or `pip install cmake`)")
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    cxx = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    cc = _compiler("CC", ("cc", "gcc", "clang"))
+    cxx = _compiler("CXX", ("c++", "g++", "clang++"))
     if cc is None or cxx is None:
         raise LlamaCppError(
             "no C/C++ compiler found: install one (e.g. `apt install build-essential`) or set CC and CXX"
         )
+    for variable, program in (("CC", cc), ("CXX", cxx)):
+        if shutil.which(program) is None:
+            raise LlamaCppError(f"{variable}={program} names no program found: install it, or set {variable} to a compiler you have")
 
 
 def _git(args: list[str], cwd: Path, index: Path | None = None) -> subprocess.CompletedProcess:

@@ -95,6 +95,33 @@ def test_llama_cpp_commands_refuse_bad_input_in_one_line(tmp_path, monkeypatch):
     assert code == 1 and "".join(out.split()) == "".join(f"error: LLAMA_CPP_DIR={source} is not a llama.cpp source tree (no ggml/include/ggml.h)".split()), out
 
 
+def test_the_build_key_follows_the_cpu_and_the_compilers_environment(monkeypatch):
+    """The native build's folder was named by '-DGGML_NATIVE=ON' alone: a cache shared with a
+    machine of other CPU features ran its build (SIGILL), and CC or CFLAGS set later were never
+    used, as the first build was reused."""
+    from slim2gguf import llamacpp
+
+    for name in llamacpp.BUILD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    keys = {cpu: llamacpp.build_key(cpu) for cpu in llamacpp.CPU_VARIANTS} | {"stock": llamacpp.build_key(patched=False)}
+    defines = llamacpp.native_defines()
+    with monkeypatch.context() as other_cpu:
+        other_cpu.setattr(llamacpp, "native_defines", lambda: defines + "#define __AVX512VBMI__ 1\n")
+        moved = {cpu: llamacpp.build_key(cpu) != keys[cpu] for cpu in llamacpp.CPU_VARIANTS} | {"stock": llamacpp.build_key(patched=False) != keys["stock"]}
+        assert moved == {"native": True, "avx2": False, "sanitize": False, "generic": False, "stock": True}
+    with monkeypatch.context() as flags:
+        flags.setenv("CFLAGS", "-O0")
+        assert all(llamacpp.build_key(cpu) != keys[cpu] for cpu in llamacpp.CPU_VARIANTS)
+    monkeypatch.setenv("CC", "/nonexistent/cc")  # a traceback from the -march=native probe
+    llamacpp.native_defines.cache_clear()
+    try:
+        assert llamacpp.native_defines() == "" and llamacpp.build_key("native")
+        with pytest.raises(llamacpp.LlamaCppError, match="CC=/nonexistent/cc names no program found: install it, or set CC to a compiler you have"):
+            llamacpp._check_toolchain()
+    finally:
+        llamacpp.native_defines.cache_clear()
+
+
 def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch):
     """export-patches into another folder deleted the repository's patches/ (it listed those, not
     the destination's); the destination's old series is replaced only once every diff is made."""

@@ -471,23 +471,23 @@ def quantize_model(
         raise ValueError("--allocation gives SliM widths: drop --format native")
     if quant.native == NATIVE_BY_BUDGET and quant.bpw is None and not stock:
         raise ValueError("stock types chosen per tensor need --bpw, or the --allocation of a --format native --bpw run")
+    linear_shapes = block_linear_shapes(path)  # a weightless instance of the model: built once for every check below
     if quant.tensors is not None:
-        check_selection(block_linear_shapes(path), quant.tensors)
+        check_selection(linear_shapes, quant.tensors)
     if allocation is not None:
         chosen = allocation.budget["choices"] if stock else allocation.widths
-        missing = sorted(n for n in block_linear_shapes(path) if in_classes(n, quant.tensors) and n not in chosen)
+        missing = sorted(n for n in linear_shapes if in_classes(n, quant.tensors) and n not in chosen)
         if missing:
             raise ValueError(f"--allocation has no {'stock type' if stock else 'widths'} for {missing[0]} ({len(missing)} linears missing)")
         if not stock:  # every tensor's widths against its groups, before the first block's work
-            shapes_of = block_linear_shapes(path)
-            foreign = sorted(set(allocation.widths) - set(shapes_of))
+            foreign = sorted(set(allocation.widths) - set(linear_shapes))
             if foreign:  # another model's allocation, its other tensors left out without a word
                 raise ValueError(f"--allocation gives widths to {foreign[0]}, which this model lacks ({len(foreign)} of its {len(allocation.widths)} names): was it made for another model?")
-            for name, (_, cols) in shapes_of.items():
+            for name, (_, cols) in linear_shapes.items():
                 if in_classes(name, quant.tensors):
                     allocated(name, cols, quant, allocation)
     if allocation is None and quant.bpw is None:
-        check_shapes(block_linear_shapes(path), quant)
+        check_shapes(linear_shapes, quant)
     shapes = None
     if quant.bpw is not None:
         if allocation is not None:

@@ -27,11 +27,15 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.tiktoken", "merges.txt", "vocab.txt")  # weights, configs, tokenizers
+
+
 def model_files(model_dir: Path) -> list[list[Any]]:
-    """Name, size and modification time of each file of a model folder: what tells a result
-    cached from its weights, config and tokenizer that they are still the ones it was made
-    from (a rewrite that keeps all three is not seen; hashing gigabytes of weights would be)."""
-    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file())
+    """Name, size and modification time of a model folder's weights, configs and tokenizer
+    files: what tells a result cached from them that they are still the ones it was made
+    from (a rewrite that keeps all three is not seen; hashing gigabytes of weights would be).
+    Other files (a README, a GGUF written beside the weights) do not count."""
+    files = sorted({p for pattern in MODEL_FILES for p in Path(model_dir).glob(pattern) if p.is_file()})
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 

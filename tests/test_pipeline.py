@@ -19,6 +19,7 @@ from slim2gguf import checkpoint as ckpt_mod
 from slim2gguf.checkpoint import Checkpoint, CheckpointError
 from slim2gguf.methods import QuantSettings
 from slim2gguf.models import ModelError, load_model, load_tokenizer, set_linear_weights
+from slim2gguf.paths import model_fingerprint
 from slim2gguf.perplexity import perplexity
 from slim2gguf.pipeline import Allocation, CalibSettings, load_allocation, quantize_model
 
@@ -333,6 +334,10 @@ def test_export_refuses_a_checkpoint_whose_model_changed(tiny_model, tiny_text, 
     shutil.copytree(tiny_model, model)
     out = tmp_path / "ck"
     quantize_model(str(model), out, QuantSettings("rtn", 3, 32), calib(tiny_text))
+    kept = model_fingerprint(model)
+    (model / "README.md").write_text("notes")  # files export does not read: a GGUF written beside the weights was refused
+    (model / "model-q4.gguf").write_bytes(b"GGUF")
+    assert model_fingerprint(model) == kept
     config = model / "config.json"
     config.write_text(config.read_text() + "\n")
     with pytest.raises(ExportError, match="changed since it was quantized \\(its files' sizes or times\\): quantize again"):

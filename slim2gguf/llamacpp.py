@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -246,8 +247,12 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 BUILD_ENV = ("CC", "CXX", "CFLAGS", "CXXFLAGS", "LDFLAGS")  # what cmake takes from the environment when it configures
 
 
-def _compiler(variable: str, names: tuple[str, ...]) -> str | None:
-    return os.environ.get(variable) or next((c for c in names if shutil.which(c)), None)
+def _compiler(variable: str, names: tuple[str, ...]) -> list[str] | None:
+    """The compiler's command line: ``$CC`` may carry a launcher or flags ("ccache gcc"), as cmake allows."""
+    given = os.environ.get(variable)
+    if given:
+        return shlex.split(given) or None
+    return next(([c] for c in names if shutil.which(c)), None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -259,7 +264,7 @@ def native_defines() -> str:
     if cc is None:
         return ""
     try:
-        defines = subprocess.run([cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True, text=True)
+        defines = subprocess.run([*cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True, text=True)
     except OSError:  # CC names no program
         return ""
     return defines.stdout if defines.returncode == 0 else ""
@@ -320,9 +325,9 @@ def _check_toolchain() -> None:
         raise LlamaCppError(
             "no C/C++ compiler found: install one (e.g. `apt install build-essential`) or set CC and CXX"
         )
-    for variable, program in (("CC", cc), ("CXX", cxx)):
-        if shutil.which(program) is None:
-            raise LlamaCppError(f"{variable}={program} names no program found: install it, or set {variable} to a compiler you have")
+    for variable, command in (("CC", cc), ("CXX", cxx)):
+        if shutil.which(command[0]) is None:
+            raise LlamaCppError(f"{variable}={shlex.join(command)} names no program found: install it, or set {variable} to a compiler you have")
 
 
 def _git(args: list[str], cwd: Path, index: Path | None = None) -> subprocess.CompletedProcess:
@@ -494,7 +499,7 @@ def build(
         missing = [t for t in targets if not (bin_dir / t).is_file()]
         if missing:
             raise LlamaCppError(f"the build finished but {', '.join(missing)} is not in {bin_dir}")
-        stamp.write_text(json.dumps({"targets": sorted(built() | set(targets)), "commit": PINNED_COMMIT}))
+        stamp.write_text(json.dumps({"targets": sorted(built() | set(targets)), "commit": PINNED_COMMIT, "series": series_digest(patched)}))
     return bin_dir
 
 
@@ -578,10 +583,27 @@ def binary(name: str, cpu: str = "native", stock_ok: Callable[[], bool] | None =
     return build((name,), cpu=cpu) / name
 
 
+def series_digest(patched: bool = True) -> str:
+    """The pinned commit and every patch's bytes (none for the unpatched build): what a build
+    folder's stamp records, so ``clean`` keeps builds of this series made for another CPU,
+    compiler or flags (a cache shared by machines)."""
+    h = hashlib.sha256(PINNED_COMMIT.encode())
+    return (_hash_patches(h) if patched else h).hexdigest()[:16]
+
+
 def stale_build_dirs() -> list[Path]:
-    """Build folders for patches or options that no longer exist (left by earlier versions)."""
+    """Build folders for patches or a llama.cpp commit that are no longer the current ones
+    (left by earlier versions); builds of the current series for other machines stay."""
     current = {build_dir(cpu).name for cpu in CPU_VARIANTS} | {build_dir(patched=False).name}
-    return sorted(p for p in _llama_root().glob("build-*") if p.is_dir() and p.name not in current)
+    series = {series_digest(True), series_digest(False)}
+
+    def of_this_series(folder: Path) -> bool:
+        try:
+            return json.loads((folder / "stamp.json").read_text()).get("series") in series
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    return sorted(p for p in _llama_root().glob("build-*") if p.is_dir() and p.name not in current and not of_this_series(p))
 
 
 # --- maintaining the patch series --------------------------------------------------------
@@ -677,7 +699,7 @@ def source_command() -> None:
 
 @app.command("clean")
 def clean_command() -> None:
-    """Delete build folders made for other patches or options than the current ones."""
+    """Delete build folders made for other patches or llama.cpp commits than the current ones."""
     for path in stale_build_dirs():
         shutil.rmtree(path)
         print(f"removed {path}")

@@ -112,14 +112,34 @@ def test_the_build_key_follows_the_cpu_and_the_compilers_environment(monkeypatch
     with monkeypatch.context() as flags:
         flags.setenv("CFLAGS", "-O0")
         assert all(llamacpp.build_key(cpu) != keys[cpu] for cpu in llamacpp.CPU_VARIANTS)
-    monkeypatch.setenv("CC", "/nonexistent/cc")  # a traceback from the -march=native probe
+    monkeypatch.setenv("CC", "env cc")  # a launcher before the compiler, as "ccache gcc", which cmake allows
     llamacpp.native_defines.cache_clear()
     try:
+        assert llamacpp.native_defines() == defines
+        llamacpp._check_toolchain()
+        monkeypatch.setenv("CC", "/nonexistent/cc")  # a traceback from the -march=native probe
+        llamacpp.native_defines.cache_clear()
         assert llamacpp.native_defines() == "" and llamacpp.build_key("native")
         with pytest.raises(llamacpp.LlamaCppError, match="CC=/nonexistent/cc names no program found: install it, or set CC to a compiler you have"):
             llamacpp._check_toolchain()
     finally:
         llamacpp.native_defines.cache_clear()
+
+
+def test_clean_keeps_builds_of_this_series_for_other_machines(tmp_path, monkeypatch):
+    """With the CPU in the build key, clean took another machine's build in a shared cache (or one
+    made with CC set) for stale; builds of other patches or commits, or with no stamp, go."""
+    from slim2gguf import llamacpp
+
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path))
+    root = tmp_path / "llama.cpp"
+    stamps = {"other-cpu": llamacpp.series_digest(True), "other-cpu-stock": llamacpp.series_digest(False), "old-patches": "0" * 16, "no-series": None}
+    for name, series in stamps.items():
+        (root / f"build-{name}").mkdir(parents=True)
+        (root / f"build-{name}" / "stamp.json").write_text(json.dumps({"targets": [], **({"series": series} if series else {})}))
+    (root / "build-no-stamp").mkdir()
+    (root / llamacpp.build_dir("native").name).mkdir()
+    assert [p.name for p in llamacpp.stale_build_dirs()] == ["build-no-series", "build-no-stamp", "build-old-patches"]
 
 
 def test_export_patches_replaces_only_the_series_it_writes(tmp_path, monkeypatch):

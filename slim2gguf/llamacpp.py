@@ -296,13 +296,18 @@ def _hash_patches(h: Any) -> Any:
     return h
 
 
+def _series_hash(patched: bool) -> Any:
+    """SHA-256 over the pinned commit and every patch's bytes (none for the unpatched build)."""
+    h = hashlib.sha256(PINNED_COMMIT.encode())
+    return _hash_patches(h) if patched else h
+
+
 def build_key(cpu: str = "native", patched: bool = True) -> str:
     """Names the build folder: the pinned commit, every patch's bytes (none for the
     unpatched build), the build options, the compiler and flags the environment sets, and
     for the native build the CPU features it targets: a cache shared between machines (or
     used with other flags) gets a build of its own, not one that dies with SIGILL."""
-    h = hashlib.sha256(PINNED_COMMIT.encode())
-    h = _hash_patches(h) if patched else h
+    h = _series_hash(patched)
     h.update(json.dumps(cmake_options(cpu)).encode())
     env = {name: os.environ[name] for name in BUILD_ENV if os.environ.get(name)}
     if env:
@@ -587,8 +592,7 @@ def series_digest(patched: bool = True) -> str:
     """The pinned commit and every patch's bytes (none for the unpatched build): what a build
     folder's stamp records, so ``clean`` keeps builds of this series made for another CPU,
     compiler or flags (a cache shared by machines)."""
-    h = hashlib.sha256(PINNED_COMMIT.encode())
-    return (_hash_patches(h) if patched else h).hexdigest()[:16]
+    return _series_hash(patched).hexdigest()[:16]
 
 
 def stale_build_dirs() -> list[Path]:

@@ -335,11 +335,9 @@ def inspect(path: Path = typer.Argument(..., help="A GGUF file.")) -> None:
 
 def _default_checkpoint(out: Path) -> Path:
     """Resume state for ``convert``: in the cache, keyed on the output path."""
-    import hashlib
+    from .paths import cache_dir, short_digest
 
-    from .paths import cache_dir
-
-    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    key = short_digest(str(out.resolve()))
     return cache_dir() / "checkpoints" / f"{out.stem}-{key}"
 
 

@@ -10,7 +10,6 @@ the file is the model to quantize.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +21,7 @@ from rich.text import Text
 
 from .atomic import atomic_path
 from .messages import WARNING, say
-from .paths import cache_dir
+from .paths import cache_dir, short_digest
 
 COMPOUND_WARNING = (
     "{path} is already quantized ({kind}); quantizing it again compounds both errors "
@@ -186,7 +185,7 @@ def model_dir_of_file(path: Path) -> Path:
     fmt.register_gguf_types()  # transformers dequantizes through gguf-py: teach it SliM
     path = Path(path).expanduser().resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = short_digest(f"{path}\0{st.st_size}\0{st.st_mtime_ns}")
     return hf_dir_from_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}")
 
 

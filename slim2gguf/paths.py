@@ -39,6 +39,11 @@ def model_files(model_dir: Path) -> list[list[Any]]:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def short_digest(text: str) -> str:
+    """16 hex digits of SHA-256: what names a cached folder or records an input in a key."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """A short digest of ``model_files``, kept in a checkpoint's settings."""
-    return hashlib.sha256(json.dumps(model_files(model_dir)).encode()).hexdigest()[:16]
+    return short_digest(json.dumps(model_files(model_dir)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ from .models import (
     load_tokenizer,
     resolve_model,
 )
-from .paths import model_fingerprint
+from .paths import model_fingerprint, short_digest
 from .progress import Progress
 from .qtensor import StoredTensor
 from .storage import NATIVE_TYPES, type_for
@@ -103,11 +102,7 @@ class Allocation:
     def fingerprint(self) -> str:
         """A digest of every choice, kept in the checkpoint's settings: a rerun with another
         allocation file (or the same file rewritten) must not reuse this one's checkpoint."""
-        return _digest(json.dumps(asdict(self), sort_keys=True))
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return short_digest(json.dumps(asdict(self), sort_keys=True))
 
 
 def check_selection(shapes: dict[str, tuple[int, int]], classes: tuple[str, ...]) -> None:
@@ -507,7 +502,7 @@ def quantize_model(
         "architecture": arch,
         **quant.to_dict(),
         "calibration": asdict(calib),
-        "calibration_text": _digest(text) if text is not None else None,  # the file's words, not only its name
+        "calibration_text": short_digest(text) if text is not None else None,  # the file's words, not only its name
         "allocation": allocation.fingerprint() if allocation is not None else None,
     }
     done = finished_with(out_dir, settings)

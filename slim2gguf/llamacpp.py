@@ -620,6 +620,7 @@ PATCH_SERIES = (
     ("0004-gguf-py-slim-types.patch", ("gguf-py/",)),
     ("0005-llama-slim-dump-tool.patch", ("tools/",)),
     ("0006-tests-slim-types.patch", ("tests/",)),
+    ("0007-common-log-drain-at-exit.patch", ("common/",)),
 )
 
 

@@ -247,12 +247,15 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 BUILD_ENV = ("CC", "CXX", "CFLAGS", "CXXFLAGS", "LDFLAGS")  # what cmake takes from the environment when it configures
 
 
-def _compiler(variable: str, names: tuple[str, ...]) -> list[str] | None:
+COMPILERS = {"CC": ("cc", "gcc", "clang"), "CXX": ("c++", "g++", "clang++")}  # looked for where the variable is unset
+
+
+def _compiler(variable: str) -> list[str] | None:
     """The compiler's command line: ``$CC`` may carry a launcher or flags ("ccache gcc"), as cmake allows."""
     given = os.environ.get(variable)
     if given:
         return shlex.split(given) or None
-    return next(([c] for c in names if shutil.which(c)), None)
+    return next(([c] for c in COMPILERS[variable] if shutil.which(c)), None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -260,7 +263,7 @@ def native_defines() -> str:
     """The C compiler's predefined macros under ``-march=native``: the CPU features (and the
     compiler's version) a native build targets; "" where no compiler answers (the build then
     says so, `_check_toolchain`)."""
-    cc = _compiler("CC", ("cc", "gcc", "clang"))
+    cc = _compiler("CC")
     if cc is None:
         return ""
     try:
@@ -324,8 +327,8 @@ def build_dir(cpu: str = "native", patched: bool = True) -> Path:
 def _check_toolchain() -> None:
     if shutil.which("cmake") is None:
         raise LlamaCppError("cmake is not installed: install it (e.g. `apt install cmake` or `pip install cmake`)")
-    cc = _compiler("CC", ("cc", "gcc", "clang"))
-    cxx = _compiler("CXX", ("c++", "g++", "clang++"))
+    cc = _compiler("CC")
+    cxx = _compiler("CXX")
     if cc is None or cxx is None:
         raise LlamaCppError(
             "no C/C++ compiler found: install one (e.g. `apt install build-essential`) or set CC and CXX"

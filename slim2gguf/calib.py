@@ -86,12 +86,13 @@ def json_problem(err: ValueError | RecursionError, own_line: bool = False) -> st
     text was one line of a file, so only the column counts), an integer past Python's digit
     limit, or nesting past its recursion limit."""
     import json
+    import sys
 
     if isinstance(err, json.JSONDecodeError):
         return f"{err.msg} at column {err.colno}" if own_line else str(err)
     if isinstance(err, RecursionError):
         return "nested too deeply to read"
-    return "a number has more digits than Python reads (4300)" if "digits" in str(err) else one_line(err)
+    return f"a number has more digits than Python reads ({sys.get_int_max_str_digits()})" if "digits" in str(err) else one_line(err)
 
 
 def _parquet_rows(path: Path) -> list[dict]:

@@ -154,7 +154,7 @@ def export_gguf(
         raise ExportError(f"the checkpoint's float model {model_dir} is gone (no config.json there)")
     recorded = settings.get("model_files")  # absent from older checkpoints
     if recorded is not None and recorded != model_fingerprint(model_dir):  # its embedding, norms and tokenizer would join linears of the old weights
-        raise ExportError(f"the checkpoint's float model {model_dir} changed since it was quantized (its files' sizes or times): quantize again")
+        raise ExportError(f"the checkpoint's float model {model_dir} changed since it was quantized (its files' sizes or times, or the import that made it from a GGUF file): quantize again")
     src = ensure_source()
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:

@@ -10,6 +10,7 @@ the file is the model to quantize.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +22,7 @@ from rich.text import Text
 
 from .atomic import atomic_path
 from .messages import WARNING, say
-from .paths import cache_dir, short_digest
+from .paths import IMPORT_RECORD, cache_dir, short_digest
 
 COMPOUND_WARNING = (
     "{path} is already quantized ({kind}); quantizing it again compounds both errors "
@@ -40,11 +41,37 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
-    """Dequantize ``gguf_path`` into a float32 Hugging Face directory at ``target`` (once;
-    written under a temporary name, so an interrupted run leaves nothing behind). The
-    weights go one decoder block per shard, so memory holds one block, not the model."""
-    if (target / "config.json").is_file():
+def import_record(source: dict[str, Any]) -> str:
+    """What a folder imported from a GGUF file is made from: the file (``source``: its path,
+    size and time, or a named model's SHA-256) and the code that read it (this module, the
+    SliM types' dequantizers, transformers and gguf-py), so a folder another version made
+    is imported again rather than kept with what that version got wrong."""
+    return json.dumps({"source": source, "code": _import_code()}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _import_code() -> str:
+    from importlib.metadata import version
+
+    from . import format as fmt
+
+    return short_digest("\0".join([Path(__file__).read_text(), Path(fmt.__file__).read_text(), version("transformers"), version("gguf")]))
+
+
+def imported(target: Path, source: dict[str, Any]) -> bool:
+    """Whether ``target`` is a finished import of ``source`` by this code."""
+    try:
+        return (target / "config.json").is_file() and (target / IMPORT_RECORD).read_text() == import_record(source)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> Path:
+    """Dequantize ``gguf_path`` (``source`` names it, see `import_record`) into a float32
+    Hugging Face directory at ``target`` (once per file and code; written under a temporary
+    name, so an interrupted run leaves nothing behind). The weights go one decoder block
+    per shard, so memory holds one block, not the model."""
+    if imported(target, source):
         return target
     from .inspect_gguf import GGUFFileError, open_gguf
 
@@ -74,6 +101,7 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path) -> Path:
             config.save_pretrained(tmp)
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            (tmp / IMPORT_RECORD).write_text(import_record(source))
         except KeyError as err:  # a field transformers' reader (or ours) needs; an empty token list reads as none
             raise GGUFImportError(f"cannot import {gguf_path}: reading it as a model needs {err.args[0]!r}, which it lacks or leaves empty") from err
         except (ValueError, NotImplementedError, OSError, RuntimeError, SafetensorError) as err:  # a full disk too
@@ -167,7 +195,7 @@ def _file_kind(path: Path) -> str:
 
 
 def resolve_gguf(path: Path, quantizing: bool = False) -> Path:
-    """The Hugging Face directory for a user's GGUF file, cached by path, size and mtime;
+    """The Hugging Face directory for a user's GGUF file, cached by path, size, mtime and code;
     ``quantizing`` (the file is the model to quantize), with a one-line warning when its
     weights are quantized already."""
     path = path.expanduser().resolve()
@@ -179,14 +207,15 @@ def resolve_gguf(path: Path, quantizing: bool = False) -> Path:
 
 def model_dir_of_file(path: Path) -> Path:
     """The Hugging Face directory holding exactly the file's weights (SliM tensors too),
-    cached by path, size and mtime: what validating a file on its own evaluates."""
+    cached by path, size, mtime and code: what validating a file on its own evaluates."""
     from . import format as fmt
 
     fmt.register_gguf_types()  # transformers dequantizes through gguf-py: teach it SliM
     path = Path(path).expanduser().resolve()
     st = path.stat()
     key = short_digest(f"{path}\0{st.st_size}\0{st.st_mtime_ns}")
-    return hf_dir_from_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}")
+    source = {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return hf_dir_from_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}", source)
 
 
 def is_gguf(name: str | os.PathLike) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -122,6 +123,30 @@ def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, ca
     assert ours.keys() == {k for k in reference if k != "lm_head.weight"}  # tied to the embedding, as save_pretrained leaves it
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
     assert resolve_model(str(gguf_path)) == made  # cached: no second dequantization
+
+
+def test_a_gguf_import_is_kept_per_file_and_code(tmp_path, monkeypatch):
+    """An import folder made by another version of the import (its code's digest differs)
+    was kept, with whatever that version got wrong, and one made again after the cache was
+    cleaned counted as another model (export refused its checkpoints as changed)."""
+    from slim2gguf.paths import IMPORT_RECORD, model_files, model_fingerprint
+
+    gguf_path = tmp_path / "smol.gguf"
+    gguf_path.symlink_to(named_models.gguf_file(named_models.DEMO))
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    made = resolve_model(str(gguf_path))
+    first = model_fingerprint(made)
+    record = json.loads((made / IMPORT_RECORD).read_text())
+    assert record["source"]["file"] == str(gguf_path.resolve()) and len(record["code"]) == 16
+    (made / "left-by-the-first-import").write_text("")
+    assert resolve_model(str(gguf_path)) == made and (made / "left-by-the-first-import").exists()  # kept
+    (made / IMPORT_RECORD).write_text(json.dumps({**record, "code": "0" * 16}, sort_keys=True))
+    assert resolve_model(str(gguf_path)) == made and not (made / "left-by-the-first-import").exists()  # made again
+    assert model_fingerprint(made) == first
+    assert [p.name for p in made.parent.iterdir()] == [made.name]  # the old folder removed, nothing beside it
+    copy = tmp_path / "copy"  # outside the cache its user may edit it: its files count
+    shutil.copytree(made, copy)
+    assert IMPORT_RECORD in {name for name, *_ in model_files(copy)} and "config.json" in {name for name, *_ in model_files(copy)}
 
 
 def test_a_gguf_import_that_cannot_write_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):

@@ -340,7 +340,7 @@ def test_export_refuses_a_checkpoint_whose_model_changed(tiny_model, tiny_text, 
     assert model_fingerprint(model) == kept
     config = model / "config.json"
     config.write_text(config.read_text() + "\n")
-    with pytest.raises(ExportError, match="changed since it was quantized \\(its files' sizes or times\\): quantize again"):
+    with pytest.raises(ExportError, match="changed since it was quantized \\(its files' sizes or times, or the import that made it from a GGUF file\\): quantize again"):
         export_gguf(out, tmp_path / "o.gguf", progress=False)
     assert not (tmp_path / "o.gguf").exists()
 

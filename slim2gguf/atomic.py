@@ -13,8 +13,7 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it over ``target`` on success (a
-    folder made again: the old one is renamed aside first, then removed).
+    """Yield a temporary path beside ``target``; rename it over ``target`` on success.
 
     On any exception (Ctrl-C included) the temporary file or folder is removed; one that a
     killed run (SIGKILL, power loss) left behind for the same target is removed when the
@@ -33,13 +32,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if tmp_path.is_dir() and target.is_dir():  # a folder made again: a rename replaces only an empty one
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent))
-            os.replace(target, old)
-            os.replace(tmp_path, target)
-            _remove(old)
-        else:
-            os.replace(tmp_path, target)
+        os.replace(tmp_path, target)
     except BaseException:
         _remove(tmp_path)
         raise

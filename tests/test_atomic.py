@@ -38,16 +38,3 @@ def test_leftovers_of_dead_writers_are_swept_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
-
-
-def test_a_folder_made_again_replaces_the_old_one(tmp_path):
-    """A rename cannot replace a folder that holds files: a folder made again (a GGUF import
-    after an upgrade) failed at the end, its work lost."""
-    target = tmp_path / "model"
-    for files in (["config.json", "old.safetensors"], ["config.json"]):
-        with atomic_path(target) as tmp:
-            tmp.mkdir()
-            for name in files:
-                (tmp / name).write_text(name)
-        assert sorted(p.name for p in target.iterdir()) == files
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]

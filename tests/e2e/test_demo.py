@@ -208,7 +208,7 @@ def test_a_file_llama_cpp_refuses_at_once_keeps_its_reason(tmp_path):
     cmd = [str(llamacpp.binary("llama-completion")), "-m", str(path), "-p", "Hi", "-n", "4", "-no-cnv"]
     lost = 0
     for _ in range(30):
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
         assert r.returncode != 0
         lost += reason not in r.stderr
     assert lost == 0, f"{lost} runs of 30 lost the reason"

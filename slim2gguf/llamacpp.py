@@ -247,7 +247,7 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 BUILD_ENV = ("CC", "CXX", "CFLAGS", "CXXFLAGS", "LDFLAGS")  # what cmake takes from the environment when it configures
 
 
-COMPILERS = {"CC": ("cc", "gcc", "clang"), "CXX": ("c++", "g++", "clang++")}  # looked for where the variable is unset
+COMPILERS: dict[str, tuple[str, ...]] = {"CC": ("cc", "gcc", "clang"), "CXX": ("c++", "g++", "clang++")}  # looked for where the variable is unset
 
 
 def _compiler(variable: str) -> list[str] | None:
@@ -322,6 +322,12 @@ def build_key(cpu: str = "native", patched: bool = True) -> str:
 
 def build_dir(cpu: str = "native", patched: bool = True) -> Path:
     return _llama_root() / f"build-{build_key(cpu, patched)}"
+
+
+def drains_its_log(tool: Path) -> bool:
+    """Whether ``tool`` is of a patched build this version made, whose log is printed whole
+    at exit (patches/0007); a build of the user's may lack the patch."""
+    return any(Path(tool).parent == build_dir(cpu) / "build" / "bin" for cpu in CPU_VARIANTS)
 
 
 def _check_toolchain() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import reason
 from .inspect_gguf import GGUFFileError, open_gguf
-from .llamacpp import binary
+from .llamacpp import binary, drains_its_log
 
 LOG_TAIL_LINES = 25
 QUICK_FAILURE_S = 2.0  # a failure this fast (a file refused while loading) is run again for its log
@@ -61,10 +61,11 @@ def run_tool(
     stdin is closed, so a tool that falls into an interactive mode ends instead of
     waiting for input."""
     stock_ok = (lambda: not holds_slim_types(gguf_path)) if gguf_path is not None else None
-    cmd = [str(binary(name, stock_ok=stock_ok)), *(str(a) for a in args)]
+    tool = binary(name, stock_ok=stock_ok)
+    cmd = [str(tool), *(str(a) for a in args)]
     result, took = _run(cmd)
     for _ in range(LOG_TRIES - 1):
-        if result.returncode == 0 or took > QUICK_FAILURE_S:
+        if result.returncode == 0 or took > QUICK_FAILURE_S or drains_its_log(tool):
             break
         again, took = _run(cmd)
         if again.returncode == result.returncode and len(again.stderr) > len(result.stderr):

@@ -426,3 +426,23 @@ def test_a_quick_failure_is_run_again_for_its_log(monkeypatch, tmp_path, small_s
     with pytest.raises(LlamaToolError, match=r"it printed nothing$"):
         run_completion(small_slim_gguf, "Hi")
     assert len(runs.read_text().split()) == 1
+
+
+def test_a_build_that_drains_its_log_runs_a_quick_failure_once(monkeypatch, tmp_path, small_slim_gguf):
+    """The patched builds slim2gguf makes print their whole log at exit (patches/0007): a
+    quick failure ran 10 times there for nothing (up to 20 s)."""
+    from slim2gguf import llamacpp
+
+    ours = llamacpp.build_dir("native") / "build" / "bin" / "llama-completion"
+    assert llamacpp.drains_its_log(ours) and llamacpp.drains_its_log(llamacpp.build_dir("sanitize") / "build" / "bin" / "x")
+    assert not llamacpp.drains_its_log(llamacpp.build_dir(patched=False) / "build" / "bin" / "llama-completion")
+    assert not llamacpp.drains_its_log(tmp_path / "llama-completion")  # a user's build
+    runs = tmp_path / "runs"
+    stub = tmp_path / "llama-completion"
+    stub.write_text(f"#!/bin/sh\necho x >> {runs}\nexit 1\n")
+    stub.chmod(0o755)
+    monkeypatch.setattr(run, "binary", lambda name, stock_ok=None: tmp_path / name)
+    monkeypatch.setattr(run, "drains_its_log", lambda tool: tool == stub)
+    with pytest.raises(LlamaToolError, match=r"it printed nothing$"):
+        run_completion(small_slim_gguf, "Hi")
+    assert len(runs.read_text().split()) == 1

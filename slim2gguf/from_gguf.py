@@ -41,25 +41,33 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def import_record(source: dict[str, Any]) -> str:
-    """What a folder imported from a GGUF file is made from: the file (``source``: its path,
-    size and time, or a named model's SHA-256) and the code that read it (this module, the
-    SliM types' dequantizers, transformers and gguf-py), so a folder another version made
-    is imported again rather than kept with what that version got wrong."""
-    return json.dumps({"source": source, "code": _import_code()}, sort_keys=True)
+IMPORT_VERSION = 1  # raise it when a change here or in format's dequantizers changes what an import writes
+
+
+def import_dir() -> Path:
+    """The cache folder of the imports this version makes (IMPORT_VERSION, and the
+    transformers and gguf-py that map and dequantize the tensors): a folder another version
+    made is neither reused, with what that version got wrong, nor replaced under a run of
+    that version still reading it."""
+    return cache_dir() / "models" / f"import-{_import_key()}"
 
 
 @functools.lru_cache(maxsize=1)
-def _import_code() -> str:
+def _import_key() -> str:
     from importlib.metadata import version
 
-    from . import format as fmt
+    return short_digest(f"{IMPORT_VERSION}\0{version('transformers')}\0{version('gguf')}")
 
-    return short_digest("\0".join([Path(__file__).read_text(), Path(fmt.__file__).read_text(), version("transformers"), version("gguf")]))
+
+def import_record(source: dict[str, Any]) -> str:
+    """What an import folder is made from: the GGUF file (``source``: its path, size and
+    time, or a named model's SHA-256) and the import's version. Written last, so it also
+    marks the folder finished; `paths.model_files` counts a folder by it."""
+    return json.dumps({"source": source, "import": _import_key()}, sort_keys=True)
 
 
 def imported(target: Path, source: dict[str, Any]) -> bool:
-    """Whether ``target`` is a finished import of ``source`` by this code."""
+    """Whether ``target`` is a finished import of ``source``."""
     try:
         return (target / "config.json").is_file() and (target / IMPORT_RECORD).read_text() == import_record(source)
     except (OSError, UnicodeDecodeError):
@@ -68,8 +76,8 @@ def imported(target: Path, source: dict[str, Any]) -> bool:
 
 def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> Path:
     """Dequantize ``gguf_path`` (``source`` names it, see `import_record`) into a float32
-    Hugging Face directory at ``target`` (once per file and code; written under a temporary
-    name, so an interrupted run leaves nothing behind). The weights go one decoder block
+    Hugging Face directory at ``target`` (once; written under a temporary name, so an
+    interrupted run leaves nothing behind). The weights go one decoder block
     per shard, so memory holds one block, not the model."""
     if imported(target, source):
         return target
@@ -195,7 +203,7 @@ def _file_kind(path: Path) -> str:
 
 
 def resolve_gguf(path: Path, quantizing: bool = False) -> Path:
-    """The Hugging Face directory for a user's GGUF file, cached by path, size, mtime and code;
+    """The Hugging Face directory for a user's GGUF file, cached by path, size and mtime;
     ``quantizing`` (the file is the model to quantize), with a one-line warning when its
     weights are quantized already."""
     path = path.expanduser().resolve()
@@ -207,7 +215,7 @@ def resolve_gguf(path: Path, quantizing: bool = False) -> Path:
 
 def model_dir_of_file(path: Path) -> Path:
     """The Hugging Face directory holding exactly the file's weights (SliM tensors too),
-    cached by path, size, mtime and code: what validating a file on its own evaluates."""
+    cached by path, size and mtime: what validating a file on its own evaluates."""
     from . import format as fmt
 
     fmt.register_gguf_types()  # transformers dequantizes through gguf-py: teach it SliM
@@ -215,7 +223,7 @@ def model_dir_of_file(path: Path) -> Path:
     st = path.stat()
     key = short_digest(f"{path}\0{st.st_size}\0{st.st_mtime_ns}")
     source = {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return hf_dir_from_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}", source)
+    return hf_dir_from_gguf(path, import_dir() / f"{path.stem}-{key}", source)
 
 
 def is_gguf(name: str | os.PathLike) -> bool:

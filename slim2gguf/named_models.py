@@ -24,7 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn
 
 from .atomic import atomic_path
 from .errors import reason
-from .from_gguf import hf_dir_from_gguf, imported
+from .from_gguf import hf_dir_from_gguf, import_dir, imported
 from .paths import cache_dir
 from .progress import Progress
 
@@ -166,11 +166,11 @@ def _join_slices(model: NamedModel, target: Path) -> None:
 
 
 def model_dir(model: NamedModel) -> Path:
-    """The model as a float32 Hugging Face directory, made on first use and again where
-    another version of the import made it."""
-    target = cache_dir() / "models" / model.title
+    """The model as a float32 Hugging Face directory, made on first use (by each version
+    of the import, `from_gguf.import_dir`)."""
+    target = import_dir() / model.title
     source = {"sha256": model.sha256}
-    if imported(target, source):  # the GGUF file itself may be gone
+    if imported(target, source):  # checked before gguf_file, which fetches the file where it is gone
         return target
     return hf_dir_from_gguf(gguf_file(model), target, source)
 

@@ -28,9 +28,7 @@ def source_digest() -> str:
 
 
 MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.tiktoken", "merges.txt", "vocab.txt")  # weights, configs, tokenizers
-
-
-IMPORT_RECORD = "slim2gguf-import.json"  # in a folder imported from a GGUF file: the file and the code it was made from
+IMPORT_RECORD = "slim2gguf-import.json"  # in a folder imported from a GGUF file: the file and the import's version
 
 
 def model_files(model_dir: Path) -> list[list[Any]]:
@@ -38,14 +36,15 @@ def model_files(model_dir: Path) -> list[list[Any]]:
     files: what tells a result cached from them that they are still the ones it was made
     from (a rewrite that keeps all three is not seen; hashing gigabytes of weights would be).
     Other files (a README, a GGUF written beside the weights) do not count. A folder
-    imported from a GGUF file into the cache counts as its import record, so the same file
-    imported again (after the cache was cleaned) is the same model; a copy elsewhere, which
-    its user may edit, counts by its files."""
-    record = Path(model_dir) / IMPORT_RECORD
-    if record.is_file() and record.resolve().parent.parent == (cache_dir() / "models").resolve():
-        return [[IMPORT_RECORD, record.read_text()]]
+    imported from a GGUF file counts as its import record while no file is newer than the
+    record (written last): the same file imported again (after the cache was cleaned) is
+    the same model; one whose weights were edited since is not."""
     files = sorted({p for pattern in MODEL_FILES for p in Path(model_dir).glob(pattern) if p.is_file()})
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    listed = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    record = Path(model_dir) / IMPORT_RECORD
+    if record in files and all(mtime <= record.stat().st_mtime_ns for _, _, mtime in listed):
+        return [[IMPORT_RECORD, record.read_text()]]
+    return listed
 
 
 def short_digest(text: str) -> str:

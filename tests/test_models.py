@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -125,28 +126,33 @@ def test_gguf_model_is_dequantized_once_with_a_warning(tmp_path, monkeypatch, ca
     assert resolve_model(str(gguf_path)) == made  # cached: no second dequantization
 
 
-def test_a_gguf_import_is_kept_per_file_and_code(tmp_path, monkeypatch):
-    """An import folder made by another version of the import (its code's digest differs)
-    was kept, with whatever that version got wrong, and one made again after the cache was
-    cleaned counted as another model (export refused its checkpoints as changed)."""
+def test_a_gguf_import_is_kept_per_file_and_import_version(tmp_path, monkeypatch):
+    """An import folder was kept whatever version of the import made it (with what that
+    version got wrong), and one made again after the cache was cleaned counted as another
+    model (export refused its checkpoints as changed)."""
+    from slim2gguf import from_gguf
     from slim2gguf.paths import IMPORT_RECORD, model_files, model_fingerprint
 
     gguf_path = tmp_path / "smol.gguf"
     gguf_path.symlink_to(named_models.gguf_file(named_models.DEMO))
     monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
     made = resolve_model(str(gguf_path))
-    first = model_fingerprint(made)
+    assert made.parent == from_gguf.import_dir()
     record = json.loads((made / IMPORT_RECORD).read_text())
-    assert record["source"]["file"] == str(gguf_path.resolve()) and len(record["code"]) == 16
-    (made / "left-by-the-first-import").write_text("")
-    assert resolve_model(str(gguf_path)) == made and (made / "left-by-the-first-import").exists()  # kept
-    (made / IMPORT_RECORD).write_text(json.dumps({**record, "code": "0" * 16}, sort_keys=True))
-    assert resolve_model(str(gguf_path)) == made and not (made / "left-by-the-first-import").exists()  # made again
-    assert model_fingerprint(made) == first
-    assert [p.name for p in made.parent.iterdir()] == [made.name]  # the old folder removed, nothing beside it
-    copy = tmp_path / "copy"  # outside the cache its user may edit it: its files count
-    shutil.copytree(made, copy)
-    assert IMPORT_RECORD in {name for name, *_ in model_files(copy)} and "config.json" in {name for name, *_ in model_files(copy)}
+    assert record["source"]["file"] == str(gguf_path.resolve()) and record["import"] == from_gguf._import_key()
+    first = model_fingerprint(made)
+    shutil.rmtree(made)
+    assert resolve_model(str(gguf_path)) == made and model_fingerprint(made) == first  # imported again: the same model
+    shard = next(made.glob("*.safetensors"))
+    edited = (made / IMPORT_RECORD).stat().st_mtime_ns + 10**9  # weights written again after the import
+    os.utime(shard, ns=(edited, edited))
+    assert model_fingerprint(made) != first and "config.json" in {name for name, *_ in model_files(made)}
+    monkeypatch.setattr(from_gguf, "IMPORT_VERSION", from_gguf.IMPORT_VERSION + 1)
+    from_gguf._import_key.cache_clear()
+    try:
+        assert from_gguf.import_dir() != made.parent  # another version imports beside, never over, this one
+    finally:
+        from_gguf._import_key.cache_clear()
 
 
 def test_a_gguf_import_that_cannot_write_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):

@@ -38,6 +38,24 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def folder_locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` itself (no lock file is left behind): runs that
+    make the same thing in it wait for each other, and the later one finds it made, where
+    both did the work and the later one's rename failed on the folder the first had put there."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no protection against a concurrent run
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _writer_alive(temp: Path, name: str) -> bool:
     """Whether the process that named ``temp`` (``.NAME.PID-XXXX.tmp``) still runs."""
     pid = temp.name[len(name) + 2 :].split("-", 1)[0]

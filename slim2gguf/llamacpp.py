@@ -30,7 +30,7 @@ from typing import Any
 
 import typer
 
-from slim2gguf.atomic import write_bytes_atomic
+from slim2gguf.atomic import folder_locked, write_bytes_atomic
 from slim2gguf.errors import reason
 from slim2gguf.paths import cache_dir
 
@@ -442,18 +442,6 @@ class _BuildLog:
                 raise LlamaCppError(f"{what} failed (exit {proc.returncode}); full log: {self.log}\n{shown}")
 
 
-def _lock(path: Path):
-    """An exclusive lock held by the returned open file (released when it is closed)."""
-    f = open(path, "w")
-    try:
-        import fcntl
-
-        fcntl.flock(f, fcntl.LOCK_EX)
-    except ImportError:  # pragma: no cover - not POSIX: no concurrent-build protection
-        pass
-    return f
-
-
 def build(
     targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
     cpu: str = "native",
@@ -492,7 +480,7 @@ def build(
         console = Console(stderr=True, markup=False)
     _check_toolchain()
     root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / ".lock"):
+    with folder_locked(root):
         if not force and set(targets) <= built():  # another process built them while we waited
             return bin_dir
         if not src.is_dir():

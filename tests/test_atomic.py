@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from slim2gguf.atomic import atomic_path, write_bytes_atomic
+from slim2gguf.atomic import atomic_path, folder_locked, write_bytes_atomic
 
 
 def test_success_renames_and_failure_leaves_nothing(tmp_path):
@@ -38,3 +38,25 @@ def test_leftovers_of_dead_writers_are_swept_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_locked_folder_makes_the_next_run_wait(tmp_path):
+    """Two runs importing the same GGUF file both did the work, and the later one's rename
+    failed on the folder the first had put there ("Directory not empty")."""
+    import time
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from slim2gguf.atomic import folder_locked\n"
+         f"with folder_locked({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(1.5)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with folder_locked(tmp_path):
+            waited = time.monotonic() - started
+        assert waited > 0.5
+        assert list(tmp_path.iterdir()) == []  # no lock file
+    finally:
+        holder.kill()
+        holder.wait()

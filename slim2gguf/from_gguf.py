@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .atomic import atomic_path
+from .atomic import atomic_path, folder_locked
 from .messages import WARNING, say
-from .paths import IMPORT_RECORD, cache_dir, short_digest
+from .paths import IMPORT_RECORD, cache_dir, counted_files, short_digest
 
 COMPOUND_WARNING = (
     "{path} is already quantized ({kind}); quantizing it again compounds both errors "
@@ -59,19 +60,22 @@ def _import_key() -> str:
     return short_digest(f"{IMPORT_VERSION}\0{version('transformers')}\0{version('gguf')}")
 
 
-def import_record(source: dict[str, Any]) -> str:
+def import_record(source: dict[str, Any], folder: Path) -> str:
     """What an import folder is made from: the GGUF file (``source``: its path, size and
-    time, or a named model's SHA-256) and the import's version. Written last, so it also
-    marks the folder finished; `paths.model_files` counts a folder by it."""
-    return json.dumps({"source": source, "import": _import_key()}, sort_keys=True)
+    time, or a named model's SHA-256), the import's version, and the names and sizes of the
+    files made. Written last, so it also marks the folder finished; `paths.model_files`
+    counts a folder by it while those files are unchanged."""
+    files = [[p.name, p.stat().st_size] for p in counted_files(folder)]
+    return json.dumps({"source": source, "import": _import_key(), "files": files}, sort_keys=True)
 
 
 def imported(target: Path, source: dict[str, Any]) -> bool:
-    """Whether ``target`` is a finished import of ``source``."""
+    """Whether ``target`` is a finished import of ``source`` by this version."""
     try:
-        return (target / "config.json").is_file() and (target / IMPORT_RECORD).read_text() == import_record(source)
-    except (OSError, UnicodeDecodeError):
+        made = json.loads((target / IMPORT_RECORD).read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(made, dict) and made.get("source") == source and made.get("import") == _import_key() and (target / "config.json").is_file()
 
 
 def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> Path:
@@ -94,26 +98,32 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> P
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    with atomic_path(target) as tmp, console.status(Text(f"dequantizing {gguf_path.name} (once)…")) as status:
-        try:
-            config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            with init_empty_weights():
-                skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(Text(f"dequantizing {gguf_path.name} (once): {done}")))
-            # the weights are plain float32 now: save them as such, not as "quantized with gguf"
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            config.dtype = "float32"
-            config.architectures = [type(skeleton).__name__]
-            config.save_pretrained(tmp)
-            GenerationConfig.from_model_config(config).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / IMPORT_RECORD).write_text(import_record(source))
-        except KeyError as err:  # a field transformers' reader (or ours) needs; an empty token list reads as none
-            raise GGUFImportError(f"cannot import {gguf_path}: reading it as a model needs {err.args[0]!r}, which it lacks or leaves empty") from err
-        except (ValueError, NotImplementedError, OSError, RuntimeError, SafetensorError) as err:  # a full disk too
-            raise GGUFImportError(f"cannot import {gguf_path}: {_first_line(err)}") from err
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with folder_locked(target.parent):  # a second run of the same import waits, then finds it made
+        if imported(target, source):
+            return target
+        if target.exists():  # another file's import under this name (a named model's file replaced): the rename would fail
+            shutil.rmtree(target)
+        with atomic_path(target) as tmp, console.status(Text(f"dequantizing {gguf_path.name} (once)…")) as status:
+            try:
+                config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+                with init_empty_weights():
+                    skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(Text(f"dequantizing {gguf_path.name} (once): {done}")))
+                # the weights are plain float32 now: save them as such, not as "quantized with gguf"
+                if hasattr(config, "quantization_config"):
+                    del config.quantization_config
+                config.dtype = "float32"
+                config.architectures = [type(skeleton).__name__]
+                config.save_pretrained(tmp)
+                GenerationConfig.from_model_config(config).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                (tmp / IMPORT_RECORD).write_text(import_record(source, tmp))
+            except KeyError as err:  # a field transformers' reader (or ours) needs; an empty token list reads as none
+                raise GGUFImportError(f"cannot import {gguf_path}: reading it as a model needs {err.args[0]!r}, which it lacks or leaves empty") from err
+            except (ValueError, NotImplementedError, OSError, RuntimeError, SafetensorError) as err:  # a full disk too
+                raise GGUFImportError(f"cannot import {gguf_path}: {_first_line(err)}") from err
     return target
 
 

@@ -36,15 +36,26 @@ def model_files(model_dir: Path) -> list[list[Any]]:
     files: what tells a result cached from them that they are still the ones it was made
     from (a rewrite that keeps all three is not seen; hashing gigabytes of weights would be).
     Other files (a README, a GGUF written beside the weights) do not count. A folder
-    imported from a GGUF file counts as its import record while no file is newer than the
-    record (written last): the same file imported again (after the cache was cleaned) is
-    the same model; one whose weights were edited since is not."""
-    files = sorted({p for pattern in MODEL_FILES for p in Path(model_dir).glob(pattern) if p.is_file()})
-    listed = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    imported from a GGUF file counts as its import record (`from_gguf.import_record`) while
+    its files are the names and sizes the record lists and none is newer than the record:
+    the same file imported again (after the cache was cleaned) is the same model; one whose
+    files were edited, replaced or removed since is not."""
     record = Path(model_dir) / IMPORT_RECORD
-    if record in files and all(mtime <= record.stat().st_mtime_ns for _, _, mtime in listed):
-        return [[IMPORT_RECORD, record.read_text()]]
+    listed = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in counted_files(model_dir)]
+    try:
+        text, stamp = record.read_text(), record.stat().st_mtime_ns
+        made = json.loads(text)
+    except (OSError, ValueError):
+        return listed
+    if isinstance(made, dict) and made.get("files") == [[n, size] for n, size, _ in listed] and all(t <= stamp for *_, t in listed):
+        return [[IMPORT_RECORD, text]]
     return listed
+
+
+def counted_files(model_dir: Path) -> list[Path]:
+    """The files `model_files` counts: weights, configs and tokenizer files, the import record aside."""
+    found = {p for pattern in MODEL_FILES for p in Path(model_dir).glob(pattern) if p.is_file()}
+    return sorted(p for p in found if p.name != IMPORT_RECORD)
 
 
 def short_digest(text: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -141,12 +140,21 @@ def test_a_gguf_import_is_kept_per_file_and_import_version(tmp_path, monkeypatch
     record = json.loads((made / IMPORT_RECORD).read_text())
     assert record["source"]["file"] == str(gguf_path.resolve()) and record["import"] == from_gguf._import_key()
     first = model_fingerprint(made)
-    shutil.rmtree(made)
-    assert resolve_model(str(gguf_path)) == made and model_fingerprint(made) == first  # imported again: the same model
-    shard = next(made.glob("*.safetensors"))
+    shard, config = next(made.glob("*.safetensors")), made / "config.json"
+    kept = shard.stat().st_mtime_ns
     edited = (made / IMPORT_RECORD).stat().st_mtime_ns + 10**9  # weights written again after the import
     os.utime(shard, ns=(edited, edited))
     assert model_fingerprint(made) != first and "config.json" in {name for name, *_ in model_files(made)}
+    os.utime(shard, ns=(kept, kept))
+    assert model_fingerprint(made) == first
+    kept = config.stat().st_mtime_ns
+    config.write_text(config.read_text().replace('"float32"', '"bfloat16"'))  # another file moved in, with its old time
+    os.utime(config, ns=(kept, kept))
+    assert model_fingerprint(made) != first
+    config.unlink()
+    assert model_fingerprint(made) != first
+    assert resolve_model(str(gguf_path)) == made and model_fingerprint(made) == first  # imported again over it: the same model
+    assert [p.name for p in made.parent.iterdir()] == [made.name]
     monkeypatch.setattr(from_gguf, "IMPORT_VERSION", from_gguf.IMPORT_VERSION + 1)
     from_gguf._import_key.cache_clear()
     try:

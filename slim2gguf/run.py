@@ -65,7 +65,7 @@ def run_tool(
     cmd = [str(tool), *(str(a) for a in args)]
     result, took = _run(cmd)
     for _ in range(LOG_TRIES - 1):
-        if result.returncode == 0 or took > QUICK_FAILURE_S or drains_its_log(tool):
+        if result.returncode == 0 or took > QUICK_FAILURE_S or (result.returncode > 0 and drains_its_log(tool)):  # a crash (a signal) skips the wait at exit
             break
         again, took = _run(cmd)
         if again.returncode == result.returncode and len(again.stderr) > len(result.stderr):

@@ -205,7 +205,7 @@ def test_a_file_llama_cpp_refuses_at_once_keeps_its_reason(tmp_path):
     writer = gguf.GGUFWriter(path, arch="llama")
     finish_gguf(writer)
     reason = "key not found in model: llama.context_length"
-    cmd = [str(llamacpp.binary("llama-completion")), "-m", str(path), "-p", "Hi", "-n", "4", "-no-cnv"]
+    cmd = [str(llamacpp.build(("llama-completion",)) / "llama-completion"), "-m", str(path), "-p", "Hi", "-n", "4", "-no-cnv"]  # ours, not $SLIM2GGUF_LLAMA_CPP_BIN's
     lost = 0
     for _ in range(30):
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)

@@ -7,7 +7,7 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -39,10 +39,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def folder_locked(folder: Path) -> Iterator[None]:
+def folder_locked(folder: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` itself (no lock file is left behind): runs that
     make the same thing in it wait for each other, and the later one finds it made, where
-    both did the work and the later one's rename failed on the folder the first had put there."""
+    both did the work and the later one's rename failed on the folder the first had put there.
+    ``on_wait`` is called once where another run holds it (to say why nothing moves)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no protection against a concurrent run
@@ -50,7 +51,12 @@ def folder_locked(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -99,7 +99,8 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> P
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with folder_locked(target.parent):  # a second run of the same import waits, then finds it made
+    waiting = Text(f"waiting for another run's import in {target.parent}…")
+    with folder_locked(target.parent, on_wait=lambda: console.print(waiting)):  # a second run of the same import waits, then finds it made
         if imported(target, source):
             return target
         if target.exists():  # another file's import under this name (a named model's file replaced): the rename would fail

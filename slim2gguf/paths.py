@@ -28,7 +28,7 @@ def source_digest() -> str:
 
 
 MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.tiktoken", "merges.txt", "vocab.txt")  # weights, configs, tokenizers
-IMPORT_RECORD = "slim2gguf-import.json"  # in a folder imported from a GGUF file: the file and the import's version
+IMPORT_RECORD = "slim2gguf-import.json"  # in a folder imported from a GGUF file: the file, the import's version, the files made
 
 
 def model_files(model_dir: Path) -> list[list[Any]]:

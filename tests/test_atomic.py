@@ -52,10 +52,13 @@ def test_a_locked_folder_makes_the_next_run_wait(tmp_path):
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        started = time.monotonic()
-        with folder_locked(tmp_path):
+        started, said = time.monotonic(), []
+        with folder_locked(tmp_path, on_wait=lambda: said.append("waiting")):
             waited = time.monotonic() - started
-        assert waited > 0.5
+        assert waited > 0.5 and said == ["waiting"]
+        with folder_locked(tmp_path, on_wait=lambda: said.append("waiting")):  # free now: no wait
+            pass
+        assert said == ["waiting"]
         assert list(tmp_path.iterdir()) == []  # no lock file
     finally:
         holder.kill()

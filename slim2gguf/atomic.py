@@ -39,27 +39,25 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def folder_locked(folder: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` itself (no lock file is left behind): runs that
-    make the same thing in it wait for each other, and the later one finds it made, where
-    both did the work and the later one's rename failed on the folder the first had put there.
-    ``on_wait`` is called once where another run holds it (to say why nothing moves)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no protection against a concurrent run
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
+def file_locked(lock: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the (empty) file ``lock``, made where missing and left for the
+    next run: runs that make the same thing wait for each other, and the later one finds it
+    made, where both did the work and the later one's rename failed on the folder the first had
+    put there. Opened for writing, as an exclusive lock over NFS needs. ``on_wait`` is called
+    once where another run holds it (to say why nothing moves)."""
+    with open(lock, "a") as f:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no protection against a concurrent run
+            yield
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if on_wait is not None:
                 on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_EX)
         yield
-    finally:
-        os.close(fd)
 
 
 def _writer_alive(temp: Path, name: str) -> bool:

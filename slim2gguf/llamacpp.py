@@ -30,7 +30,7 @@ from typing import Any
 
 import typer
 
-from slim2gguf.atomic import folder_locked, write_bytes_atomic
+from slim2gguf.atomic import file_locked, write_bytes_atomic
 from slim2gguf.errors import reason
 from slim2gguf.paths import cache_dir
 
@@ -480,7 +480,7 @@ def build(
         console = Console(stderr=True, markup=False)
     _check_toolchain()
     root.mkdir(parents=True, exist_ok=True)
-    with folder_locked(root, on_wait=lambda: console.print(f"waiting for another run's build in {root}…")):
+    with file_locked(root / ".lock", on_wait=lambda: console.print(f"waiting for another run's build in {root}…")):
         if not force and set(targets) <= built():  # another process built them while we waited
             return bin_dir
         if not src.is_dir():

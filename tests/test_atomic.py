@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from slim2gguf.atomic import atomic_path, folder_locked, write_bytes_atomic
+from slim2gguf.atomic import atomic_path, file_locked, write_bytes_atomic
 
 
 def test_success_renames_and_failure_leaves_nothing(tmp_path):
@@ -40,26 +40,36 @@ def test_leftovers_of_dead_writers_are_swept_live_ones_kept(tmp_path):
         live.wait()
 
 
-def test_a_locked_folder_makes_the_next_run_wait(tmp_path):
+def test_a_held_lock_makes_the_next_run_wait(tmp_path):
     """Two runs importing the same GGUF file both did the work, and the later one's rename
     failed on the folder the first had put there ("Directory not empty")."""
-    import time
+    import threading
 
+    lock = tmp_path / ".model.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from slim2gguf.atomic import folder_locked\n"
-         f"with folder_locked({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(1.5)"],
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", "import sys; from pathlib import Path; from slim2gguf.atomic import file_locked\n"
+         f"with file_locked(Path({str(lock)!r})):\n    print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        started, said = time.monotonic(), []
-        with folder_locked(tmp_path, on_wait=lambda: said.append("waiting")):
-            waited = time.monotonic() - started
-        assert waited > 0.5 and said == ["waiting"]
-        with folder_locked(tmp_path, on_wait=lambda: said.append("waiting")):  # free now: no wait
+        waiting, got = threading.Event(), threading.Event()
+
+        def take() -> None:
+            with file_locked(lock, on_wait=waiting.set):
+                got.set()
+
+        taker = threading.Thread(target=take)
+        taker.start()
+        assert waiting.wait(60) and not got.is_set()  # told to wait, and waiting
+        holder.stdin.write("\n")  # the holder lets go
+        holder.stdin.flush()
+        taker.join(60)
+        assert got.is_set()
+        said: list[str] = []
+        with file_locked(lock, on_wait=lambda: said.append("waiting")):  # free: no wait
             pass
-        assert said == ["waiting"]
-        assert list(tmp_path.iterdir()) == []  # no lock file
+        assert said == [] and [p.name for p in tmp_path.iterdir()] == [".model.lock"]
     finally:
         holder.kill()
         holder.wait()

@@ -21,7 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .atomic import atomic_path, folder_locked
+from .atomic import atomic_path, file_locked
+from .errors import reason
 from .messages import WARNING, say
 from .paths import IMPORT_RECORD, cache_dir, counted_files, short_digest
 
@@ -70,12 +71,13 @@ def import_record(source: dict[str, Any], folder: Path) -> str:
 
 
 def imported(target: Path, source: dict[str, Any]) -> bool:
-    """Whether ``target`` is a finished import of ``source`` by this version."""
+    """Whether ``target`` is a finished import of ``source`` by this version, its files as made."""
     try:
         made = json.loads((target / IMPORT_RECORD).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(made, dict) and made.get("source") == source and made.get("import") == _import_key() and (target / "config.json").is_file()
+    files = [[p.name, p.stat().st_size] for p in counted_files(target)]
+    return isinstance(made, dict) and made.get("source") == source and made.get("import") == _import_key() and made.get("files") == files
 
 
 def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> Path:
@@ -93,39 +95,47 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> P
         raise GGUFImportError(str(err)) from err
     if swapped:  # transformers' reader took the byte-swapped version for an unknown one
         raise GGUFImportError(f"cannot import {gguf_path}: it is a big-endian GGUF, and transformers' GGUF reader reads little-endian ones only")
+    waiting = Text(f"waiting for another run's import of {gguf_path.name}…")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file_locked(target.parent / f".{target.name}.lock", on_wait=lambda: console.print(waiting)):
+            if imported(target, source):  # the other run made it
+                return target
+            if target.exists():  # damaged (a file removed or changed): the rename would fail on it
+                shutil.rmtree(target)
+            _import(gguf_path, target, source)
+    except OSError as err:  # the cache not writable (a full disk is met while writing, below)
+        raise GGUFImportError(f"cannot import {gguf_path} into {target.parent}: {reason(err)}") from err
+    return target
+
+
+def _import(gguf_path: Path, target: Path, source: dict[str, Any]) -> None:
+    """The import itself, under ``target``'s lock: shards, config, tokenizer, then the record."""
     import torch
     from accelerate import init_empty_weights
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    waiting = Text(f"waiting for another run's import in {target.parent}…")
-    with folder_locked(target.parent, on_wait=lambda: console.print(waiting)):  # a second run of the same import waits, then finds it made
-        if imported(target, source):
-            return target
-        if target.exists():  # another file's import under this name (a named model's file replaced): the rename would fail
-            shutil.rmtree(target)
-        with atomic_path(target) as tmp, console.status(Text(f"dequantizing {gguf_path.name} (once)…")) as status:
-            try:
-                config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-                with init_empty_weights():
-                    skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(Text(f"dequantizing {gguf_path.name} (once): {done}")))
-                # the weights are plain float32 now: save them as such, not as "quantized with gguf"
-                if hasattr(config, "quantization_config"):
-                    del config.quantization_config
-                config.dtype = "float32"
-                config.architectures = [type(skeleton).__name__]
-                config.save_pretrained(tmp)
-                GenerationConfig.from_model_config(config).save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                (tmp / IMPORT_RECORD).write_text(import_record(source, tmp))
-            except KeyError as err:  # a field transformers' reader (or ours) needs; an empty token list reads as none
-                raise GGUFImportError(f"cannot import {gguf_path}: reading it as a model needs {err.args[0]!r}, which it lacks or leaves empty") from err
-            except (ValueError, NotImplementedError, OSError, RuntimeError, SafetensorError) as err:  # a full disk too
-                raise GGUFImportError(f"cannot import {gguf_path}: {_first_line(err)}") from err
-    return target
+    with atomic_path(target) as tmp, console.status(Text(f"dequantizing {gguf_path.name} (once)…")) as status:
+        try:
+            config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            with init_empty_weights():
+                skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            _write_shards(_gguf_tensors(gguf_path, skeleton), tmp, lambda done: status.update(Text(f"dequantizing {gguf_path.name} (once): {done}")))
+            # the weights are plain float32 now: save them as such, not as "quantized with gguf"
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.dtype = "float32"
+            config.architectures = [type(skeleton).__name__]
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / IMPORT_RECORD).write_text(import_record(source, tmp))
+        except KeyError as err:  # a field transformers' reader (or ours) needs; an empty token list reads as none
+            raise GGUFImportError(f"cannot import {gguf_path}: reading it as a model needs {err.args[0]!r}, which it lacks or leaves empty") from err
+        except (ValueError, NotImplementedError, OSError, RuntimeError, SafetensorError) as err:  # a full disk too
+            raise GGUFImportError(f"cannot import {gguf_path}: {_first_line(err)}") from err
 
 
 def _gguf_tensors(gguf_path: Path, skeleton: Any) -> Iterator[tuple[str, Any]]:

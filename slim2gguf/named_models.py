@@ -168,7 +168,7 @@ def _join_slices(model: NamedModel, target: Path) -> None:
 def model_dir(model: NamedModel) -> Path:
     """The model as a float32 Hugging Face directory, made on first use (by each version
     of the import, `from_gguf.import_dir`)."""
-    target = import_dir() / model.title
+    target = import_dir() / model.sha256[:16] / model.title  # the leaf names the model (general.name); the file's digest keeps another release's apart
     source = {"sha256": model.sha256}
     if imported(target, source):  # checked before gguf_file, which fetches the file where it is gone
         return target

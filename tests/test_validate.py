@@ -446,3 +446,8 @@ def test_a_build_that_drains_its_log_runs_a_quick_failure_once(monkeypatch, tmp_
     with pytest.raises(LlamaToolError, match=r"it printed nothing$"):
         run_completion(small_slim_gguf, "Hi")
     assert len(runs.read_text().split()) == 1
+    runs.unlink()
+    stub.write_text(f"#!/bin/sh\necho x >> {runs}\nkill -ABRT $$\n")  # a crash skips the wait at exit: run again
+    with pytest.raises(LlamaToolError, match=r"exit code -6"):
+        run_completion(small_slim_gguf, "Hi")
+    assert len(runs.read_text().split()) == run.LOG_TRIES

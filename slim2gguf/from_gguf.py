@@ -66,8 +66,7 @@ def import_record(source: dict[str, Any], folder: Path) -> str:
     time, or a named model's SHA-256), the import's version, and the names and sizes of the
     files made. Written last, so it also marks the folder finished; `paths.model_files`
     counts a folder by it while those files are unchanged."""
-    files = [[p.name, p.stat().st_size] for p in counted_files(folder)]
-    return json.dumps({"source": source, "import": _import_key(), "files": files}, sort_keys=True)
+    return json.dumps({"source": source, "import": _import_key(), "files": _made_files(folder)}, sort_keys=True)
 
 
 def imported(target: Path, source: dict[str, Any]) -> bool:
@@ -76,8 +75,12 @@ def imported(target: Path, source: dict[str, Any]) -> bool:
         made = json.loads((target / IMPORT_RECORD).read_text())
     except (OSError, ValueError):
         return False
-    files = [[p.name, p.stat().st_size] for p in counted_files(target)]
-    return isinstance(made, dict) and made.get("source") == source and made.get("import") == _import_key() and made.get("files") == files
+    return isinstance(made, dict) and made.get("source") == source and made.get("import") == _import_key() and made.get("files") == _made_files(target)
+
+
+def _made_files(folder: Path) -> list[list[Any]]:
+    """Name and size of each file the record vouches for: written by `import_record`, checked by `imported`."""
+    return [[p.name, p.stat().st_size] for p in counted_files(folder)]
 
 
 def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> Path:

@@ -4,4 +4,4 @@
 # keyed on the patches) and runs the demo model through it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pytest -q -rs tests "$@"
+exec .venv/bin/python -m pytest -q -rfEs tests "$@"

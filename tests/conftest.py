@@ -55,6 +55,24 @@ def scores_apart(tmp_path_factory) -> Iterator[None]:
         yield
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int) -> None:
+    """A failed run ends with the free disk space where the tests write: a CI run once failed
+    hundreds of tests at once, from one test on, with nothing on record to say why (a full
+    disk, most likely)."""
+    if exitstatus == 0:
+        return
+    import shutil
+    import tempfile
+
+    from slim2gguf import paths
+
+    folders = {"temporary files": Path(tempfile.gettempdir())}
+    with contextlib.suppress(OSError):
+        folders["slim2gguf's cache"] = paths.cache_dir()
+    free = [f"{label} ({folder}) {shutil.disk_usage(folder).free / 2**30:.1f} GiB" for label, folder in folders.items()]
+    terminalreporter.write_line("free at the end: " + ", ".join(free))
+
+
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"

@@ -10,6 +10,7 @@ the file is the model to quantize.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -247,7 +248,34 @@ def model_dir_of_file(path: Path) -> Path:
     st = path.stat()
     key = short_digest(f"{path}\0{st.st_size}\0{st.st_mtime_ns}")
     source = {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return hf_dir_from_gguf(path, import_dir() / f"{path.stem}-{key}", source)
+    target = import_dir() / f"{path.stem}-{key}"
+    if not imported(target, source):
+        sweep_dead_imports(import_dir())
+    return hf_dir_from_gguf(path, target, source)
+
+
+def sweep_dead_imports(folder: Path) -> None:
+    """Remove the imports in ``folder`` of files that are gone or changed since: their folder
+    is named by the file's path, size and time, so nothing can reuse it, and each file
+    validated or converted left its float32 copy in the cache for good (0.5 GB for the demo
+    model, 6.7 GB for the benchmark model). Called before an import, when space is wanted."""
+    for record in sorted(folder.glob(f"*/{IMPORT_RECORD}")):
+        try:
+            source = json.loads(record.read_text())["source"]
+            made, file = (source["size"], source["mtime_ns"]), source["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable, or a named model's record (a digest, no file): kept
+        try:
+            st = os.stat(str(file))
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # the file is gone
+        except OSError:
+            continue  # cannot tell
+        else:
+            if (st.st_size, st.st_mtime_ns) == made:
+                continue
+        with contextlib.suppress(OSError), file_locked(folder / f".{record.parent.name}.lock"):  # best effort
+            shutil.rmtree(record.parent, ignore_errors=True)
 
 
 def is_gguf(name: str | os.PathLike) -> bool:

@@ -163,6 +163,31 @@ def test_a_gguf_import_is_kept_per_file_and_import_version(tmp_path, monkeypatch
         from_gguf._import_key.cache_clear()
 
 
+def test_imports_of_files_gone_or_changed_are_swept_before_the_next_import(tmp_path, monkeypatch):
+    """Each GGUF file validated or converted left its float32 import in the cache for good
+    (0.5 GB for the demo model's; every CI run added one, its file in a temporary folder):
+    an import's folder is named by its file's path, size and time, so one whose file is gone
+    or changed is never used again."""
+    import shutil
+
+    from slim2gguf import from_gguf
+    from slim2gguf.paths import IMPORT_RECORD
+
+    monkeypatch.setenv("SLIM2GGUF_CACHE", str(tmp_path / "cache"))
+    files = {name: tmp_path / f"{name}.gguf" for name in ("gone", "changed", "kept", "next")}
+    for path in files.values():
+        shutil.copy(Path(__file__).parent / "data" / "fuzz-seeds" / "llama-slim.gguf", path)
+    made = {name: resolve_model(files[name]) for name in ("gone", "changed", "kept")}
+    named = from_gguf.import_dir() / "named"  # a record without a file (a named model's names its digest)
+    named.mkdir()
+    (named / IMPORT_RECORD).write_text(json.dumps({"source": {"sha256": "0" * 64}}))
+    files["gone"].unlink()
+    os.utime(files["changed"], ns=(10**9, 10**9))
+    assert resolve_model(files["kept"]) == made["kept"] and made["gone"].is_dir()  # nothing imported, nothing swept
+    made["next"] = resolve_model(files["next"])
+    assert sorted(p.name for p in from_gguf.import_dir().glob("[!.]*")) == sorted([made["kept"].name, made["next"].name, "named"])
+
+
 def test_a_gguf_import_that_cannot_write_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     """A full disk while the shards were written was a SafetensorError traceback."""
     gguf_path = tmp_path / "smol.gguf"

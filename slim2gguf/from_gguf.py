@@ -259,7 +259,7 @@ def sweep_dead_imports(folder: Path) -> None:
     is named by the file's path, size and time, so nothing can reuse it, and each file
     validated or converted left its float32 copy in the cache for good (0.5 GB for the demo
     model, 6.7 GB for the benchmark model). Called before an import, when space is wanted."""
-    for record in sorted(folder.glob(f"*/{IMPORT_RECORD}")):
+    for record in sorted(folder.glob(f"[!.]*/{IMPORT_RECORD}")):  # not an import being written (a hidden temporary folder)
         try:
             source = json.loads(record.read_text())["source"]
             made, file = (source["size"], source["mtime_ns"]), source["file"]

@@ -91,6 +91,7 @@ def hf_dir_from_gguf(gguf_path: Path, target: Path, source: dict[str, Any]) -> P
     per shard, so memory holds one block, not the model."""
     if imported(target, source):
         return target
+    sweep_dead_imports(import_dir())  # space is wanted
     from .inspect_gguf import GGUFFileError, open_gguf
 
     try:
@@ -245,35 +246,35 @@ def model_dir_of_file(path: Path) -> Path:
 
     fmt.register_gguf_types()  # transformers dequantizes through gguf-py: teach it SliM
     path = Path(path).expanduser().resolve()
-    st = path.stat()
-    key = short_digest(f"{path}\0{st.st_size}\0{st.st_mtime_ns}")
-    source = {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    target = import_dir() / f"{path.stem}-{key}"
-    if not imported(target, source):
-        sweep_dead_imports(import_dir())
-    return hf_dir_from_gguf(path, target, source)
+    source = _file_source(path)
+    key = short_digest(f"{path}\0{source['size']}\0{source['mtime_ns']}")
+    return hf_dir_from_gguf(path, import_dir() / f"{path.stem}-{key}", source)
+
+
+def _file_source(path: str | os.PathLike) -> dict[str, Any]:
+    """What a user's file's import records of it, and its folder is named by: path, size, time."""
+    st = os.stat(path)
+    return {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def sweep_dead_imports(folder: Path) -> None:
     """Remove the imports in ``folder`` of files that are gone or changed since: their folder
     is named by the file's path, size and time, so nothing can reuse it, and each file
     validated or converted left its float32 copy in the cache for good (0.5 GB for the demo
-    model, 6.7 GB for the benchmark model). Called before an import, when space is wanted."""
+    model, 6.7 GB for the benchmark model). Called before each import."""
     for record in sorted(folder.glob(f"[!.]*/{IMPORT_RECORD}")):  # not an import being written (a hidden temporary folder)
         try:
             source = json.loads(record.read_text())["source"]
-            made, file = (source["size"], source["mtime_ns"]), source["file"]
+            file = str(source["file"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable, or a named model's record (a digest, no file): kept
         try:
-            st = os.stat(str(file))
+            if _file_source(file) == source:
+                continue
         except (FileNotFoundError, NotADirectoryError):
             pass  # the file is gone
         except OSError:
             continue  # cannot tell
-        else:
-            if (st.st_size, st.st_mtime_ns) == made:
-                continue
         with contextlib.suppress(OSError), file_locked(folder / f".{record.parent.name}.lock"):  # best effort
             shutil.rmtree(record.parent, ignore_errors=True)
 

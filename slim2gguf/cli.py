@@ -296,7 +296,7 @@ def eval_cmd(
     """Perplexity of the original model or of a quantized checkpoint, in PyTorch."""
     from .checkpoint import Checkpoint, CheckpointError
     from .devices import pick_device
-    from .models import ModelError, load_model, load_tokenizer, resolve_model, set_linear_weights
+    from .models import ModelError, check_context, context_length, load_model, load_tokenizer, resolve_model, set_linear_weights
     from .perplexity import check_windows, perplexity, read_eval_text, use_backend
 
     try:
@@ -305,6 +305,7 @@ def eval_cmd(
         dev = pick_device(device)
         eval_text = read_eval_text(text)
         path = resolve_model(model)
+        check_context("--ctx", ctx, context_length(path))
         net = load_model(path)
         if checkpoint is not None and backend == "triton":
             from . import format as fmt

@@ -56,23 +56,34 @@ def resolve_model(name: str | os.PathLike, quantizing: bool = False) -> Path:
     )
 
 
+def _config(path: Path):
+    """The model's transformers config; a config.json that is not JSON, or not a model's, is a ModelError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read {path / 'config.json'}: {one_line(err)}") from None
+
+
 def context_length(path: Path) -> int | None:
     """The longest sequence the model was made for (its text model's
     ``max_position_embeddings``), None where its config does not say."""
-    from transformers import AutoConfig
-
-    text = AutoConfig.from_pretrained(path).get_text_config()
+    text = _config(path).get_text_config()
     value = getattr(text, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
 
 
-def architecture_of(path: Path) -> str:
-    from transformers import AutoConfig
+def check_context(option: str, n: int, longest: int | None) -> None:
+    """A ValueError for a window of ``n`` tokens longer than the model's context (``longest``; None
+    where it is not known): positions past it are states the model never makes, so neither a
+    calibration nor a perplexity there says anything about the model."""
+    if longest is not None and n > longest:
+        raise ValueError(f"{option} {n} is longer than the model's context ({longest} tokens): give {option} {longest} or less")
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:  # config.json that is not JSON, or not a model's
-        raise ModelError(f"cannot read {path / 'config.json'}: {one_line(err)}") from None
+
+def architecture_of(path: Path) -> str:
+    config = _config(path)
     arch = (getattr(config, "architectures", None) or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(

@@ -41,6 +41,7 @@ from .models import (
     block_linear_shapes,
     block_linears,
     block_name,
+    check_context,
     context_length,
     decoder_layers,
     load_model,
@@ -490,9 +491,8 @@ def quantize_model(
         shapes = model_shapes(path, quant.tensors, native=quant.native is not None)
         check_budget(quant.bpw, shapes)
     calibrated = quant.method != "rtn"
-    longest = context_length(path) if calibrated else None
-    if longest is not None and calib.seqlen > longest:  # positions past it calibrate on states the model never makes
-        raise ValueError(f"--seqlen {calib.seqlen} is longer than the model's context ({longest} tokens): give --seqlen {longest} or less")
+    if calibrated:
+        check_context("--seqlen", calib.seqlen, context_length(path))
     from_file = calibrated and calib.source not in BUILTIN
     text = read_text(calib.source) if from_file else None  # bad files stop here, first
     settings = {

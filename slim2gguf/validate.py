@@ -34,7 +34,7 @@ from .errors import reason
 from .from_gguf import GGUFImportError, model_dir_of_file
 from .gguf_weights import GGUFSource, packed_from_gguf, slim_weights_from_gguf
 from .inspect_gguf import GGUFFileError, dequantize_tensor, field_value, open_gguf
-from .models import load_model, load_tokenizer, resolve_model, set_linear_weights
+from .models import check_context, load_model, load_tokenizer, resolve_model, set_linear_weights
 from .perplexity import PerplexityResult, check_windows, perplexity, read_eval_text, use_backend
 from .run import LlamaToolError, check_gguf_path, log_tail, run_tool
 
@@ -90,6 +90,14 @@ def default_threshold(reader: gguf.GGUFReader) -> float:
     if not isinstance(bits, int):
         raise ValidationError(f"the file's {BITS_KEY} key is {bits!r}, not a number of bits; give a threshold")
     return THRESHOLDS.get(bits, DEFAULT_THRESHOLD)
+
+
+def file_context_length(reader: gguf.GGUFReader) -> int | None:
+    """The context the file's model was made for, from its ``ARCH.context_length`` key (llama.cpp
+    reads it to load the model); None where the file does not say."""
+    arch = field_value(reader, "general.architecture")
+    value = field_value(reader, f"{arch}.context_length") if isinstance(arch, str) else None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def parse_llama_perplexity(log: str) -> float:
@@ -230,6 +238,10 @@ def validate(
     except CalibrationError as err:  # wikitext2 offline
         raise ValidationError(str(err)) from None
     reader = open_gguf(path)  # a broken file fails here, not after llama-perplexity's run
+    try:
+        check_context("--ctx", ctx, file_context_length(reader))
+    except ValueError as err:
+        raise ValidationError(str(err)) from None
     if threshold is None:
         threshold = default_threshold(reader)
     against_float = model is not None

@@ -45,6 +45,8 @@ def test_eval_refuses_unusable_windows_before_loading(tiny_model, tiny_text, mon
         (("--chunks", 0), "--chunks must be ≥ 1, got 0"),
         (("--method", "half"), "--method must be one of llama, full, got 'half'"),
         (("--backend", "cuda"), "--backend must be one of torch, triton, got 'cuda'"),
+        # positions past the model's context were scored as if it had been made for them
+        (("--ctx", 513), "--ctx 513 is longer than the model's context (512 tokens): give --ctx 512 or less"),
     ):
         code, out = invoke("eval", tiny_model, "--text", tiny_text, *options)
         assert code == 2 and out.strip() == f"error: {message}", out

@@ -84,15 +84,16 @@ def exported(tmp_path_factory) -> Exported:
 
 @pytest.fixture
 def small_slim_gguf(tmp_path) -> Path:
-    """A quick-to-parse file with one SliM tensor and ``slim2gguf.bits`` = 2."""
+    """A quick-to-parse file with one SliM tensor, ``slim2gguf.bits`` = 2 and a context of 512."""
     qt = random_qtensor(64, 128, 2, 64, torch.Generator().manual_seed(0))
     return write_gguf(tmp_path / "small2.gguf", {"blk.0.ffn_up.weight": (qt.pack(), qt.stype)}, bits=2)
 
 
 def write_gguf(path: Path, tensors: dict[str, np.ndarray | tuple[np.ndarray, fmt.SlimType]], bits: int | None) -> Path:
-    """A GGUF file with these tensors (packed SliM ones as (rows, type)) and optionally slim2gguf.bits."""
+    """A GGUF file with these tensors (packed SliM ones as (rows, type)), a context of 512 and optionally slim2gguf.bits."""
     fmt.register_gguf_types()
     writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_context_length(512)
     if bits is not None:
         writer.add_uint32(validate.BITS_KEY, bits)
     for name, data in tensors.items():
@@ -330,6 +331,7 @@ def test_validate_checks_inputs_before_running_anything(monkeypatch, tmp_path, s
         validate.validate(small_slim_gguf, "model", tiny_text, backend="cuda")
     for options, message in (
         ({"ctx": 4}, "--ctx must be at least 8 tokens"),
+        ({"ctx": 513}, "--ctx 513 is longer than the model's context (512 tokens): give --ctx 512 or less"),
         ({"chunks": 0}, "--chunks must be ≥ 1, got 0"),
         ({"threshold": -0.01}, "--threshold is the largest relative gap that passes: it must be > 0, got -0.01"),
         ({"threshold": float("nan")}, "--threshold is the largest relative gap that passes: it must be > 0, got nan"),
